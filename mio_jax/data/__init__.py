@@ -1,0 +1,43 @@
+"""Preference data: sources, formats, tokenisation, batching/packing, grain pipeline.
+
+Public API (see docs/architecture.md for the batch contract):
+  default_data_config()            the `data` section of a training config
+  prepare(data_config, tokenizer, split=...) -> PreparedSplit (groups + DataSummary)
+  make_pipeline(data_config, tokenizer, split=..., batch_size=..., seed=...,
+                process_index=..., process_count=...) -> PreferenceIterator
+                (host-local batches; get_state()/set_state(); grain CheckpointSave works)
+  to_global_arrays(batch, sharding) -> the batch as global jax.Arrays
+  PreferenceBatch [B, K, L] / PackedBatch [R, L] containers
+  unpack_sequence_sums(token_values[R, L], packed_batch) -> [B, K]
+  BadRowError, DataSummary
+"""
+
+from mio_jax.data.batching import PackedBatch, PreferenceBatch, collate, pack, unpack_sequence_sums
+from mio_jax.data.config import default_data_config, validate_data_config
+from mio_jax.data.pipeline import (
+    BatchPlan,
+    PreferenceIterator,
+    PreparedSplit,
+    make_pipeline,
+    prepare,
+    to_global_arrays,
+)
+from mio_jax.data.report import BadRowError, DataSummary
+
+__all__ = [
+    "BadRowError",
+    "BatchPlan",
+    "DataSummary",
+    "PackedBatch",
+    "PreferenceBatch",
+    "PreferenceIterator",
+    "PreparedSplit",
+    "collate",
+    "default_data_config",
+    "make_pipeline",
+    "pack",
+    "prepare",
+    "to_global_arrays",
+    "unpack_sequence_sums",
+    "validate_data_config",
+]

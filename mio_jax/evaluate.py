@@ -1,0 +1,291 @@
+"""Accuracy of a model on held-out verifiable tasks, with 95% Wilson intervals and pass@k.
+
+    python -m mio_jax.evaluate --model=PATH_OR_GGUF --task=basic_arithmetic --task=chain_sum \
+        --num_examples=100 --seed=0 --out=eval.json
+    python -m mio_jax.evaluate --model=... --jsonl=questions.jsonl --pass_k=4 --samples=8 \
+        --temperature=0.8 --out=eval.json
+
+Held-out seeds: reasoning-gym item i of a data set created with seed S is drawn from
+`Random(S + i)`. Evaluation uses S = EVAL_SEED_BASE + seed (EVAL_SEED_BASE = 10**9), so the
+item seeds are >= 10**9, while training data and on-policy pairs (`mio_jax.pairs`) must use item
+seeds below 10**9 (`check_training_seeds`).
+
+The pure core, `evaluate_predictions`, takes completions and examples and returns the metrics,
+so a trainer can call it with its own sampler every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+from mio_jax import verifiers
+from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
+
+EVAL_SEED_BASE = 10**9
+Z95 = 1.959963984540054  # standard normal quantile at 0.975
+
+Messages = list[dict[str, str]]
+# A sampler maps chat prompts to one completion text each (the model, or a test's stand-in).
+Sampler = Callable[[Sequence[Messages]], list[str]]
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion.
+
+    Args:
+      successes: number of correct examples (0 <= successes <= n).
+      n: number of examples (> 0).
+      z: normal quantile (1.96 for 95%).
+
+    Returns:
+      (low, high) with (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), p = successes/n.
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval: n must be positive, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes={successes} outside [0, n={n}]")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends, not 1 - 1e-16
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) from c correct of n samples.
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which avoids huge binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def task_name(example: Mapping[str, Any]) -> str:
+    """Group key of an example: its reasoning-gym task, else `task`, else "jsonl"."""
+    return example.get("task") or (example.get("metadata") or {}).get("source_dataset") or "jsonl"
+
+
+def evaluate_predictions(
+    completions: Sequence[Sequence[str]],
+    examples: Sequence[Mapping[str, Any]],
+    verifier: str | verifiers.Verifier,
+    *,
+    pass_k: int = 1,
+) -> dict[str, Any]:
+    """Scores completions and aggregates per task (pure; no model, no I/O).
+
+    Args:
+      completions: per example, its n >= 1 completions (n equal for all; completion 0 is the
+        greedy or first sample and defines `accuracy`).
+      examples: the examples (dicts with at least `answer`; reasoning-gym rows with `metadata`).
+      verifier: a verifier name for `verifiers.get`, or the callable itself.
+      pass_k: k of pass@k (<= n).
+
+    Returns:
+      {"tasks": {task: {"n", "correct", "accuracy", "ci95": [lo, hi], "pass@k", "pass@k_stderr",
+      "samples"}}, "overall": same over all examples}. `accuracy` and its Wilson interval use
+      completion 0 (a binomial count); `pass@k` is the mean over examples of the unbiased
+      estimator, with the standard error of that mean.
+    """
+    if len(completions) != len(examples):
+        raise ValueError(f"evaluate_predictions: {len(completions)} completion lists for "
+                         f"{len(examples)} examples")
+    counts = {len(c) for c in completions}
+    if len(counts) > 1 or 0 in counts:
+        raise ValueError(f"evaluate_predictions: every example needs the same n >= 1 completions, got {counts}")
+    verify = verifiers.get(verifier) if isinstance(verifier, str) else verifier
+    per_task: dict[str, list[tuple[bool, float]]] = {}
+    for i, (comps, ex) in enumerate(zip(completions, examples)):
+        correct = [verifiers.is_correct(verify(text, ex)) for text in comps]
+        per_task.setdefault(task_name(ex), []).append(
+            (correct[0], pass_at_k(len(correct), sum(correct), pass_k)))
+    everything = [r for rows in per_task.values() for r in rows]
+    n_samples = counts.pop() if counts else 0
+
+    def aggregate(rows: list[tuple[bool, float]]) -> dict[str, Any]:
+        n = len(rows)
+        correct = sum(r[0] for r in rows)
+        pk = [r[1] for r in rows]
+        mean = sum(pk) / n
+        var = sum((v - mean) ** 2 for v in pk) / (n - 1) if n > 1 else 0.0
+        lo, hi = wilson_interval(correct, n)
+        return {"n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
+                f"pass@{pass_k}": mean, f"pass@{pass_k}_stderr": math.sqrt(var / n),
+                "samples": n_samples}
+
+    if not everything:
+        raise ValueError("evaluate_predictions: no examples")
+    return {"tasks": {t: aggregate(rows) for t, rows in sorted(per_task.items())},
+            "overall": aggregate(everything)}
+
+
+def format_table(result: Mapping[str, Any], pass_k: int = 1) -> str:
+    """A printable per-task table of an `evaluate_predictions` result."""
+    head = f"{'task':<24}{'n':>6}{'correct':>9}{'accuracy':>10}{'95% CI':>18}"
+    head += f"{f'pass@{pass_k}':>10}" if pass_k > 1 else ""
+    lines = [head]
+    for name, r in list(result["tasks"].items()) + [("overall", result["overall"])]:
+        ci = "[{:.3f}, {:.3f}]".format(*r["ci95"])
+        line = f"{name:<24}{r['n']:>6}{r['correct']:>9}{r['accuracy']:>10.3f}{ci:>18}"
+        line += f"{r[f'pass@{pass_k}']:>10.3f}" if pass_k > 1 else ""
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def reasoning_gym_examples(task: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+    """`num_examples` rows of reasoning-gym `task` created with seed `seed` (as given).
+
+    Rows: {"task", "question", "answer", "metadata"}; what `verifiers.reasoning_gym` needs.
+    """
+    import reasoning_gym
+
+    try:
+        ds = reasoning_gym.create_dataset(task, size=num_examples, seed=seed)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"unknown reasoning-gym task {task!r}: {e}") from e
+    return [{"task": task, "question": e["question"], "answer": str(e["answer"]),
+             "metadata": e.get("metadata", {})} for e in ds]
+
+
+def heldout_examples(task: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+    """Held-out evaluation rows: item seeds from EVAL_SEED_BASE + seed on (disjoint from training)."""
+    return reasoning_gym_examples(task, num_examples, EVAL_SEED_BASE + seed)
+
+
+def check_training_seeds(seed: int, num_examples: int) -> None:
+    """Raises if reasoning-gym items [seed, seed + num_examples) reach the evaluation range."""
+    if seed < 0 or seed + num_examples > EVAL_SEED_BASE:
+        raise ValueError(f"training item seeds [{seed}, {seed + num_examples}) must lie in "
+                         f"[0, {EVAL_SEED_BASE}): seeds from {EVAL_SEED_BASE} on are held out for evaluation")
+
+
+def jsonl_examples(path: str, num_examples: int = 0) -> list[dict[str, Any]]:
+    """Rows of a JSONL file with `question` and `answer` (first `num_examples` if > 0)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+            for key in ("question", "answer"):
+                if key not in row:
+                    raise ValueError(f"{path}:{line_no}: missing key {key!r}")
+            rows.append(row)
+            if num_examples and len(rows) >= num_examples:
+                break
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def prompt_messages(example: Mapping[str, Any], system: str = DEFAULT_SYSTEM) -> Messages:
+    """The chat prompt of an example: the system prompt of the training data (asks for a final
+    "The answer is N." line) and the question as the user message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": str(example["question"])}]
+
+
+def make_sampler(model_path: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 0,
+                 dtype: str = "float32") -> Sampler:
+    """The real sampler: chat prompts -> completions with `mio_jax.models.generate`.
+
+    Loads the model and tokenizer once; `generate` applies the chat template and batches by
+    `batch_size`. Each call advances the seed, so calling again gives fresh samples.
+    """
+    from mio_jax import models
+
+    model = models.load_pretrained(model_path, dtype=dtype)
+    tokenizer = models.load_tokenizer(model_path)
+    state = {"seed": seed}
+
+    def sample(prompts: Sequence[Messages]) -> list[str]:
+        out = models.generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=state["seed"], batch_size=batch_size)
+        state["seed"] += 1
+        return list(out.texts)
+
+    return sample
+
+
+def evaluate(sampler: Sampler, examples: Sequence[Mapping[str, Any]], verifier: str | verifiers.Verifier,
+             *, samples: int = 1, pass_k: int = 1, system: str = DEFAULT_SYSTEM) -> dict[str, Any]:
+    """Samples `samples` completions per example with `sampler` and scores them.
+
+    Returns:
+      `evaluate_predictions`'s result plus "completions": per example its question, answer
+      and completion texts.
+    """
+    prompts = [prompt_messages(ex, system) for ex in examples for _ in range(samples)]
+    texts = sampler(prompts)
+    if len(texts) != len(prompts):
+        raise ValueError(f"sampler returned {len(texts)} completions for {len(prompts)} prompts")
+    grouped = [texts[i * samples:(i + 1) * samples] for i in range(len(examples))]
+    result = evaluate_predictions(grouped, examples, verifier, pass_k=pass_k)
+    result["completions"] = [{"question": ex["question"], "answer": ex["answer"], "completions": g}
+                             for ex, g in zip(examples, grouped)]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point (see the module docstring)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
+    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
+    ap.add_argument("--task", action="append", default=[], help="reasoning-gym task (repeatable)")
+    ap.add_argument("--jsonl", help="JSONL with question/answer rows instead of (or besides) tasks")
+    ap.add_argument("--verifier", default=None,
+                    help="default: reasoning_gym for tasks, exact_number for --jsonl")
+    ap.add_argument("--num_examples", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="eval seed; item seeds start at 10**9 + seed")
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--pass_k", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none)")
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--out", required=True, help="output JSON file")
+    args = ap.parse_args(argv)
+    if not args.task and not args.jsonl:
+        ap.error("give --task and/or --jsonl")
+    if args.pass_k > args.samples:
+        ap.error(f"--pass_k={args.pass_k} needs --samples >= pass_k")
+    if args.samples > 1 and args.temperature == 0.0:
+        ap.error("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
+    report: dict[str, Any] = {"args": vars(args), "eval_seed_base": EVAL_SEED_BASE, "results": {}}
+    sources = [(t, heldout_examples(t, args.num_examples, args.seed), args.verifier or "reasoning_gym")
+               for t in args.task]
+    if args.jsonl:
+        sources.append(("jsonl", jsonl_examples(args.jsonl, args.num_examples),
+                        args.verifier or "exact_number"))
+    for name, examples, verifier in sources:
+        result = evaluate(sampler, examples, verifier, samples=args.samples, pass_k=args.pass_k,
+                          system=args.system)
+        report["results"][name] = result
+        print(format_table(result, args.pass_k))
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

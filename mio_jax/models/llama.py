@@ -1,0 +1,334 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in flax.nnx.
+
+The per-layer weights are stored stacked on a leading "layers" axis, so one parameter
+layout serves both execution modes: `jax.lax.scan` over the stack (`scan_layers=True`)
+or a Python loop that indexes it. Weight layout (HF's [out, in] transposed to [in, out]):
+q `[L, D, H, hd]`, k/v `[L, D, KV, hd]`, o `[L, H, hd, D]`, gate/up `[L, D, F]`, down
+`[L, F, D]`, embedding and untied lm_head `[V, D]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mio_jax.models.config import ModelConfig
+from mio_jax.models.partitioning import DEFAULT_RULES, Rules, constrain
+
+_NEG = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
+    """Logical names, shapes and init kind of every stacked layer parameter for `cfg`."""
+    L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    specs = {
+        "attn_norm": (("layers", "norm"), (L, D), "ones"),
+        "q": (("layers", "embed", "heads", "head_dim"), (L, D, H, hd), "normal"),
+        "k": (("layers", "embed", "kv_heads", "head_dim"), (L, D, KV, hd), "normal"),
+        "v": (("layers", "embed", "kv_heads", "head_dim"), (L, D, KV, hd), "normal"),
+        "o": (("layers", "heads", "head_dim", "embed"), (L, H, hd, D), "normal"),
+        "mlp_norm": (("layers", "norm"), (L, D), "ones"),
+        "gate": (("layers", "embed", "mlp"), (L, D, F), "normal"),
+        "up": (("layers", "embed", "mlp"), (L, D, F), "normal"),
+        "down": (("layers", "mlp", "embed"), (L, F, D), "normal"),
+    }
+    if cfg.qkv_bias:
+        specs["q_bias"] = (("layers", "heads", "head_dim"), (L, H, hd), "zeros")
+        specs["k_bias"] = (("layers", "kv_heads", "head_dim"), (L, KV, hd), "zeros")
+        specs["v_bias"] = (("layers", "kv_heads", "head_dim"), (L, KV, hd), "zeros")
+    if cfg.o_bias:
+        specs["o_bias"] = (("layers", "embed"), (L, D), "zeros")
+    if cfg.mlp_bias:
+        specs["gate_bias"] = (("layers", "mlp"), (L, F), "zeros")
+        specs["up_bias"] = (("layers", "mlp"), (L, F), "zeros")
+        specs["down_bias"] = (("layers", "embed"), (L, D), "zeros")
+    if cfg.qk_norm:
+        specs["q_norm"] = (("layers", "head_dim"), (L, hd), "ones")
+        specs["k_norm"] = (("layers", "head_dim"), (L, hd), "ones")
+    return specs
+
+
+def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
+    if kind == "ones":
+        value = jnp.ones(shape, dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' weights, stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        for name, (names, shape, kind) in layer_param_specs(cfg).items():
+            setattr(self, name, _param(rngs, kind, shape, names, cfg.param_dtype))
+        self.names = tuple(layer_param_specs(cfg))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {n: getattr(self, n)[...] for n in self.names}
+
+
+def _rms_norm(x, weight, eps):
+    """HF RMSNorm: normalise in float32, cast back, then scale by the weight."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _rope(x_bthk, cos_btk, sin_btk):
+    """HF's rotate_half convention: the two halves of head_dim form the complex pairs."""
+    half = x_bthk.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthk[..., half:], x_bthk[..., :half]], axis=-1)
+    cos, sin = cos_btk[:, :, None, :].astype(x_bthk.dtype), sin_btk[:, :, None, :].astype(x_bthk.dtype)
+    return x_bthk * cos + rotated * sin
+
+
+def rope_tables(cfg: ModelConfig, positions_bt):
+    """cos/sin `[B, T, head_dim]` in float32 for integer positions `[B, T]`."""
+    inv = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
+    freqs = positions_bt.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None):
+    """One decoder layer. With `kv=(k_bskh, v_bskh)` the new keys/values are written at
+    slot `index` of the cache and attention runs over the whole cache.
+
+    Returns (x_btd, (k, v)) where k/v are this step's full key/value arrays.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    w = {n: a.astype(dt) for n, a in p.items()}
+    eps = cfg.rms_norm_eps
+    h = _rms_norm(x_btd, w["attn_norm"], eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, w["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+    if cfg.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    if cfg.qk_norm:
+        q, k = _rms_norm(q, w["q_norm"], eps), _rms_norm(k, w["k_norm"], eps)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"), rules)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        k, v = k.astype(dt), v.astype(dt)
+    k = constrain(k, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
+    v = constrain(v, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+    out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
+    if cfg.o_bias:
+        out = out + w["o_bias"]
+    x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
+    h = _rms_norm(x_btd, w["mlp_norm"], eps)
+    gate = jnp.einsum("btd,df->btf", h, w["gate"])
+    up = jnp.einsum("btd,df->btf", h, w["up"])
+    if cfg.mlp_bias:
+        gate, up = gate + w["gate_bias"], up + w["up_bias"]
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"), rules)
+    down = jnp.einsum("btf,fd->btd", act, w["down"])
+    if cfg.mlp_bias:
+        down = down + w["down_bias"]
+    x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
+    return x_btd, (k, v)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": None,
+        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable":
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return jax.checkpoint(fn, policy=policies[policy])
+
+
+def build_mask(B: int, T: int, S: int, *, q_slots_bt, kv_valid_bs=None, attention_mask=None,
+               segment_ids=None, sliding_window=None):
+    """Boolean `[B, T, S]` attention mask: causal in slot order, AND every restriction given.
+
+    Args:
+      q_slots_bt: int slot of each query in the key axis `[B, T]`.
+      kv_valid_bs: `[B, S]` key slot holds a real token.
+      attention_mask: `[B, T, T]` boolean (only when S == T).
+      segment_ids: `[B, T]` int (only when S == T); 0 = padding.
+      sliding_window: keys further back than this many slots are hidden (Mistral).
+    """
+    k_slots = jnp.arange(S)[None, None, :]
+    q = q_slots_bt[:, :, None]
+    mask = k_slots <= q
+    if sliding_window is not None:
+        mask &= (q - k_slots) < sliding_window
+    if kv_valid_bs is not None:
+        mask &= kv_valid_bs[:, None, :].astype(bool)
+    if attention_mask is not None:
+        mask &= attention_mask.astype(bool)
+    if segment_ids is not None:
+        mask &= (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return jnp.broadcast_to(mask, (B, T, S))
+
+
+def default_positions(input_ids_bt, attention_mask=None, segment_ids=None):
+    """arange, or cumsum of a `[B,T]` padding mask (left padding), or per-segment restarts."""
+    B, T = input_ids_bt.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is not None:
+        prev = jnp.concatenate([jnp.full((B, 1), -1, segment_ids.dtype), segment_ids[:, :-1]], 1)
+        starts = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
+        return idx - starts
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return idx
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer; see the module docstring for the weight layout.
+
+    Args:
+      cfg: ModelConfig.
+      rngs: nnx.Rngs for random initialisation (weights are normally loaded afterwards).
+      rules: logical->mesh rule table for activation constraints (None -> DEFAULT_RULES).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: Rules | None = None):
+        self.cfg = cfg
+        self.rules = tuple(DEFAULT_RULES if rules is None else
+                           ((k, tuple(v) if isinstance(v, list) else v) for k, v in rules))
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = nnx.Param(
+            jax.random.normal(rngs.params(), (V, D), jnp.float32).astype(cfg.param_dtype),
+            out_sharding=("vocab", "embed"), eager_sharding=False)
+        self.layers = LayerStack(cfg, rngs=rngs)
+        self.final_norm = _param(rngs, "ones", (D,), ("norm",), cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, "normal", (V, D), ("vocab", "embed"), cfg.param_dtype)
+
+    def output_matrix(self) -> jax.Array:
+        """The output projection `[V, D]` (tied embedding or lm_head)."""
+        return (self.embed if self.cfg.tie_word_embeddings else self.lm_head)[...]
+
+    def _run_layers(self, x_btd, cos, sin, mask_bts, cache=None):
+        cfg, rules = self.cfg, self.rules
+        params = self.layers.arrays()
+        index = None if cache is None else cache["index"]
+
+        def layer(x, p, kv):
+            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index)
+
+        layer = _remat(layer, cfg.remat_policy)
+        kvs_in = None if cache is None else (cache["k"], cache["v"])
+        if cfg.scan_layers:
+            def step(x, xs):
+                p, kv = xs
+                x, kv_out = layer(x, p, kv)
+                return x, (kv_out if cache is not None else None)
+            x_btd, kv_out = jax.lax.scan(step, x_btd, (params, kvs_in))
+        else:
+            outs = []
+            for i in range(cfg.num_hidden_layers):
+                p = {n: a[i] for n, a in params.items()}
+                kv = None if kvs_in is None else (kvs_in[0][i], kvs_in[1][i])
+                x_btd, kv_i = layer(x_btd, p, kv)
+                outs.append(kv_i)
+            kv_out = (None if cache is None else
+                      (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
+        return x_btd, kv_out
+
+    def _embed(self, input_ids_bt):
+        # Gather from a replicated view of the table: gathering from a vocab/embed-sharded
+        # table into batch-sharded activations makes the SPMD partitioner replicate the
+        # table anyway (with an "involuntary full rematerialization" warning).
+        table = constrain(self.embed[...], (None, None), self.rules)
+        x = jnp.take(table, input_ids_bt, axis=0).astype(self.cfg.dtype)
+        return constrain(x, ("batch", "seq", "embed"), self.rules)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Final-norm hidden states `[B, T, D]` (compute dtype); arguments as `__call__`."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = default_positions(input_ids, attention_mask, segment_ids)
+        pad = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        full = attention_mask if attention_mask is not None and attention_mask.ndim == 3 else None
+        slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = build_mask(B, T, T, q_slots_bt=slots, kv_valid_bs=pad, attention_mask=full,
+                          segment_ids=segment_ids, sliding_window=self.cfg.sliding_window)
+        cos, sin = rope_tables(self.cfg, positions)
+        x, _ = self._run_layers(self._embed(input_ids), cos, sin, mask)
+        return _rms_norm(x, self.final_norm[...].astype(self.cfg.dtype), self.cfg.rms_norm_eps)
+
+    def logits_from_hidden(self, hidden_btd):
+        """`[B, T, D]` -> float32 logits `[B, T, V]`."""
+        out = self.output_matrix().astype(self.cfg.dtype)
+        logits = jnp.einsum("btd,vd->btv", hidden_btd, out, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"), self.rules)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Logits for a batch.
+
+        Args:
+          input_ids: int `[B, T]`.
+          attention_mask: `[B, T]` padding mask (1 = real) or `[B, T, T]` boolean
+            (True = query t may attend key s); always combined with causality.
+          positions: int `[B, T]` RoPE positions; default arange / padding cumsum /
+            per-segment restart.
+          segment_ids: int `[B, T]`; attention stays within a segment, 0 = padding.
+        Returns:
+          logits_btv: float32 `[B, T, V]`.
+        """
+        return self.logits_from_hidden(
+            self.hidden_states(input_ids, attention_mask, positions, segment_ids))
+
+    # ---- KV-cache decoding -------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+        """Empty KV cache: k/v `[L, B, S, KV, hd]`, key validity `[B, S]`, write index."""
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        dt = dtype or cfg.dtype
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+                "valid": jnp.zeros((batch_size, max_len), bool),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def decode(self, input_ids_bt, positions_bt, valid_bt, cache):
+        """Runs `T` new tokens against the cache (prefill when T > 1, one step when T == 1).
+
+        Args:
+          input_ids_bt: int `[B, T]` new tokens, written at cache slots index..index+T-1.
+          positions_bt: int `[B, T]` their RoPE positions.
+          valid_bt: bool `[B, T]` real tokens (False = left padding).
+          cache: from `init_cache` or a previous `decode`.
+        Returns:
+          (logits_btv float32, updated cache).
+        """
+        B, T = input_ids_bt.shape
+        S = cache["k"].shape[2]
+        index = cache["index"]
+        valid = jax.lax.dynamic_update_slice(cache["valid"], valid_bt.astype(bool), (0, index))
+        slots = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+        mask = build_mask(B, T, S, q_slots_bt=slots, kv_valid_bs=valid,
+                          sliding_window=self.cfg.sliding_window)
+        cos, sin = rope_tables(self.cfg, positions_bt)
+        x, (k, v) = self._run_layers(self._embed(input_ids_bt), cos, sin, mask, cache)
+        x = _rms_norm(x, self.final_norm[...].astype(self.cfg.dtype), self.cfg.rms_norm_eps)
+        new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype),
+                     "valid": valid, "index": index + T}
+        return self.logits_from_hidden(x), new_cache
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, rules: Rules | None = None) -> Decoder:
+    """A randomly initialised Decoder (for tests and benchmarks without a checkpoint)."""
+    return Decoder(cfg, rngs=nnx.Rngs(seed), rules=rules)

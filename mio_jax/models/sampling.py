@@ -1,0 +1,234 @@
+"""Batched text generation with a KV cache (greedy, temperature, top-k, top-p).
+
+Prompts are left-padded into shape buckets (powers of two for batch and prompt length,
+and for the number of new tokens) so one compiled program serves many calls. The prompt
+is prefilled in one pass, then a `lax.while_loop` decodes one token per step until every
+row has produced an end-of-sequence token or `max_new_tokens` is reached. Each row keeps
+its own RoPE positions, so left padding does not change a row's tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mio_jax.models.llama import Decoder, default_positions
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Output of `generate` / `generate_ids` (one entry per prompt, in input order).
+
+    texts: decoded completions (special tokens skipped, cut before a stop string).
+    token_ids: completion token ids (EOS included when produced; up to the stop string).
+    prompt_token_ids: the tokenised prompts.
+    finish_reasons: "eos", "stop" (a stop string) or "length".
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    finish_reasons: list[str]
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def sample_logits(logits_bv, key, temperature, top_k, top_p):
+    """Draws one token per row.
+
+    Args:
+      logits_bv: float32 `[B, V]`.
+      key: PRNG key.
+      temperature: scalar; 0 means greedy (argmax).
+      top_k: int scalar; 0 disables.
+      top_p: scalar in (0, 1]; 1 disables.
+    Returns:
+      int32 `[B]`.
+    """
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled = logits_bv / jnp.maximum(temperature, 1e-6)
+    desc = -jnp.sort(-scaled, axis=-1)
+    V = scaled.shape[-1]
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, V - 1)[None, None], axis=-1)
+    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+    desc = jnp.where((top_k > 0) & (desc < kth), -jnp.inf, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    kept = jnp.where(before < top_p, desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature <= 0, greedy, sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "use_cache"))
+def _generate_padded(graphdef, state, ids_bp, valid_bp, max_new, key, temperature, top_k,
+                     top_p, eos_ids, pad_id, *, n_new: int, use_cache: bool):
+    """Jitted core: `[B, P]` left-padded prompts -> (`[B, n_new]` tokens, `[B]` lengths)."""
+    model = nnx.merge(graphdef, state)
+    B, P = ids_bp.shape
+    positions = default_positions(ids_bp, valid_bp)
+    out = jnp.full((B, n_new), pad_id, jnp.int32)
+    done = jnp.zeros((B,), bool)
+    lengths = jnp.zeros((B,), jnp.int32)
+
+    def pick(step, logits_bv, done, out, lengths):
+        tok = sample_logits(logits_bv, jax.random.fold_in(key, step), temperature, top_k, top_p)
+        tok = jnp.where(done, pad_id, tok)
+        out = out.at[:, step].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+        return tok, done, out, lengths
+
+    if use_cache:
+        cache = model.init_cache(B, P + n_new)
+        logits, cache = model.decode(ids_bp, positions, valid_bp, cache)
+        carry = (jnp.int32(0), logits[:, -1], positions[:, -1], done, out, lengths, cache)
+
+        def body(c):
+            step, logits_bv, pos, done, out, lengths, cache = c
+            tok, done, out, lengths = pick(step, logits_bv, done, out, lengths)
+            pos = pos + 1
+            logits, cache = model.decode(tok[:, None], pos[:, None], jnp.ones((B, 1), bool), cache)
+            return step + 1, logits[:, 0], pos, done, out, lengths, cache
+    else:
+        buf = jnp.concatenate([ids_bp, jnp.full((B, n_new), pad_id, ids_bp.dtype)], axis=1)
+        valid = jnp.concatenate([valid_bp, jnp.zeros((B, n_new), valid_bp.dtype)], axis=1)
+        logits = model(buf, attention_mask=valid)[:, P - 1]
+        carry = (jnp.int32(0), logits, (buf, valid), done, out, lengths, None)
+
+        def body(c):
+            step, logits_bv, (buf, valid), done, out, lengths, _ = c
+            tok, done, out, lengths = pick(step, logits_bv, done, out, lengths)
+            buf = jax.lax.dynamic_update_slice(buf, tok[:, None].astype(buf.dtype), (0, P + step))
+            valid = jax.lax.dynamic_update_slice(valid, jnp.ones((B, 1), valid.dtype), (0, P + step))
+            logits = model(buf, attention_mask=valid)
+            logits_bv = jax.lax.dynamic_index_in_dim(logits, P + step, axis=1, keepdims=False)
+            return step + 1, logits_bv, (buf, valid), done, out, lengths, None
+
+    def cond(c):
+        return (c[0] < max_new) & ~jnp.all(c[3])
+
+    final = jax.lax.while_loop(cond, body, carry)
+    return final[4], final[5]
+
+
+def generate_ids(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
+                 batch_size: int | None = None, use_cache: bool = True) -> list[list[int]]:
+    """Generates from token-id prompts.
+
+    Args:
+      model: Decoder.
+      prompt_ids: one non-empty id list per prompt (lengths may differ).
+      max_new_tokens: upper bound on generated tokens per prompt.
+      temperature, top_p, top_k: sampling controls (temperature 0 = greedy).
+      eos_ids: ids that end a row (kept as its last token).
+      pad_id: id used for padding (never attended to).
+      seed: PRNG seed; identical seeds give identical samples.
+      batch_size: prompts per compiled batch (default: all at once).
+      use_cache: False recomputes the full forward each step (same tokens, slower).
+    Returns:
+      list of generated id lists, one per prompt.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    graphdef, state = nnx.split(model)
+    n_new = _bucket(max_new_tokens, 8)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    key = jax.random.key(seed)
+    step = batch_size or len(prompt_ids)
+    results: list[list[int]] = []
+    for start in range(0, len(prompt_ids), step):
+        chunk = [list(p) for p in prompt_ids[start:start + step]]
+        B = _bucket(len(chunk))
+        P = _bucket(max(len(p) for p in chunk), 8)
+        rows = chunk + [chunk[0]] * (B - len(chunk))
+        ids = np.full((B, P), pad_id, np.int32)
+        valid = np.zeros((B, P), np.int32)
+        for r, p in enumerate(rows):
+            ids[r, P - len(p):] = p
+            valid[r, P - len(p):] = 1
+        out, lengths = _generate_padded(
+            graphdef, state, jnp.asarray(ids), jnp.asarray(valid), jnp.int32(max_new_tokens),
+            jax.random.fold_in(key, start), jnp.float32(temperature), jnp.int32(top_k),
+            jnp.float32(top_p), eos, jnp.int32(pad_id), n_new=n_new, use_cache=use_cache)
+        out, lengths = np.asarray(out), np.asarray(lengths)
+        results.extend(out[r, :lengths[r]].tolist() for r in range(len(chunk)))
+    return results
+
+
+def _encode(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(prompt)}")
+
+
+def _cut_at_stop(tokenizer, ids: list[int], stop: Sequence[str]):
+    """-> (text, ids, hit): text before the first stop string, ids up to the token
+    that completes it."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [(text.find(s), s) for s in stop if s and s in text]
+    if not hits:
+        return text, ids, False
+    at, _ = min(hits)
+    for n in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for _, s in hits):
+            return text[:at], ids[:n], True
+    return text[:at], ids, True
+
+
+def generate(model: Decoder, tokenizer, prompts: Sequence[Any], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
+             use_cache: bool = True) -> GenerationResult:
+    """Generates completions for text prompts or chat conversations.
+
+    Args:
+      model: Decoder.
+      tokenizer: transformers tokenizer (its chat template is applied, with the generation
+        prompt, to prompts given as lists of {"role", "content"} messages).
+      prompts: strings and/or message lists.
+      max_new_tokens, temperature, top_p, top_k, seed, batch_size, use_cache: as in
+        `generate_ids`.
+      stop: strings; the completion is cut before the first occurrence of any.
+    Returns:
+      GenerationResult.
+    """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    prompt_ids = [_encode(tokenizer, p) for p in prompts]
+    eos = set(model.cfg.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos) if eos else 0
+    outs = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k,
+                        eos_ids=sorted(eos), pad_id=pad, seed=seed, batch_size=batch_size,
+                        use_cache=use_cache)
+    texts, ids_out, reasons = [], [], []
+    for ids in outs:
+        text, cut, hit = _cut_at_stop(tokenizer, ids, stop or ())
+        reason = "stop" if hit else ("eos" if ids and ids[-1] in eos else "length")
+        texts.append(text)
+        ids_out.append(cut)
+        reasons.append(reason)
+    return GenerationResult(texts, ids_out, prompt_ids, reasons)

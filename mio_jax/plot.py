@@ -1,0 +1,136 @@
+"""Training curves of one or several runs from their `metrics.jsonl`, on one figure.
+
+    python -m mio_jax.plot WORKDIR [WORKDIR ...] [--out=FILE.png]
+
+Panels (each skipped when no run has data for it): loss, rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies, logps/chosen, and the evaluation accuracy (any key
+holding "accuracy" other than rewards/accuracies, e.g. `eval/accuracy`). Train rows are solid
+lines; rows of another split (`"split": "eval"` as `mio_jax.metrics.JsonlWriter` writes them, or
+keys already prefixed "eval/") are dashed. The legend names each run by its workdir and, when
+`WORKDIR/config.json` exists, its `loss.name`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+          "logps/chosen")
+EVAL_ACCURACY = "eval accuracy"
+
+Series = dict[str, tuple[list[int], list[float]]]  # key -> (steps, values)
+
+
+def read_metrics(workdir: str) -> Series:
+    """Series of `workdir/metrics.jsonl`: key (prefixed "<split>/" for non-train rows) -> (steps, values).
+
+    Raises:
+      FileNotFoundError: no metrics.jsonl in `workdir`.
+      ValueError: a line that is not a JSON object with an integer `step` (names file and line).
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir}: no metrics.jsonl (is this a mio_jax training workdir?)")
+    series: Series = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{line_no}: expected an object with an integer 'step'")
+            split = row.get("split", "train")
+            for key, value in row.items():
+                if key in ("step", "split") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if split != "train" and not key.startswith(f"{split}/"):
+                    key = f"{split}/{key}"
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(row["step"])
+                values.append(float(value))
+    return series
+
+
+def run_label(workdir: str) -> str:
+    """The legend name of a run: the workdir's name, plus its loss from config.json if present."""
+    name = os.path.basename(os.path.normpath(workdir))
+    cfg_path = os.path.join(workdir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            loss = (json.load(f).get("loss") or {}).get("name")
+        if loss and loss not in name:
+            name = f"{name} ({loss})"
+    return name
+
+
+def panel_keys(series: Series, panel: str) -> list[str]:
+    """The series drawn in `panel`: the train key and its "<split>/" variants, or the eval
+    accuracy keys."""
+    if panel == EVAL_ACCURACY:
+        return sorted(k for k in series if "accuracy" in k and not k.endswith("rewards/accuracies"))
+    return sorted(k for k in series if k == panel or (k.endswith("/" + panel) and k.count("/") == panel.count("/") + 1))
+
+
+def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
+    """Draws the standard panels for the runs in `workdirs`.
+
+    Args:
+      workdirs: training workdirs, each with a metrics.jsonl.
+      labels: legend names (default: `run_label` of each).
+
+    Returns:
+      the matplotlib Figure; each line's label is "<run> <key>" and its data the steps/values read.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_metrics(w) for w in workdirs]
+    labels = list(labels) if labels else [run_label(w) for w in workdirs]
+    panels = [p for p in PANELS + (EVAL_ACCURACY,) if any(panel_keys(s, p) for s in runs)]
+    if not panels:
+        raise ValueError(f"no plottable metrics ({', '.join(PANELS)}, eval accuracy) in {list(workdirs)}")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        for r, (series, label) in enumerate(zip(runs, labels)):
+            for key in panel_keys(series, panel):
+                steps, values = series[key]
+                train = key == panel or (panel == EVAL_ACCURACY and not key.startswith("eval"))
+                ax.plot(steps, values, color=colors[r % len(colors)], ls="-" if train else "--",
+                        marker="." if len(steps) < 30 else None, label=f"{label} {key}")
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point (see the module docstring)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Plot training curves from metrics.jsonl files.")
+    ap.add_argument("workdirs", nargs="+")
+    ap.add_argument("--out", default="", help="PNG path (default: WORKDIR/curves.png of the first run)")
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(args.workdirs[0], "curves.png")
+    fig = plot_runs(args.workdirs)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

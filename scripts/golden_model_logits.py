@@ -1,0 +1,136 @@
+"""Writes tests/models/golden_logits.json: torch transformers logits and greedy ids for tiny
+random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 / SmolLM-style checkpoints.
+
+Weights are drawn per tensor from numpy with a seed derived from the tensor name
+(`tensor_value` below, duplicated in tests/models/test_llama.py), so the tests rebuild the
+same checkpoints without torch and without committing weight files.
+
+Run (needs torch + transformers 5; no network):
+  /work/trl_env/bin/python scripts/golden_model_logits.py
+Check an exported folder loads in transformers with no missing/unexpected keys:
+  /work/trl_env/bin/python scripts/golden_model_logits.py --check-export DIR --case NAME
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import zlib
+
+import numpy as np
+import torch
+import transformers
+from safetensors import safe_open
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "models", "golden_logits.json")
+SEED = 1234
+INPUT_IDS = [[5, 17, 33, 2, 64, 90, 11], [0, 0, 41, 7, 77, 13, 58]]  # row 1 left-padded by 2
+ATTENTION_MASK = [[1] * 7, [0, 0, 1, 1, 1, 1, 1]]
+LOGIT_POSITIONS = [2, 4, 6]
+MAX_NEW_TOKENS = 8
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CASES = {
+    "llama2": (transformers.LlamaConfig, dict(COMMON, num_key_value_heads=4, rope_theta=10000.0)),
+    "llama3": (transformers.LlamaConfig, dict(
+        COMMON, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral": (transformers.MistralConfig, dict(COMMON, sliding_window=4, rope_theta=1e6)),
+    "qwen2": (transformers.Qwen2Config, dict(COMMON, rope_theta=1e6)),
+    "qwen3": (transformers.Qwen3Config, dict(COMMON, head_dim=16, rope_theta=1e6)),
+    "smollm": (transformers.LlamaConfig, dict(COMMON, num_attention_heads=4, num_key_value_heads=1,
+                                              tie_word_embeddings=True, rope_theta=1e5)),
+}
+
+
+def tensor_value(name, shape, seed=SEED):
+    """Deterministic float32 weights for one HF tensor name (also used by the tests)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    noise = rng.standard_normal(shape).astype(np.float32)
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * noise).astype(np.float32)
+    if name.endswith(".bias"):
+        return (0.1 * noise).astype(np.float32)
+    if name.endswith("embed_tokens.weight"):
+        return noise
+    return (noise / np.sqrt(shape[-1])).astype(np.float32)
+
+
+def build(case):
+    cls, kwargs = CASES[case]
+    config = cls(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.eval()
+    tmp = tempfile.mkdtemp()
+    model.save_pretrained(tmp)
+    tensors = {}
+    with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
+        for name in sorted(f.keys()):
+            tensors[name] = list(f.get_slice(name).get_shape())
+    state = {n: torch.from_numpy(tensor_value(n, tuple(s))) for n, s in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(m == "lm_head.weight" for m in missing), missing  # tied to embed_tokens
+    model.tie_weights()
+    with open(os.path.join(tmp, "config.json")) as f:
+        hf_config = json.load(f)
+    return model, hf_config, tensors
+
+
+def run(model):
+    ids = torch.tensor(INPUT_IDS)
+    mask = torch.tensor(ATTENTION_MASK)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                             eos_token_id=None, pad_token_id=0)
+    sel = logits[:, LOGIT_POSITIONS, :].numpy()
+    return sel, gen[:, ids.shape[1]:].tolist()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check-export")
+    parser.add_argument("--case")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.check_export:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            args.check_export, output_loading_info=True, attn_implementation="eager")
+        model.eval()
+        sel, gen = run(model)
+        with open(OUT) as f:
+            golden = json.load(f)["cases"][args.case]
+        diff = float(np.abs(sel - np.asarray(golden["logits"])).max())
+        print(json.dumps({"loading_info": {k: sorted(v) if isinstance(v, (set, list)) else str(v)
+                                           for k, v in info.items()},
+                          "max_abs_logit_diff_vs_golden": diff,
+                          "greedy_equal": gen == golden["greedy_ids"]}))
+        return
+    cases = {}
+    for case in CASES:
+        model, hf_config, tensors = build(case)
+        sel, gen = run(model)
+        cases[case] = {
+            "config": hf_config,
+            "tensors": tensors,
+            "logits": np.round(sel.astype(np.float64), 6).tolist(),
+            "greedy_ids": gen,
+        }
+        print(case, "logit range", float(sel.min()), float(sel.max()), "greedy", gen)
+    out = {"generator": "scripts/golden_model_logits.py",
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "seed": SEED, "input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+           "logit_positions": LOGIT_POSITIONS, "max_new_tokens": MAX_NEW_TOKENS, "cases": cases}
+    with open(OUT, "w") as f:
+        json.dump(out, f, separators=(",", ":"))
+    print("wrote", os.path.abspath(OUT), os.path.getsize(OUT), "bytes")
+
+
+if __name__ == "__main__":
+    main()

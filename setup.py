@@ -1,0 +1,46 @@
+"""Installable package for mio_jax (preference optimisation of LLMs in JAX)."""
+
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions measured to install and work together on
+# Python 3.11 (see docs/environment notes); newer releases are allowed.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "ml_collections>=1.1.0",
+    "absl-py>=2.5.1",
+    "numpy>=2.4",
+    "transformers>=5.24.0",
+    "tokenizers>=0.23.3",
+    "safetensors>=0.8.0",
+    "jinja2>=3.1",
+    "gguf>=0.19.0",
+    "pyarrow>=20.0",
+    "tensorboard>=2.20",
+    "matplotlib>=3.9",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0"],
+    # Procedural reasoning problems with verifiers, used to build the
+    # committed preference set and for reasoning evaluation.
+    "reasoning": ["reasoning-gym>=0.1.25"],
+}
+
+setup(
+    name="mio_jax",
+    version="0.1.0",
+    description="Preference optimisation (MIO, DPO and friends) for LLMs in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mio_jax", "mio_jax.*"]),
+    package_data={"mio_jax.data": ["assets/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

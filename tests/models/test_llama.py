@@ -1,0 +1,182 @@
+"""Decoder parity with torch transformers (golden JSON), execution modes, masks, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mio_jax.models import ModelConfig, generate_ids, load_pretrained
+from tiny_checkpoints import CASES, GOLDEN, write_case
+
+IDS = jnp.asarray(GOLDEN["input_ids"], jnp.int32)
+MASK = jnp.asarray(GOLDEN["attention_mask"], jnp.int32)
+
+
+@jax.jit
+def _apply(graphdef, state, ids, kwargs):
+    return nnx.merge(graphdef, state)(ids, **kwargs)
+
+
+def fwd(model, ids, **kwargs):
+    """Jitted forward (eager nnx dispatch is slow on these shared CPUs)."""
+    graphdef, state = nnx.split(model)
+    return _apply(graphdef, state, ids, kwargs)
+
+
+_apply = jax.jit(_apply.__wrapped__, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("golden")
+    return {c: write_case(c, str(root / c)) for c in CASES}
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    return {c: load_pretrained(folders[c]) for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(models, case):
+    logits = fwd(models[case], IDS, attention_mask=MASK)
+    got = np.asarray(logits)[:, GOLDEN["logit_positions"], :]
+    want = np.asarray(GOLDEN["cases"][case]["logits"])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_ids_match_transformers(models, case):
+    prompts = [[t for t, m in zip(row, mask) if m]
+               for row, mask in zip(GOLDEN["input_ids"], GOLDEN["attention_mask"])]
+    out = generate_ids(models[case], prompts, max_new_tokens=GOLDEN["max_new_tokens"])
+    assert out == GOLDEN["cases"][case]["greedy_ids"]
+
+
+def test_config_features_read_from_hf(models):
+    assert models["qwen2"].cfg.qkv_bias and not models["qwen2"].cfg.o_bias
+    assert models["qwen3"].cfg.qk_norm and models["qwen3"].cfg.head_dim == 16
+    assert models["smollm"].cfg.tie_word_embeddings
+    assert not hasattr(models["smollm"], "lm_head")
+    assert models["mistral"].cfg.sliding_window == 4
+    assert dict(models["llama3"].cfg.rope_scaling)["rope_type"] == "llama3"
+
+
+def _with(model, **changes):
+    graphdef, state = nnx.split(model)
+    clone = nnx.merge(graphdef, state)
+    clone.cfg = dataclasses.replace(model.cfg, **changes)
+    return clone
+
+
+def test_scan_loop_and_remat_give_identical_logits_and_grads(models):
+    base = models["qwen3"]
+    loop_remat = _with(base, scan_layers=False, remat_policy="full")
+    scan_dots = _with(base, remat_policy="dots_saveable")
+
+    def loss_and_grad(model):
+        graphdef, state = nnx.split(model)
+
+        def loss(s):
+            return jnp.sum(jnp.tanh(nnx.merge(graphdef, s)(IDS, attention_mask=MASK)))
+
+        return jax.jit(jax.value_and_grad(loss))(state)
+
+    want = np.asarray(fwd(base, IDS, attention_mask=MASK))
+    for other in (loop_remat, scan_dots, _with(base, scan_layers=False)):
+        np.testing.assert_allclose(np.asarray(fwd(other, IDS, attention_mask=MASK)), want,
+                                   atol=1e-6, rtol=0)
+    l0, g0 = loss_and_grad(base)
+    l1, g1 = loss_and_grad(loop_remat)
+    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_runs_and_is_close(folders, models):
+    bf = load_pretrained(folders["llama3"], dtype="bfloat16")
+    assert bf.layers.q[...].dtype == jnp.bfloat16
+    lo = np.asarray(fwd(bf, IDS, attention_mask=MASK), np.float32)
+    hi = np.asarray(fwd(models["llama3"], IDS, attention_mask=MASK))
+    assert np.all(np.isfinite(lo))
+    assert np.abs(lo - hi).max() < 0.1 * np.abs(hi).max()
+    # bf16 compute over fp32 storage
+    mixed = load_pretrained(folders["llama3"], dtype="bfloat16", param_dtype="float32")
+    assert mixed.layers.q[...].dtype == jnp.float32
+    assert np.abs(np.asarray(fwd(mixed, IDS, attention_mask=MASK)) - hi).max() < 0.1 * np.abs(hi).max()
+
+
+def test_hidden_states_times_output_matrix_are_logits(models):
+    for case in ("smollm", "qwen2"):
+        m = models[case]
+        h = nnx.jit(lambda m, i, k: m.hidden_states(i, attention_mask=k))(m, IDS, MASK)
+        assert h.shape == (2, 7, m.cfg.hidden_size)
+        assert m.output_matrix().shape == (m.cfg.vocab_size, m.cfg.hidden_size)
+        np.testing.assert_allclose(np.asarray(h @ m.output_matrix().T),
+                                   np.asarray(fwd(m, IDS, attention_mask=MASK)), atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences(models):
+    m = models["qwen2"]
+    a, b = [5, 17, 33, 2], [64, 90, 11]
+    packed = jnp.asarray([a + b + [0]])
+    seg = jnp.asarray([[1] * 4 + [2] * 3 + [0]])
+    out = np.asarray(fwd(m, packed, segment_ids=seg))  # positions restart per segment by default
+    np.testing.assert_allclose(out[0, :4], np.asarray(fwd(m, jnp.asarray([a])))[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 4:7], np.asarray(fwd(m, jnp.asarray([b])))[0], atol=1e-5)
+
+
+def test_boolean_3d_mask_equals_padding_mask(models):
+    m = models["llama2"]
+    full = (MASK[:, None, :] > 0) & jnp.ones((2, 7, 7), bool)
+    pos = jnp.maximum(jnp.cumsum(MASK, 1) - 1, 0)
+    np.testing.assert_allclose(np.asarray(fwd(m, IDS, attention_mask=full, positions=pos)),
+                               np.asarray(fwd(m, IDS, attention_mask=MASK)), atol=1e-6)
+
+
+def test_sharded_load_matches_unsharded_and_is_sharded(folders, models):
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharded = load_pretrained(folders["llama3"], mesh=mesh)
+    assert sharded.layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert sharded.layers.down[...].sharding.spec == P(None, "tensor", "fsdp")
+    assert sharded.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert sharded.lm_head[...].sharding.spec == P("tensor", "fsdp")
+    assert len(sharded.layers.gate[...].addressable_shards) == 8
+    assert sharded.layers.gate[...].addressable_shards[0].data.shape == (2, 16, 32)
+    graphdef, state = nnx.split(sharded)
+    ids = jnp.concatenate([IDS, IDS])  # batch 4: divisible by data x fsdp
+    mask = jnp.concatenate([MASK, MASK])
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m))(
+            state, ids, mask)
+    want = np.asarray(fwd(models["llama3"], ids, attention_mask=mask))
+    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=0)
+
+
+def test_config_round_trip_and_errors(models):
+    for case in CASES:
+        cfg = models[case].cfg
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    # transformers 4 layout (rope_theta + rope_scaling) reads the same as 5's rope_parameters
+    v5 = dict(GOLDEN["cases"]["llama3"]["config"])
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    params = dict(v5["rope_parameters"])
+    v4["rope_theta"] = params.pop("rope_theta")
+    v4["rope_scaling"] = params
+    assert ModelConfig.from_hf(v4) == models["llama3"].cfg
+    hf = dict(GOLDEN["cases"]["llama2"]["config"])
+    with pytest.raises(ValueError, match="gpt2"):
+        ModelConfig.from_hf(dict(hf, model_type="gpt2"))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        ModelConfig.from_hf(dict(hf, architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(ValueError, match="yarn"):
+        ModelConfig.from_hf(dict(hf, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                      "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        ModelConfig.from_hf({k: v for k, v in hf.items() if k != "intermediate_size"})

@@ -1,0 +1,65 @@
+"""Tiny checkpoints and a tiny tokenizer for the model tests (no torch, no network).
+
+The weights are those of scripts/golden_model_logits.py: drawn per tensor name from numpy,
+written with the reference `safetensors.numpy` writer under the names and shapes that
+transformers saved (stored in golden_logits.json).
+"""
+
+import json
+import os
+import zlib
+
+import numpy as np
+import safetensors.numpy
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden_logits.json")
+with open(GOLDEN_PATH) as _f:
+    GOLDEN = json.load(_f)
+CASES = sorted(GOLDEN["cases"])
+
+
+def tensor_value(name, shape, seed=GOLDEN["seed"]):
+    """Same as scripts/golden_model_logits.py:tensor_value."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    noise = rng.standard_normal(shape).astype(np.float32)
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * noise).astype(np.float32)
+    if name.endswith(".bias"):
+        return (0.1 * noise).astype(np.float32)
+    if name.endswith("embed_tokens.weight"):
+        return noise
+    return (noise / np.sqrt(shape[-1])).astype(np.float32)
+
+
+def write_case(case: str, folder: str) -> str:
+    """Writes golden case `case` as an HF folder (config.json + model.safetensors)."""
+    spec = GOLDEN["cases"][case]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(spec["config"], f)
+    tensors = {n: tensor_value(n, tuple(s)) for n, s in spec["tensors"].items()}
+    safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"),
+                                metadata={"format": "pt"})
+    return folder
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with ChatML specials, exactly `vocab_size` tokens."""
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:;'\n-")
+    vocab = specials + chars
+    vocab += [f"<x{i}>" for i in range(vocab_size - len(vocab))]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[],
+                               unk_token=None))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", chat_template=CHATML)

@@ -1,0 +1,267 @@
+"""The pure train step: closed forms, exact accumulation, sharded == single device,
+precomputed == frozen reference, padding and packing invariance.
+
+The model is the real tiny Decoder; steps run on the same three batches so that
+each compiled program is reused across tests (module-scoped fixtures).
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(__file__))
+import trainer_fixtures  # noqa: E402
+
+from mio_jax import logps, losses, models, optim, sharding, train_step  # noqa: E402
+from mio_jax.data import batching  # noqa: E402
+from mio_jax.data.tokenize import TokenizedGroup  # noqa: E402
+
+trainer_fixtures.enable_compile_cache()
+VOCAB = trainer_fixtures.VOCAB
+
+
+def _groups(n, seed=0, k=2):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.integers(5, VOCAB, int(rng.integers(2, 7))).astype(np.int32)
+        comps = tuple(rng.integers(5, VOCAB, int(rng.integers(1, 8))).astype(np.int32)
+                      for _ in range(k))
+        out.append(TokenizedGroup(row_id=f"r{i}", prompt_ids=prompt, completion_ids=comps))
+    return out
+
+
+def _batch(groups, L=16, K=2):
+    b = batching.collate(list(groups), np.arange(len(groups)), K=K, L=L)
+    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
+
+
+def _model(seed=0):
+    model = models.init_model(trainer_fixtures.tiny_model_config(), seed=seed)
+    graphdef, p, o = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o), p
+
+
+def _cfg(**kw):
+    base = dict(loss_name="mio", beta=0.1, chunk_size=40, reference="frozen", lengths=False)
+    base.update(kw)
+    return train_step.StepConfig(**base)
+
+
+BATCHES = [_batch(_groups(8, seed=s)) for s in (1, 2, 3)]
+
+
+def _run(cfg, batches, *, mesh=None, lr=1e-2):
+    """Steps from the seed-0 tiny model; the frozen reference is its initial params."""
+    graphdef, params, other, pstate = _model(0)
+    tx, sched = optim.make_optimizer(learning_rate=lr, total_steps=10, warmup_steps=0,
+                                     schedule="constant", max_grad_norm=1.0)
+    fn = functools.partial(train_step.train_step, graphdef=graphdef, tx=tx, schedule=sched,
+                           cfg=cfg)
+    consts = {"other": other, "ref_params": params if cfg.reference == "frozen" else None}
+    if mesh is None:
+        state = train_step.init_state(params, tx, 0)
+        step = jax.jit(fn)
+        ctx = _Null()
+    else:
+        pspecs = sharding.state_partition_specs(pstate, None, mesh)
+        abstract = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
+        specs = train_step.TrainState(
+            step=P(), params=pspecs, rng=P(),
+            opt_state=sharding.optimizer_state_specs(tx, abstract.opt_state, pspecs))
+        state_sh = sharding.named(mesh, specs)
+        consts = {"other": other, "ref_params": jax.device_put(params, state_sh.params)}
+        state = jax.jit(lambda p: train_step.init_state(p, tx, 0),
+                        out_shardings=state_sh)(consts["ref_params"])
+        batch_sh = sharding.batch_shardings(mesh, batches[0])
+        step = jax.jit(fn, in_shardings=(state_sh, batch_sh, None),
+                       out_shardings=(state_sh, None), donate_argnums=0)
+        batches = [jax.device_put(b, batch_sh) for b in batches]
+        ctx = jax.set_mesh(mesh)
+    history = []
+    with ctx:
+        for b in batches:
+            state, m = step(state, b, consts)
+            history.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return jax.device_get(state.params), history
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _baseline():
+    return _run(_cfg(), BATCHES)
+
+
+def _close_tree(a, b, rtol, atol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def _close_history(h1, h2, rtol=1e-5, atol=1e-6):
+    for a, b in zip(h1, h2):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=rtol, abs=atol), k
+
+
+def test_first_step_loss_is_ln4_when_policy_equals_reference():
+    _, hist = _baseline()
+    m = hist[0]
+    assert m["loss"] == pytest.approx(math.log(4), abs=1e-6)  # method.md: L_MIO(0, 0) = ln 4
+    assert m["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert m["grad_norm"] > 0 and m["update_norm"] > 0
+    assert m["learning_rate"] == pytest.approx(1e-2)
+    assert m["num_groups"] == 8 and m["completion_tokens"] == BATCHES[0]["loss_mask"].sum()
+    # later steps see a policy that moved away from the reference
+    assert abs(hist[2]["loss"] - math.log(4)) > 1e-4
+    assert abs(hist[1]["rewards/chosen"]) > 1e-5
+
+
+def test_grad_accumulation_4x2_equals_one_batch_of_8():
+    p1, h1 = _baseline()
+    p4, h4 = _run(_cfg(grad_accum_steps=4), BATCHES)
+    _close_history(h1, h4)
+    # Adam divides by sqrt(v): float reassociation in the sums shows up at ~1e-6
+    _close_tree(p1, p4, rtol=1e-4, atol=2e-5)
+
+
+def test_sharded_2x2x2_equals_single_device():
+    p1, h1 = _baseline()
+    p8, h8 = _run(_cfg(), BATCHES, mesh=sharding.make_mesh((2, 2, 2)))
+    _close_history(h1, h8, rtol=2e-5)
+    _close_tree(p1, p8, rtol=1e-4, atol=2e-5)
+
+
+def test_precomputed_reference_equals_frozen():
+    graphdef, ref, other, _ = _model(0)
+    cfg_p = _cfg(reference="precomputed")
+    ref_fn = jax.jit(functools.partial(train_step.reference_logps, graphdef, cfg=cfg_p))
+    with_ref = [dict(b, ref_logps=np.asarray(ref_fn(ref, other, b))) for b in BATCHES]
+    p_f, h_f = _baseline()
+    p_p, h_p = _run(cfg_p, with_ref)
+    _close_history(h_f, h_p)
+    _close_tree(p_f, p_p, rtol=1e-4, atol=2e-5)
+
+
+# ---- eval step (no optimizer): registry parity, padding, packing, reference-free ----
+
+def _eval(cfg, batch, params_seed=4, ref_seed=0):
+    graphdef, params, other, _ = _model(params_seed)
+    ref = _model(ref_seed)[1]
+    fn = jax.jit(functools.partial(train_step.eval_step, graphdef=graphdef, cfg=cfg))
+    sums, counts, denom = jax.device_get(fn(params, batch, {"other": other, "ref_params": ref}))
+    out = {k: float(v) / float(denom) for k, v in sums.items()}
+    out.update({k: float(v) for k, v in counts.items()})
+    return out, (graphdef, params, ref, other)
+
+
+def test_eval_loss_equals_registry_on_full_logits():
+    """Chunked hidden-state log-probs + registry == full logits + registry."""
+    batch = BATCHES[0]
+    got, (graphdef, params, ref, other) = _eval(_cfg(), batch)
+
+    def full(p):
+        model = nnx.merge(graphdef, p, other)
+        flat = {k: batch[k].reshape(16, 16) for k in ("input_ids", "attention_mask", "positions",
+                                                      "targets", "loss_mask")}
+        lg = model(flat["input_ids"], attention_mask=flat["attention_mask"],
+                   positions=flat["positions"])
+        return logps.sequence_logps(lg, flat["targets"], flat["loss_mask"]).reshape(8, 2)
+
+    want, metrics = losses.compute_group("mio", policy_logps=full(params), ref_logps=full(ref),
+                                         beta=0.1)
+    assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
+    assert got["rewards/margins"] == pytest.approx(float(metrics["rewards/margins"].mean()),
+                                                   rel=1e-4, abs=1e-6)
+    assert abs(got["loss"] - math.log(4)) > 1e-3  # policy != reference here
+
+
+def test_padding_groups_change_nothing():
+    real = _groups(6, seed=14)
+    b8 = _batch(real + [None, None])
+    assert (b8["weights"][6:] == 0).all()
+    got8, _ = _eval(_cfg(), b8)
+    got6, _ = _eval(_cfg(), _batch(real))
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "num_groups",
+              "completion_tokens"):
+        assert got8[k] == pytest.approx(got6[k], rel=1e-5), k
+
+
+def test_packed_rows_equal_padded_batch():
+    groups = _groups(8, seed=1)  # the groups of BATCHES[0]
+    packed = batching.pack(groups, np.arange(8), K=2, R=4, L=32)
+    packed = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)
+              if f.name != "example_id"}
+    got_p, _ = _eval(_cfg(), packed)
+    got_u, _ = _eval(_cfg(), BATCHES[0])
+    for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "completion_tokens"):
+        assert got_p[k] == pytest.approx(got_u[k], rel=1e-5), k
+
+
+def test_reference_free_simpo_matches_registry():
+    cfg = _cfg(loss_name="simpo", beta=2.0, reference="none", lengths=True,
+               loss_hparams=(("simpo_gamma", 0.5),))
+    batch = BATCHES[1]
+    got, (graphdef, params, _, other) = _eval(cfg, batch)
+    model = nnx.merge(graphdef, params, other)
+    hidden = model.hidden_states(batch["input_ids"].reshape(16, 16),
+                                 attention_mask=batch["attention_mask"].reshape(16, 16),
+                                 positions=batch["positions"].reshape(16, 16))
+    lp = logps.sequence_logps_from_hidden(hidden, model.output_matrix(),
+                                          batch["targets"].reshape(16, 16),
+                                          batch["loss_mask"].reshape(16, 16)).reshape(8, 2)
+    want, _ = losses.compute_group("simpo", policy_logps=lp, ref_logps=None, beta=2.0,
+                                   lengths=batch["loss_mask"].sum(-1), simpo_gamma=0.5)
+    assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
+
+
+def _full_token_stats(graphdef, p, other, batch, with_sq=False):
+    b, k, l = batch["input_ids"].shape
+    model = nnx.merge(graphdef, p, other)
+    lg = model(batch["input_ids"].reshape(b * k, l),
+               attention_mask=batch["attention_mask"].reshape(b * k, l),
+               positions=batch["positions"].reshape(b * k, l))
+    st = logps.token_stats(lg.reshape(b, k, l, -1), batch["targets"], batch["loss_mask"],
+                           with_log_sum_sq=with_sq)
+    return st
+
+
+def test_k_way_groups_with_a_multi_negative_loss():
+    groups = _groups(8, seed=21, k=3)
+    batch = _batch(groups, K=3)
+    got, (graphdef, params, ref, other) = _eval(_cfg(loss_name="js_multi"), batch)
+    pol = _full_token_stats(graphdef, params, other, batch).logps_bt.sum(-1)
+    rf = _full_token_stats(graphdef, ref, other, batch).logps_bt.sum(-1)
+    want, _ = losses.compute_group("js_multi", policy_logps=pol, ref_logps=rf, beta=0.1)
+    assert pol.shape == (8, 3)
+    assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
+
+
+def test_ld_dpo_and_wpo_weighting_follow_the_logps_library():
+    batch = BATCHES[2]
+    cfg = _cfg(loss_name="dpo", ld_alpha=0.5, use_weighting=True)
+    got, (graphdef, params, ref, other) = _eval(cfg, batch)
+    pst = _full_token_stats(graphdef, params, other, batch, with_sq=True)
+    rst = _full_token_stats(graphdef, ref, other, batch)
+    pol = logps.ld_sequence_logps(pst.logps_bt, batch["loss_mask"], 0.5)
+    rf = logps.ld_sequence_logps(rst.logps_bt, batch["loss_mask"], 0.5)
+    w = logps.wpo_weights(pst.logps_bt, pst.log_sum_sq_probs_bt, batch["loss_mask"])
+    per, _ = losses.compute_group("dpo", policy_logps=pol, ref_logps=rf, beta=0.1)
+    assert got["loss"] == pytest.approx(float((w * per).mean()), rel=1e-5)
+    plain, _ = _eval(_cfg(loss_name="dpo"), batch)
+    assert abs(plain["loss"] - got["loss"]) > 1e-4

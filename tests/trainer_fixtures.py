@@ -1,0 +1,119 @@
+"""Tiny model checkpoints, tokenizer, data and configs for the trainer tests.
+
+Everything is real: a randomly initialised 2-layer Llama written as a Hugging
+Face folder by the models exporter, a character-level BPE tokenizer with a
+ChatML template, and explicit-format preference JSONL files.
+"""
+
+import json
+import os
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models as tok_models
+from transformers import PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VOCAB = 96
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer, ``VOCAB`` tokens, ChatML specials, bos/eos/pad set."""
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:;'\n-=+")
+    vocab = specials + chars
+    vocab += [f"<x{i}>" for i in range(VOCAB - len(vocab))]
+    tok = Tokenizer(tok_models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[],
+                                   unk_token=None))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", chat_template=CHATML)
+
+
+def tiny_model_config(**overrides):
+    from mio_jax.models import ModelConfig
+
+    kw = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
+    """Writes a random tiny Llama + tokenizer as an HF folder; returns the folder."""
+    from mio_jax import models
+
+    model = models.init_model(tiny_model_config(**overrides), seed=seed)
+    models.save_pretrained(model, tiny_tokenizer(), folder)
+    return folder
+
+
+def write_tiny_data(path: str, n: int, seed: int = 0) -> str:
+    """Explicit-format pairs: "q: a+b=" -> right answer (chosen) / wrong answer (rejected)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = (int(x) for x in rng.integers(0, 50, 2))
+            wrong = a + b + int(rng.integers(1, 9))
+            pad = " so" * int(rng.integers(0, 3))
+            f.write(json.dumps({"prompt": f"q: {a}+{b}=", "chosen": f" {a + b}{pad}.",
+                                "rejected": f" {wrong}.{pad}"}) + "\n")
+    return path
+
+
+def tiny_setup(tmp_path, n_train: int = 64, n_eval: int = 16):
+    """Writes model + data under ``tmp_path``; returns ``(model_dir, train, eval)``."""
+    model_dir = write_tiny_model(os.path.join(tmp_path, "tiny_model"))
+    train = write_tiny_data(os.path.join(tmp_path, "train.jsonl"), n_train, seed=1)
+    ev = write_tiny_data(os.path.join(tmp_path, "eval.jsonl"), n_eval, seed=2)
+    return model_dir, train, ev
+
+
+def tiny_config(model_dir, train, ev, arg=None, **overrides):
+    """``configs/tiny_test.py`` with the given paths; ``overrides`` as "a.b" -> value."""
+    from configs import tiny_test
+
+    c = tiny_test.get_config(arg)
+    c.model.path, c.data.train_path, c.data.eval_path = model_dir, train, ev
+    for key, value in overrides.items():
+        node = c
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return c
+
+
+COMPILE_CACHE = os.path.join("/tmp", f"mio_jax_test_compile_cache_{os.getuid()}")
+
+
+def enable_compile_cache():
+    """Persistent XLA compilation cache for the trainer tests (and their subprocesses).
+
+    Compiling the tiny train step takes ~15 s on a loaded 2-core machine and
+    ~0.4 s from the cache; the same programs recur across tests and runs.
+    Results are unaffected (the cache stores compiled executables only).
+    """
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def subprocess_env() -> dict:
+    """Environment for ``python -m mio_jax.main`` subprocesses of the tests."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return env
