@@ -46,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "mio"                  # a registered loss (mio_jax.losses.names())
+    c.loss.name = "mio"                  # a registered loss (mio_jax.losses.names()), or a
+                                         # "+"-joined mix such as "sigmoid+bco_pair+sft"
+    c.loss.weights = config_dict.placeholder(tuple)  # mix weights (TRL loss_weights); None = all 1
     c.loss.beta = 0.1
     c.loss.ld_alpha = config_dict.placeholder(float)  # LD-DPO alpha; None = off
     c.loss.use_weighting = False         # WPO weighting
@@ -97,4 +99,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)
     c.eval.batch_size = 8
     c.eval.max_batches = 0               # 0 = the whole eval split; < 0 = no eval
+    c.eval.at_start = False              # also evaluate the initial model (step 0)
     return c

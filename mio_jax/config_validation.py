@@ -72,7 +72,8 @@ def check_keys_and_types(cfg: ml_collections.ConfigDict,
                               f"expected {type(ref_keys[path]).__name__}")
 
 
-def _loss_names(name) -> list[str]:
+def loss_names(name) -> list[str]:
+    """``loss.name`` as a list: one name, or a "+"-joined mix such as "dpo+sft"."""
     if isinstance(name, str):
         return [n.strip() for n in name.split("+") if n.strip()]
     return list(name)
@@ -100,12 +101,19 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
-    names = _loss_names(cfg.loss.name)
+    names = loss_names(cfg.loss.name)
     known = set(losses.names())
     for n in names:
         if n not in known:
             raise ConfigError(f"loss.name={n!r} is not a registered loss; known: {sorted(known)}")
     specs = [losses.spec(n) for n in names]
+    weights = cfg.loss.get("weights")
+    if weights is not None:
+        if len(names) < 2 or len(weights) != len(names):
+            raise ConfigError(f"loss.weights={tuple(weights)} needs one weight per loss of a "
+                              f"mix; loss.name={cfg.loss.name!r} has {len(names)}")
+        if not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
+            raise ConfigError(f"loss.weights={tuple(weights)} must be non-negative numbers")
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta={cfg.loss.beta} must be > 0")
     used = set().union(*(s.hparams for s in specs))
@@ -146,6 +154,12 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     if coupled and cfg.data.packing:
         raise ConfigError(f"data.packing=True cannot be used with loss.name={cfg.loss.name!r}: "
                           f"{coupled} need the batch structure")
+    if cfg.data.packing and t.grad_accum_steps > 1:
+        raise ConfigError(f"data.packing=True needs train.grad_accum_steps=1 (got "
+                          f"{t.grad_accum_steps}): packed rows are not split into micro-batches")
+    if cfg.data.packing and (cfg.loss.ld_alpha is not None or cfg.loss.use_weighting):
+        raise ConfigError("data.packing=True cannot be combined with loss.ld_alpha or "
+                          "loss.use_weighting (they need the [B, K, L] token layout)")
     if coupled and t.grad_accum_steps > 1:
         raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} changes the result of "
                           f"batch-coupled loss(es) {coupled}; use 1")

@@ -142,24 +142,49 @@ def format_table(result: Mapping[str, Any], pass_k: int = 1) -> str:
     return "\n".join(lines)
 
 
-def reasoning_gym_examples(task: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+def parse_task_config(text: str) -> dict[str, Any]:
+    """A reasoning-gym task config from JSON text ("" = the task's defaults); lists become tuples.
+
+    Example: '{"min_digits": 1, "max_digits": 1, "operators": ["+", "-"]}'.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"task_config: not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"task_config: expected a JSON object, got {text!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
+def reasoning_gym_examples(task: str, num_examples: int, seed: int,
+                           task_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """`num_examples` rows of reasoning-gym `task` created with seed `seed` (as given).
+
+    Args:
+      task: reasoning-gym task name.
+      num_examples: rows to create.
+      seed: the data set seed (item i uses seed + i).
+      task_config: keyword arguments of the task's config (difficulty: digits, terms, ...);
+        None or {} = the task's defaults.
 
     Rows: {"task", "question", "answer", "metadata"}; what `verifiers.reasoning_gym` needs.
     """
     import reasoning_gym
 
     try:
-        ds = reasoning_gym.create_dataset(task, size=num_examples, seed=seed)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"unknown reasoning-gym task {task!r}: {e}") from e
+        ds = reasoning_gym.create_dataset(task, size=num_examples, seed=seed, **dict(task_config or {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"reasoning-gym task {task!r} with config {dict(task_config or {})}: {e}") from e
     return [{"task": task, "question": e["question"], "answer": str(e["answer"]),
              "metadata": e.get("metadata", {})} for e in ds]
 
 
-def heldout_examples(task: str, num_examples: int, seed: int) -> list[dict[str, Any]]:
+def heldout_examples(task: str, num_examples: int, seed: int,
+                     task_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Held-out evaluation rows: item seeds from EVAL_SEED_BASE + seed on (disjoint from training)."""
-    return reasoning_gym_examples(task, num_examples, EVAL_SEED_BASE + seed)
+    return reasoning_gym_examples(task, num_examples, EVAL_SEED_BASE + seed, task_config)
 
 
 def check_training_seeds(seed: int, num_examples: int) -> None:
@@ -251,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jsonl", help="JSONL with question/answer rows instead of (or besides) tasks")
     ap.add_argument("--verifier", default=None,
                     help="default: reasoning_gym for tasks, exact_number for --jsonl")
+    ap.add_argument("--task_config", default="",
+                    help='JSON kwargs of every --task\'s reasoning-gym config, e.g. \'{"max_digits": 1}\'')
     ap.add_argument("--num_examples", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0, help="eval seed; item seeds start at 10**9 + seed")
     ap.add_argument("--samples", type=int, default=1)
@@ -272,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
     report: dict[str, Any] = {"args": vars(args), "eval_seed_base": EVAL_SEED_BASE, "results": {}}
-    sources = [(t, heldout_examples(t, args.num_examples, args.seed), args.verifier or "reasoning_gym")
+    task_config = parse_task_config(args.task_config)
+    sources = [(t, heldout_examples(t, args.num_examples, args.seed, task_config), args.verifier or "reasoning_gym")
                for t in args.task]
     if args.jsonl:
         sources.append(("jsonl", jsonl_examples(args.jsonl, args.num_examples),

@@ -57,7 +57,8 @@ def main(argv):
     try:
         result = train.train_and_evaluate(config, flags.FLAGS.workdir)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
+        if not isinstance(e, ConfigError):  # where it came from, for bug reports
+            logging.exception("run failed")
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     summary = {k: v for k, v in result.items() if k in ("step", "train", "eval", "export")}

@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ""  # HF folder or .gguf (the CLI's real sampler); "" = embedded SmolLM2-135M
     c.tasks = "basic_arithmetic,chain_sum"  # comma-separated reasoning-gym tasks ("" = none)
+    c.task_config = ""  # JSON kwargs of every task's reasoning-gym config ("" = its defaults)
     c.jsonl = ""  # or/and a JSONL of {"question", "answer"} rows
     c.num_prompts = 100  # per task (and the first N of the JSONL; 0 = all of it)
     c.seed = 0  # problem seed: items seed .. seed + num_prompts - 1 (below EVAL_SEED_BASE)
@@ -172,7 +173,8 @@ def load_examples(cfg: ml_collections.ConfigDict) -> list[tuple[list[dict[str, A
     sources = []
     for task in [t.strip() for t in cfg.tasks.split(",") if t.strip()]:
         evaluate.check_training_seeds(cfg.seed, cfg.num_prompts)
-        sources.append((evaluate.reasoning_gym_examples(task, cfg.num_prompts, cfg.seed),
+        task_config = evaluate.parse_task_config(cfg.get("task_config", ""))
+        sources.append((evaluate.reasoning_gym_examples(task, cfg.num_prompts, cfg.seed, task_config),
                         cfg.verifier or "reasoning_gym"))
     if cfg.jsonl:
         sources.append((evaluate.jsonl_examples(cfg.jsonl, cfg.num_prompts), cfg.verifier or "exact_number"))

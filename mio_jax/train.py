@@ -96,7 +96,7 @@ def _batch_dict(batch) -> dict:
 def _step_config(config) -> step_lib.StepConfig:
     from mio_jax import losses
 
-    names = config_validation._loss_names(config.loss.name)
+    names = config_validation.loss_names(config.loss.name)
     used = set().union(*(losses.spec(n).hparams for n in names))
     needs_len = any(losses.spec(n).needs_lengths != "none" for n in names)
     return step_lib.StepConfig(
@@ -104,6 +104,8 @@ def _step_config(config) -> step_lib.StepConfig:
         beta=float(config.loss.beta),
         loss_hparams=tuple(sorted((k, config.loss[k]) for k in used
                                   if config.loss.get(k) is not None)),
+        loss_weights=(None if config.loss.get("weights") is None
+                      else tuple(float(w) for w in config.loss.weights)),
         grad_accum_steps=int(config.train.grad_accum_steps),
         chunk_size=int(config.model.logps_chunk_size),
         reference=config.reference.mode, lengths=needs_len,
@@ -311,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       ``{"step": final step, "train": last logged train metrics,
-      "eval": final eval metrics, "export": HF folder or None}``.
+      "eval": final eval metrics, "export": HF folder or None,
+      "state": the final TrainState}``.
 
     Raises:
       config_validation.ConfigError: bad config (message names the key).
@@ -380,6 +383,11 @@ def _loop(run: _Run) -> dict[str, Any]:
         run.ckpt.save(s, state, data_state=run.train_it.get_state(), config=cfg_dict)
 
     try:
+        if config.eval.at_start and step == 0:
+            ev = evaluate(run, state.params, eval_fn)
+            if ev:
+                writer.write(0, ev, "eval")
+                logging.info("eval at step 0: %s", _fmt(ev))
         while step < run.total_steps:
             if sigterm["hit"]:
                 save(step)

@@ -17,6 +17,7 @@ does not depend on other groups of the batch).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -63,6 +64,11 @@ class StepConfig:
       lengths: pass completion lengths to the loss (needed by length-normalised losses).
       ld_alpha: LD-DPO weight of tokens past the shorter completion (None: off).
       use_weighting: WPO weighting of each group's loss (TRL ``use_weighting``).
+      max_tokens_fraction: if set, the output projection runs only on completion
+        positions, gathered into a static block of ``ceil(fraction * B*K*L)``
+        rows (rounded up to a multiple of 8) taken from the batch shape; a batch
+        with more completion tokens than that gives NaN log-probs (caught by the
+        NaN guard), never silently dropped tokens. None: project every position.
     """
 
     loss_name: str | tuple[str, ...]
@@ -75,6 +81,39 @@ class StepConfig:
     lengths: bool = True
     ld_alpha: float | None = None
     use_weighting: bool = False
+    max_tokens_fraction: float | None = None
+
+
+def _max_tokens(cfg: StepConfig, mask) -> int | None:
+    """Static completion-position bound of ``mask`` (from its shape), or None."""
+    if cfg.max_tokens_fraction is None:
+        return None
+    if not 0.0 < cfg.max_tokens_fraction <= 1.0:
+        raise ValueError(f"max_tokens_fraction={cfg.max_tokens_fraction} not in (0, 1]")
+    n = int(mask.size)
+    return min(n, -(-int(math.ceil(cfg.max_tokens_fraction * n)) // 8) * 8)
+
+
+def _sequence_index(batch):
+    """Flat sequence id ``b * K + k`` of every token of a packed / shared batch.
+
+    Tokens that count for no sequence get ``B * K`` (a dropped bin). Returns
+    ``(seq_ids, B, K)``.
+    """
+    b, k = batch["valid"].shape
+    slot = batch["slot_index"]
+    if "segment_ids" in batch:
+        group = batch["group_index"]
+    else:  # shared-prompt rows: row r is group r
+        group = jnp.broadcast_to(jnp.arange(slot.shape[0])[:, None], slot.shape)
+    ok = (group >= 0) & (slot >= 0)
+    return jnp.where(ok, group * k + slot, b * k), b, k
+
+
+def _sums_by_sequence(tok_rl, batch):
+    seq, b, k = _sequence_index(batch)
+    sums = jax.ops.segment_sum(tok_rl.reshape(-1), seq.reshape(-1), num_segments=b * k + 1)
+    return sums[: b * k].reshape(b, k)
 
 
 def _forward_packed(model, batch, cfg: StepConfig):
@@ -83,19 +122,34 @@ def _forward_packed(model, batch, cfg: StepConfig):
                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
     tok_rl = logps_lib.token_logps_from_hidden(
         hidden, model.output_matrix(), batch["targets"], batch["loss_mask"],
-        chunk_size=cfg.chunk_size, validate=False)
-    b, k = batch["valid"].shape
-    seq = jnp.where(batch["group_index"] >= 0, batch["group_index"] * k + batch["slot_index"],
-                    b * k)
-    sums = jax.ops.segment_sum(tok_rl.reshape(-1), seq.reshape(-1), num_segments=b * k + 1)
-    return sums[: b * k].reshape(b, k)
+        chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, batch["loss_mask"]),
+        validate=False)
+    return _sums_by_sequence(tok_rl, batch)
+
+
+def _forward_shared(model, batch, cfg: StepConfig):
+    """Shared-prompt rows ``[B, T]`` (``mio_jax.data.shared_prompt``) -> sums ``[B, 2]``."""
+    from mio_jax.data.shared_prompt import shared_attention_mask
+
+    hidden = model.hidden_states(batch["input_ids"],
+                                 attention_mask=shared_attention_mask(batch["shared_code"]),
+                                 positions=batch["positions"])
+    tok_bt = logps_lib.token_logps_from_hidden(
+        hidden, model.output_matrix(), batch["targets"], batch["loss_mask"],
+        chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, batch["loss_mask"]),
+        validate=False)
+    return _sums_by_sequence(tok_bt, batch)
 
 
 def _forward_logps(graphdef, params, other, batch, cfg: StepConfig):
     """Per-sequence log-probs ``[B, K]`` (+ WPO weights ``[B]`` or None)."""
     model = nnx.merge(graphdef, params, other)
-    if "segment_ids" in batch:
-        return _forward_packed(model, batch, cfg), None
+    if "segment_ids" in batch or "shared_code" in batch:
+        if cfg.ld_alpha is not None or cfg.use_weighting:
+            raise ValueError("ld_alpha / use_weighting need the unshared [B, K, L] layout "
+                             "(not packing or shared-prompt rows)")
+        fwd = _forward_packed if "segment_ids" in batch else _forward_shared
+        return fwd(model, batch, cfg), None
     b, k, l = batch["input_ids"].shape
     flat = {f: batch[f].reshape(b * k, l) for f in _SEQ_FIELDS}
     hidden = model.hidden_states(flat["input_ids"], attention_mask=flat["attention_mask"],
@@ -105,7 +159,7 @@ def _forward_logps(graphdef, params, other, batch, cfg: StepConfig):
     if cfg.ld_alpha is None and not cfg.use_weighting:
         return logps_lib.sequence_logps_from_hidden(
             hidden, model.output_matrix(), batch["targets"], mask,
-            chunk_size=cfg.chunk_size, validate=False), None
+            chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, mask), validate=False), None
     stats = logps_lib.token_stats_from_hidden(
         hidden, model.output_matrix(), batch["targets"], mask, chunk_size=cfg.chunk_size,
         with_log_sum_sq=cfg.use_weighting, validate=False)
@@ -135,10 +189,8 @@ def _weighted_sums(params, graphdef, other, batch, ref_params, cfg: StepConfig):
     else:
         ref_bk = None
     mask = batch["loss_mask"]
-    if "segment_ids" in batch:
-        b, k = batch["valid"].shape
-        seq = jnp.where(batch["group_index"] >= 0,
-                        batch["group_index"] * k + batch["slot_index"], b * k)
+    if "segment_ids" in batch or "shared_code" in batch:
+        seq, b, k = _sequence_index(batch)
         counts = jax.ops.segment_sum((mask != 0).astype(jnp.float32).reshape(-1),
                                      seq.reshape(-1), num_segments=b * k + 1)
         lengths_bk = counts[: b * k].reshape(b, k) if cfg.lengths else None

@@ -38,6 +38,7 @@ def _args(tiny, workdir, *extra):
 def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     work = tmp_path / "run"
     r = _main(_args(tiny, work, "--config.train.steps=4", "--config.eval.every_steps=2",
+                    "--config.eval.at_start=True",
                     "--config.loss.name=dpo", "--config.loss.beta=0.05"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "done:" in r.stdout
@@ -49,7 +50,8 @@ def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     want = {k.replace("/mio", "/dpo") for k in EXPECTED_TRAIN_KEYS}
     assert want <= set(train_rows[-1]), want - set(train_rows[-1])
     evals = [x for x in rows if x["split"] == "eval"]
-    assert [x["step"] for x in evals] == [2, 4]
+    assert [x["step"] for x in evals] == [0, 2, 4]
+    assert evals[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # DPO at z = 0: ln 2
     assert {"loss", "rewards/accuracies", "rewards/margins"} <= set(evals[0])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work / "tb"))
     saved = json.load(open(work / "checkpoints" / "4" / "config" / "metadata"))

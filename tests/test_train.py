@@ -38,15 +38,28 @@ def tiny(tmp_path_factory):
                               "micro-batch is not divisible by the data-parallel size 4"),
     ({"train.grad_accum_steps": 3}, "train.batch_size=8 is not divisible by train.grad_accum_steps=3"),
     ({"loss.name": "aot", "data.packing": True}, "data.packing=True cannot be used with loss.name='aot'"),
+    ({"data.packing": True, "train.grad_accum_steps": 2}, "data.packing=True needs train.grad_accum_steps=1"),
+    ({"data.packing": True, "loss.use_weighting": True}, "cannot be combined with loss.ld_alpha"),
     ({"optim.schedule": "step"}, "optim.schedule='step'"),
     ({"mesh.shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) does not fit 8 devices"),
     ({"model.dtype": "float8"}, "model.dtype='float8'"),
     ({"data.on_bad_row": "ignore"}, "on_bad_row"),
+    ({"loss.weights": (1.0, 0.5)}, r"loss.weights=\(1.0, 0.5\) needs one weight per loss"),
+    ({"loss.name": "dpo+sft", "loss.weights": (1.0, -1.0)}, "must be non-negative"),
 ])
 def test_validation_names_the_key(tiny, override, message):
     cfg = trainer_fixtures.tiny_config(*tiny, **{"mesh.shape": (2, -1, 2), **override})
     with pytest.raises(config_validation.ConfigError, match=message):
         config_validation.validate(cfg, num_devices=8)
+
+
+def test_loss_mix_weights_reach_the_step(tiny):
+    cfg = trainer_fixtures.tiny_config(*tiny, **{"loss.name": "dpo+sft",
+                                                 "loss.weights": (0.8, 0.2)})
+    config_validation.validate(cfg, num_devices=8)
+    step_cfg = train._step_config(cfg)
+    assert step_cfg.loss_name == ("dpo", "sft")
+    assert step_cfg.loss_weights == (0.8, 0.2)
 
 
 def test_validation_rejects_unknown_keys_and_types(tiny):
@@ -182,7 +195,8 @@ def test_whole_run_on_mesh_2x2x2_equals_one_device(tiny, tmp_path):
     a, b = runs[(2, 2, 2)], runs[(1, 1, 1)]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
                  jax.device_get(a["state"].params), jax.device_get(b["state"].params))
+    # rewards are beta * differences of log-probs of ~ -200: compare them absolutely
     for k in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-        assert a["train"][k] == pytest.approx(b["train"][k], rel=2e-5, abs=1e-6), k
+        assert a["train"][k] == pytest.approx(b["train"][k], rel=2e-5, abs=2e-5), k
         if k in a["eval"]:
-            assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=1e-6), k
+            assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k

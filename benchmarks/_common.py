@@ -1,0 +1,162 @@
+"""Shared pieces of the benchmarks: models by name, synthetic pair batches, the
+measured matmul peak, peak memory, and table printing. Not part of the package."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Config-shaped random models (Hugging Face config.json fields). llama1b is Llama-3.2-1B's shape.
+SHAPES = {
+    "llama1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                    intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                    tie_word_embeddings=True),
+    "smollm2_shape": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                          intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                          rope_theta=100000.0, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True),
+}
+
+
+def build_model(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                remat_policy: str = "none", scan_layers: bool = True):
+    """Returns ``(graphdef, params, other, model_cfg)`` for "smollm2", a folder / .gguf,
+    or a shape in ``SHAPES`` (random weights)."""
+    from flax import nnx
+
+    from mio_jax import models
+    from mio_jax.train import resolve_model_path
+
+    if name in SHAPES:
+        cfg = models.ModelConfig(**SHAPES[name], dtype=dtype, param_dtype=param_dtype,
+                                 remat_policy=remat_policy, scan_layers=scan_layers)
+        model = models.init_model(cfg, seed=0)
+    else:
+        model = models.load_pretrained(resolve_model_path(name), dtype=dtype,
+                                       param_dtype=param_dtype, remat_policy=remat_policy,
+                                       scan_layers=scan_layers)
+    graphdef, p, o = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o), model.cfg
+
+
+def graphdef_for(model_cfg, **changes):
+    """The graphdef of the same model with other ModelConfig fields (e.g. remat_policy)."""
+    from flax import nnx
+
+    from mio_jax import models
+
+    cfg = dataclasses.replace(model_cfg, **changes)
+    abstract = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def synthetic_pairs(pairs: int, seq_len: int, prompt_frac: float, vocab: int, seed: int = 0):
+    """Unshared ``[B, 2, L]`` batch dict of random tokens: prompt ``round(frac * L)``
+    tokens; chosen fills the row, rejected is ``L // 8`` tokens shorter (some padding)."""
+    from mio_jax.data import batching
+    from mio_jax.data.tokenize import TokenizedGroup
+
+    rng = np.random.default_rng(seed)
+    p = max(1, int(round(prompt_frac * seq_len)))
+    c0 = seq_len - p
+    c1 = max(1, c0 - seq_len // 8)
+    groups = [TokenizedGroup(row_id=f"s{i}", prompt_ids=rng.integers(5, vocab, p).astype(np.int32),
+                             completion_ids=(rng.integers(5, vocab, c0).astype(np.int32),
+                                             rng.integers(5, vocab, c1).astype(np.int32)))
+              for i in range(pairs)]
+    b = batching.collate(groups, np.arange(pairs), K=2, L=seq_len)
+    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
+
+
+def matmul_peak_flops(n: int = 2048, dtype: str = "float32", reps: int = 7) -> float:
+    """Measured FLOP/s of one jitted ``n x n`` matmul on the default device (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s per device, how it was obtained): the vendor dense peak on known
+    accelerators, else the measured jax matmul peak of this device in ``dtype``."""
+    import jax
+
+    from mio_jax import metrics
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        known = metrics.peak_flops_per_device(dev.device_kind)
+        if known:
+            return known, f"vendor dense bf16 peak of {dev.device_kind}"
+    return matmul_peak_flops(dtype=dtype), f"measured jax {dtype} 2048^3 matmul on {dev.device_kind}"
+
+
+def host_peak_rss_bytes(children: bool = False) -> int:
+    """Peak resident set size of this process (or its waited-for children), bytes."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss * 1024  # Linux reports KiB
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on device 0 (accelerators), None where not reported (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def machine() -> str:
+    import platform
+
+    import jax
+
+    dev = jax.devices()[0]
+    return (f"{platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__}, "
+            f"{dev.platform}:{dev.device_kind} x{jax.device_count()}")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_table(rows: list[dict], cols: list[str], file=sys.stdout) -> None:
+    """Markdown table of ``rows`` (dicts) with the given columns."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    print("| " + " | ".join(cols) + " |", file=file)
+    print("|" + "|".join("---" for _ in cols) + "|", file=file)
+    for r in rows:
+        print("| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |", file=file)
+    file.flush()
+
+
+def dump_json(path: str | None, obj) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, default=str)
