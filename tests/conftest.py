@@ -8,6 +8,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Persistent XLA compilation cache, shared with the subprocesses the CLI tests
+# start: the same small programs recur across tests and runs, and compiling them
+# dominates a cold run on 2 cores. It stores compiled executables only.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"mio_jax_test_compile_cache_{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must follow the environment set-up above)
 import pytest  # noqa: E402

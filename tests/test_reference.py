@@ -13,7 +13,6 @@ import trainer_fixtures  # noqa: E402
 
 from mio_jax import reference  # noqa: E402
 
-trainer_fixtures.enable_compile_cache()
 
 
 def _host_batches(n_groups=10, bs=4, L=12, seed=0, bump=None):

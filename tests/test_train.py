@@ -16,7 +16,6 @@ import trainer_fixtures  # noqa: E402
 
 from mio_jax import config_validation, train  # noqa: E402
 
-trainer_fixtures.enable_compile_cache()
 TIMING_KEYS = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
 
 

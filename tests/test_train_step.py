@@ -24,7 +24,6 @@ from mio_jax import logps, losses, models, optim, sharding, train_step  # noqa: 
 from mio_jax.data import batching  # noqa: E402
 from mio_jax.data.tokenize import TokenizedGroup  # noqa: E402
 
-trainer_fixtures.enable_compile_cache()
 VOCAB = trainer_fixtures.VOCAB
 
 

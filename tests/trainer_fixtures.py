@@ -18,12 +18,12 @@ CHATML = (
 VOCAB = 96
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer, ``VOCAB`` tokens, ChatML specials, bos/eos/pad set."""
+def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer, exactly ``vocab_size`` tokens, ChatML specials, bos/eos/pad set."""
     specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:;'\n-=+")
     vocab = specials + chars
-    vocab += [f"<x{i}>" for i in range(VOCAB - len(vocab))]
+    vocab += [f"<x{i}>" for i in range(vocab_size - len(vocab))]
     tok = Tokenizer(tok_models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[],
                                    unk_token=None))
     tok.add_special_tokens(specials)
@@ -88,31 +88,11 @@ def tiny_config(model_dir, train, ev, arg=None, **overrides):
     return c
 
 
-COMPILE_CACHE = os.path.join("/tmp", f"mio_jax_test_compile_cache_{os.getuid()}")
-
-
-def enable_compile_cache():
-    """Persistent XLA compilation cache for the trainer tests (and their subprocesses).
-
-    Compiling the tiny train step takes ~15 s on a loaded 2-core machine and
-    ~0.4 s from the cache; the same programs recur across tests and runs.
-    Results are unaffected (the cache stores compiled executables only).
-    """
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def subprocess_env() -> dict:
     """Environment for ``python -m mio_jax.main`` subprocesses of the tests."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,8 +11,7 @@ import zlib
 
 import numpy as np
 import safetensors.numpy
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from trainer_fixtures import tiny_tokenizer  # noqa: F401  (tests/ is on sys.path via conftest)
 
 GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden_logits.json")
 with open(GOLDEN_PATH) as _f:
@@ -43,23 +42,3 @@ def write_case(case: str, folder: str) -> str:
     safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"),
                                 metadata={"format": "pt"})
     return folder
-
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
-    """Character-level tokenizer with ChatML specials, exactly `vocab_size` tokens."""
-    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?:;'\n-")
-    vocab = specials + chars
-    vocab += [f"<x{i}>" for i in range(vocab_size - len(vocab))]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[],
-                               unk_token=None))
-    tok.add_special_tokens(specials)
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", chat_template=CHATML)

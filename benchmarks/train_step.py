@@ -1,0 +1,165 @@
+"""Times the full DPO/MIO optimizer step of the trainer (``mio_jax.train_step.train_step``).
+
+One step = policy forward + backward on chosen and rejected, the reference forward
+(frozen) or precomputed reference log-probs, and the AdamW update, jitted exactly as
+``mio_jax.train`` does (state donated). Every variant (the product of --reference,
+--layout, --proj and --remat) runs in ONE process on the same weights and data,
+alternating step by step (round-robin, rotated each round), so a shared, noisy
+machine slows them alike; medians and ratios to the first variant are printed.
+
+FLOPs are counted as the UNSHARED layout needs, for every variant: policy 6N per
+real token of chosen + rejected plus causal attention 6 * layers * d_attn * L, the
+frozen reference 2N + 2 * layers * d_attn * L per token when it runs
+(``mio_jax.metrics.step_flops``). A layout that does less work (shared prompt,
+completion-only projection) therefore shows a higher "effective" FLOP/s and MFU.
+MFU is against the measured jax matmul peak of this device in the compute dtype on
+CPU, and the vendor dense bf16 peak on GPU/TPU (H100: 989 TFLOP/s).
+
+  python benchmarks/train_step.py --model=smollm2 --pairs=2 --seq_len=128 \\
+      --reference=frozen,precomputed --layout=unshared,shared --proj=full,completion
+  # GPU (bf16 compute, fp32 master weights), a Llama-3.2-1B-shaped random model:
+  python benchmarks/train_step.py --model=llama1b --dtype=bfloat16 --param_dtype=float32 \\
+      --pairs=8 --seq_len=1024 --remat=none,dots_with_no_batch_dims_saveable
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2 | a folder/.gguf | "
+                   + " | ".join(_common.SHAPES))
+    p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--prompt_frac", type=float, default=0.5)
+    p.add_argument("--dtype", default="float32", help="compute dtype")
+    p.add_argument("--param_dtype", default="float32", help="master weights / Adam dtype")
+    p.add_argument("--loss", default="mio")
+    p.add_argument("--reference", default="frozen", help="comma list: frozen,precomputed,none")
+    p.add_argument("--layout", default="unshared", help="comma list: unshared,shared")
+    p.add_argument("--proj", default="full", help="comma list: full,completion "
+                   "(output projection on every position / on completion positions only)")
+    p.add_argument("--remat", default="none", help="comma list of remat policies")
+    p.add_argument("--chunk_size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--json", default="", help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = _args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from mio_jax import metrics, train, train_step
+    from mio_jax.data import shared_prompt
+
+    print(f"machine: {_common.machine()}", flush=True)
+    peak0, peak_how = _common.peak_flops(a.dtype)
+    remats = a.remat.split(",")
+    graphdef0, params, other, mcfg = _common.build_model(
+        a.model, dtype=a.dtype, param_dtype=a.param_dtype, remat_policy=remats[0])
+    graphdefs = {r: graphdef0 if r == remats[0] else _common.graphdef_for(mcfg, remat_policy=r)
+                 for r in remats}
+    fm = train.flop_model(mcfg, params)
+    unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
+    shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
+    layouts = {"unshared": unshared, "shared": shared}
+    tokens = float(np.sum(unshared["attention_mask"] != 0))
+    completion = float(np.sum(unshared["loss_mask"] != 0))
+    frac = completion / unshared["loss_mask"].size
+    print(f"model {a.model}: N={fm.matmul_params / 1e6:.1f}M matmul params, {mcfg.num_hidden_layers} "
+          f"layers; batch {a.pairs} pairs x {a.seq_len} tokens, {tokens:.0f} real tokens "
+          f"({completion:.0f} completion); shared rows [{a.pairs}, {shared['input_ids'].shape[1]}]",
+          flush=True)
+
+    tx = optax.adamw(1e-6)
+    schedule = optax.constant_schedule(1e-6)
+    state = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))(params)
+    ref_params = jax.tree.map(jnp.copy, params)
+    base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size,
+                                     lengths=False)
+    ref_fn = jax.jit(functools.partial(train_step.reference_logps, graphdef0, cfg=base_cfg))
+    ref_logps = ref_fn(ref_params, other, unshared)
+
+    variants = []
+    for ref, lay, proj, rem in itertools.product(a.reference.split(","), a.layout.split(","),
+                                                 a.proj.split(","), remats):
+        cfg = train_step.StepConfig(
+            loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size, reference=ref, lengths=False,
+            max_tokens_fraction=None if proj == "full" else min(1.0, frac * 1.05 + 1e-3))
+        batch = dict(layouts[lay])
+        if ref == "precomputed":
+            batch["ref_logps"] = ref_logps
+        batch = jax.device_put(batch)
+        consts = {"other": other, "ref_params": ref_params if ref == "frozen" else None}
+        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem], tx=tx,
+                                       schedule=schedule, cfg=cfg), donate_argnums=0)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, batch, consts).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        name = f"ref={ref} layout={lay} proj={proj} remat={rem}"
+        flops = metrics.step_flops(fm, tokens=tokens, seq_len=a.seq_len,
+                                   reference_runs=ref == "frozen")
+        variants.append(dict(name=name, fn=compiled, batch=batch, consts=consts, times=[],
+                             compile_s=compile_s, flops=flops,
+                             temp_mb=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
+                             loss=[]))
+        print(f"compiled {name} in {compile_s:.1f} s", flush=True)
+
+    for r in range(a.warmup + a.steps):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            t0 = time.perf_counter()
+            state, m = v["fn"](state, v["batch"], v["consts"])
+            jax.block_until_ready((state, m))
+            dt = time.perf_counter() - t0
+            if r >= a.warmup:
+                v["times"].append(dt)
+            v["loss"].append(float(m["loss"]))
+    peak1, _ = _common.peak_flops(a.dtype)
+    peak = float(np.median([peak0, peak1]))
+
+    rows = []
+    base = _common.median(variants[0]["times"])
+    for v in variants:
+        t = _common.median(v["times"])
+        rows.append({
+            "variant": v["name"], "step_s (median)": t, "min_s": min(v["times"]),
+            "tokens/s": tokens / t, "pairs/s": a.pairs / t,
+            "GFLOP/s": v["flops"] / t / 1e9, "MFU": v["flops"] / t / peak,
+            "XLA temp MiB": v["temp_mb"], "compile_s": v["compile_s"],
+            "speed-up vs first": base / t,
+        })
+    print(f"\npeak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; median of before/after "
+          f"{peak0 / 1e9:.1f}, {peak1 / 1e9:.1f})")
+    print(f"FLOPs per step counted for the unshared layout: "
+          + ", ".join(f"{v['name'].split()[0]}: {v['flops'] / 1e9:.1f} GFLOP" for v in variants[:1]))
+    print(f"timed steps per variant: {a.steps} (after {a.warmup} warm-up), alternating\n")
+    _common.print_table(rows, ["variant", "step_s (median)", "min_s", "tokens/s", "pairs/s",
+                               "GFLOP/s", "MFU", "XLA temp MiB", "speed-up vs first"])
+    dev_peak = _common.device_peak_bytes()
+    print(f"\npeak host RSS of this process: {_common.host_peak_rss_bytes() / 2**30:.2f} GiB"
+          + (f"; device peak bytes in use: {dev_peak / 2**30:.2f} GiB" if dev_peak else ""))
+    _common.dump_json(a.json, {"args": vars(a), "machine": _common.machine(), "peak_flops": peak,
+                               "peak_how": peak_how, "rows": rows,
+                               "times": {v["name"]: v["times"] for v in variants}})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
