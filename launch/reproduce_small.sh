@@ -35,7 +35,7 @@ timed() {  # timed NAME CMD...: runs CMD, appends "NAME<TAB>seconds" to $OUT/wal
 
 evaluate() {  # evaluate NAME MODEL
   timed "eval_$1" $PY -m mio_jax.evaluate --model="$2" $TASKS --task_config="$TASK_CONFIG" \
-    --num_examples="$EVAL_N" --seed=0 --max_new_tokens=96 --batch_size=40 --out="$OUT/eval/$1.json"
+    --num_examples="$EVAL_N" --seed=0 --max_new_tokens=80 --batch_size=40 --out="$OUT/eval/$1.json"
 }
 
 for stage in $STAGES; do
@@ -49,7 +49,9 @@ for stage in $STAGES; do
       for m in $METHODS; do
         rm -rf "$OUT/runs/$m"
         timed "train_$m" $PY -m mio_jax.main --config="configs/reproduce_small.py:$m" \
-          --workdir="$OUT/runs/$m" --config.data.train_path="$GROUPS_FILE"
+          --workdir="$OUT/runs/$m" --config.data.train_path="$GROUPS_FILE" \
+          --config.data.eval_path="$GROUPS_FILE"
+        rm -rf "$OUT/runs/$m/checkpoints"   # 1.4 GB each; the exported model is kept for eval
       done ;;
     eval)
       for m in $METHODS; do evaluate "$m" "$OUT/runs/$m/hf_export"; done ;;

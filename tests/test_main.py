@@ -68,6 +68,23 @@ def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     ids = jnp.asarray([tok("q: 1+2= 3.")["input_ids"]])
     assert np.isfinite(np.asarray(model(ids))).all()
 
+    # `python -m mio_jax.convert` exports a checkpoint: the newest equals the final export
+    from safetensors.numpy import load_file
+
+    from mio_jax import convert
+
+    final = load_file(str(work / "hf_export" / "model.safetensors"))
+    assert convert.main([str(work), str(tmp_path / "from_ckpt")]) == 0
+    assert convert.main([str(work / "checkpoints" / "2"), str(tmp_path / "step2")]) == 0
+    newest = load_file(str(tmp_path / "from_ckpt" / "model.safetensors"))
+    step2 = load_file(str(tmp_path / "step2" / "model.safetensors"))
+    assert sorted(newest) == sorted(final) == sorted(step2)
+    for name in final:
+        np.testing.assert_array_equal(newest[name], final[name], err_msg=name)
+    assert any(not np.array_equal(step2[n], final[n]) for n in final)  # step 2 is another state
+    assert models.load_tokenizer(str(tmp_path / "from_ckpt"))("q: 1+2=")["input_ids"] == \
+        tok("q: 1+2=")["input_ids"]
+
 
 def test_unknown_config_key_fails_naming_it(tiny, tmp_path):
     r = _main(_args(tiny, tmp_path, "--config.loss.bta=0.1"))

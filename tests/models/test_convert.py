@@ -123,14 +123,21 @@ def test_errors(tmp_path, capsys):
         convert.main([str(bad), str(tmp_path / "o"), "--dtype=float8"])
 
 
-def test_cli_refuses_training_checkpoints(tmp_path):
+def test_cli_names_an_unrecognised_folder(tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "100").mkdir(parents=True)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "mio_jax.convert", str(ckpt), str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2
-    assert "not supported yet" in r.stderr and str(ckpt) in r.stderr
+    assert "not a GGUF file, an HF folder" in r.stderr and str(ckpt) in r.stderr
+
+
+def test_empty_checkpoints_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert convert.main([str(tmp_path / "run"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints: no checkpoint (steps found: [])" in err, err
 
 
 def test_qwen2_gguf_loads_and_exports(tmp_path):

@@ -1,0 +1,225 @@
+"""Per-device memory of the REAL train step at 7-8B scale, compiled ahead of time.
+
+The trainer's own step (``mio_jax.train_step.train_step``, jitted with the state and
+batch shardings ``mio_jax.train`` uses, state donated) is lowered with abstract,
+shape-only inputs (``jax.ShapeDtypeStruct`` carrying NamedShardings: nothing is
+allocated) and compiled for a simulated mesh of N CPU devices
+(``--xla_force_host_platform_device_count=N``; one subprocess per N since the device
+count is fixed when JAX starts). ``compiled.memory_analysis()`` gives the per-device
+argument, output, temporary and aliased bytes; the peak estimate is
+``arguments + outputs + temporaries - aliased`` (donated state aliases its output).
+
+Settings are those of ``configs/paper.py``: bfloat16 compute, float32 master weights
+and Adam state, remat ``dots_with_no_batch_dims_saveable``, scanned layers (compile
+time O(1) in depth), vocabulary chunk 8192, sequences of 2048 tokens, mesh
+``(data=1, fsdp=N, tensor=1)``, and the per-device micro-batch of the paper configs
+(h100x8: 128 pairs / 8 devices / 8 micro-batches = 2 pairs; v5p-64: 128 pairs / 32
+chips = 4 pairs). The frozen reference keeps a second copy of the float32 weights
+(sharded like the params); the precomputed reference keeps none.
+
+Caveat: this is XLA:CPU's buffer assignment for the SPMD-partitioned program. GPU and
+TPU compilers fuse and schedule differently, so treat the figures as estimates (they
+are usually pessimistic for TPU, whose compiler rematerialises under pressure).
+
+  python benchmarks/aot_memory.py --devices=8,64,256 --out=docs/benchmarks/aot_memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Hugging Face config.json fields of the paper-scale models (public configs).
+HF_CONFIGS = {
+    "llama3_8b": {  # meta-llama/Meta-Llama-3-8B-Instruct
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 128000, "eos_token_id": 128009},
+    "mistral_7b": {  # mistralai/Mistral-7B-Instruct-v0.2
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2},
+    "qwen2.5_7b": {  # Qwen/Qwen2.5-7B-Instruct
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "use_sliding_window": False, "sliding_window": 131072, "tie_word_embeddings": False,
+        "bos_token_id": 151643, "eos_token_id": 151645},
+}
+LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0}
+
+
+def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
+                 seq_len: int | None) -> dict:
+    """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware`` on N devices."""
+    import functools
+
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from configs import paper
+    from mio_jax import models, sharding as sharding_lib, train, train_step, optim
+
+    c = paper.get_config(f"{model},mio,{hardware}")
+    micro_pairs = c.train.batch_size // (c.mesh.shape[1] * c.train.grad_accum_steps)
+    L = seq_len or c.data.max_length
+    remat = remat or c.model.remat_policy
+    cfg = models.ModelConfig.from_hf(HF_CONFIGS[model], dtype=c.model.dtype,
+                                     param_dtype=c.model.param_dtype, remat_policy=remat,
+                                     scan_layers=c.model.scan_layers)
+    mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes)
+    rules = models.DEFAULT_RULES
+    abstract_model = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
+    graphdef, p_state, o_state = nnx.split(abstract_model, nnx.Param, ...)
+    p_specs = sharding_lib.state_partition_specs(p_state, rules, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=NamedSharding(mesh, s)),
+                          nnx.to_pure_dict(p_state), p_specs)
+    other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                        sharding=NamedSharding(mesh, P())),
+                         nnx.to_pure_dict(o_state))
+    tx, schedule = optim.from_config(c.optim, 1000)
+    init = functools.partial(train_step.init_state, tx=tx, seed=0)
+    abstract = jax.eval_shape(init, params)
+    state_specs = train_step.TrainState(
+        step=P(), params=p_specs,
+        opt_state=sharding_lib.optimizer_state_specs(tx, abstract.opt_state, p_specs), rng=P())
+    state_sh = sharding_lib.named(mesh, state_specs)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, state_sh)
+    B = micro_pairs * n * c.train.grad_accum_steps
+    data_sh = NamedSharding(mesh, P(("data", "fsdp")))
+    i32 = jax.numpy.int32
+    batch = {f: jax.ShapeDtypeStruct((B, 2, L), i32, sharding=data_sh)
+             for f in ("input_ids", "targets", "loss_mask", "positions", "attention_mask")}
+    batch["weights"] = jax.ShapeDtypeStruct((B,), jax.numpy.float32, sharding=data_sh)
+    batch["valid"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.bool_, sharding=data_sh)
+    if reference == "precomputed":
+        batch["ref_logps"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.float32, sharding=data_sh)
+    consts = {"other": other, "ref_params": params if reference == "frozen" else None}
+    step_cfg = train._step_config(c)
+    import dataclasses
+
+    step_cfg = dataclasses.replace(step_cfg, reference=reference)
+    fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
+                                   schedule=schedule, cfg=step_cfg),
+                 in_shardings=(state_sh, data_sh, jax.tree.map(lambda x: x.sharding, consts)),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(state, batch, consts).compile()
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    arg, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in
+                            ("argument", "output", "temp", "alias"))
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    return dict(model=model, hardware=hardware, devices=n, reference=reference, remat=remat,
+                seq_len=L, pairs_per_device_micro=micro_pairs,
+                grad_accum=c.train.grad_accum_steps, params_b=n_params / 1e9,
+                argument_gb=arg / 1e9, output_gb=out / 1e9, temp_gb=tmp / 1e9,
+                alias_gb=alias / 1e9, peak_gb=(arg + out + tmp - alias) / 1e9,
+                compile_s=compile_s)
+
+
+def _worker(a) -> None:
+    for model in a.models.split(","):
+        for reference in a.references.split(","):
+            try:
+                row = _compile_one(model, a.hardware, a.n, reference, a.remat or None,
+                                   a.seq_len or None)
+            except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
+                row = dict(model=model, hardware=a.hardware, devices=a.n, reference=reference,
+                           error=f"{type(e).__name__}: {str(e)[:300]}")
+            print("ROW " + json.dumps(row), flush=True)
+
+
+def _hardware_for(n: int) -> str:
+    # The paper configs' per-device micro-batch: the 8-GPU node below 32 devices, the
+    # TPU v5p pod layout from 32 devices on.
+    return "h100x8" if n < 32 else "v5p-64"
+
+
+def _table(rows) -> str:
+    cols = ["model", "devices", "config", "reference", "pairs/dev/micro", "args GB", "temp GB",
+            "peak GB/device", "fits H100 80GB", "fits v5p 95GB", "compile s"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {r['reference']} | "
+                       f"error: {r['error']} |")
+            continue
+        fits = ["yes" if r["peak_gb"] <= lim else "NO" for lim in LIMITS_GB.values()]
+        out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {r['reference']} | "
+                   f"{r['pairs_per_device_micro']} | {r['argument_gb']:.1f} | {r['temp_gb']:.1f} | "
+                   f"{r['peak_gb']:.1f} | {fits[0]} | {fits[1]} | {r['compile_s']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--devices", default="8,64,256")
+    p.add_argument("--models", default=",".join(HF_CONFIGS))
+    p.add_argument("--references", default="frozen,precomputed")
+    p.add_argument("--remat", default="", help="override the config's remat policy")
+    p.add_argument("--seq_len", type=int, default=0, help="override data.max_length")
+    p.add_argument("--out", default="", help="write the markdown table here")
+    p.add_argument("--json", default="")
+    p.add_argument("--timeout", type=int, default=3000, help="seconds per mesh size")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--hardware", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    if a.worker:
+        return _worker(a)
+    rows = []
+    for n in (int(x) for x in a.devices.split(",")):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--n={n}",
+               f"--hardware={_hardware_for(n)}", f"--models={a.models}",
+               f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}"]
+        t0 = time.perf_counter()
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+            lines = res.stdout.splitlines()
+            if res.returncode:
+                print(res.stderr[-3000:], file=sys.stderr)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            lines = out.splitlines()
+            print(f"mesh of {n} devices: timed out after {a.timeout} s", file=sys.stderr)
+        got = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
+        rows += got
+        print(f"mesh of {n} devices: {len(got)} rows in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        print(_table(got), flush=True)
+    table = _table(rows)
+    print("\n" + table)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write("# AOT per-device memory of the train step (generated)\n\n"
+                    f"Command: `python benchmarks/aot_memory.py --devices={a.devices}"
+                    f"{' --remat=' + a.remat if a.remat else ''}`\n\n" + table + "\n")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
