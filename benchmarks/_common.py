@@ -110,7 +110,8 @@ def peak_flops(dtype: str) -> tuple[float, str]:
         known = metrics.peak_flops_per_device(dev.device_kind)
         if known:
             return known, f"vendor dense bf16 peak of {dev.device_kind}"
-    return matmul_peak_flops(dtype=dtype), f"measured jax {dtype} 2048^3 matmul on {dev.device_kind}"
+    how = f"measured jax {dtype} 2048^3 matmul on {dev.device_kind}"
+    return matmul_peak_flops(dtype=dtype), how
 
 
 def host_peak_rss_bytes(children: bool = False) -> int:

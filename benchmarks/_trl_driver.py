@@ -48,6 +48,7 @@ def main():
     dummy = Dataset.from_list([{"prompt": "Hi", "chosen": " yes", "rejected": " no"}] * 2)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we bypass
     examples = [dict(p) for p in spec["pairs"]]
     batch = trainer.data_collator(examples)
     ref = None
@@ -58,8 +59,8 @@ def main():
             e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
         batch = trainer.data_collator(examples)
         ref = [rc.tolist(), rr.tolist()]
-    print(json.dumps({"ready": True, "ref_logps": ref, "batch_shape": list(batch["input_ids"].shape)}),
-          flush=True)
+    shape = list(batch["input_ids"].shape)
+    print(json.dumps({"ready": True, "ref_logps": ref, "batch_shape": shape}), flush=True)
     model = trainer.model
     opt = trainer.optimizer
     for line in sys.stdin:

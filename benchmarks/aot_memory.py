@@ -10,18 +10,20 @@ argument, output, temporary and aliased bytes; the peak estimate is
 ``arguments + outputs + temporaries - aliased`` (donated state aliases its output).
 
 Settings are those of ``configs/paper.py``: bfloat16 compute, float32 master weights
-and Adam state, remat ``dots_with_no_batch_dims_saveable``, scanned layers (compile
+and Adam state, the layout's remat policy, scanned layers (compile
 time O(1) in depth), vocabulary chunk 8192, sequences of 2048 tokens, mesh
 ``(data=1, fsdp=N, tensor=1)``, and the per-device micro-batch of the paper configs
-(h100x8: 128 pairs / 8 devices / 8 micro-batches = 2 pairs; v5p-64: 128 pairs / 32
-chips = 4 pairs). The frozen reference keeps a second copy of the float32 weights
+(``batch_size / (fsdp * grad_accum_steps)`` of the named hardware layout, e.g. h100x8:
+128 pairs / 8 GPUs / 16 micro-batches = 1 pair), whatever N the mesh is simulated at.
+The frozen reference keeps a second copy of the float32 weights
 (sharded like the params); the precomputed reference keeps none.
 
 Caveat: this is XLA:CPU's buffer assignment for the SPMD-partitioned program. GPU and
 TPU compilers fuse and schedule differently, so treat the figures as estimates (they
 are usually pessimistic for TPU, whose compiler rematerialises under pressure).
 
-  python benchmarks/aot_memory.py --devices=8,64,256 --out=docs/benchmarks/aot_memory.md
+  python benchmarks/aot_memory.py --runs=h100x8@8,v5p-64@64,v5p-64@256,v4-64@32 \\
+      --out=docs/benchmarks/aot_memory.md
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ HF_CONFIGS = {
         "use_sliding_window": False, "sliding_window": 131072, "tie_word_embeddings": False,
         "bos_token_id": 151643, "eos_token_id": 151645},
 }
-LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0}
+LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0, "TPU v4 32GB": 32.0}
 
 
 def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
@@ -148,15 +150,9 @@ def _worker(a) -> None:
             print("ROW " + json.dumps(row), flush=True)
 
 
-def _hardware_for(n: int) -> str:
-    # The paper configs' per-device micro-batch: the 8-GPU node below 32 devices, the
-    # TPU v5p pod layout from 32 devices on.
-    return "h100x8" if n < 32 else "v5p-64"
-
-
 def _table(rows) -> str:
     cols = ["model", "devices", "config", "reference", "pairs/dev/micro", "args GB", "temp GB",
-            "peak GB/device", "fits H100 80GB", "fits v5p 95GB", "compile s"]
+            "peak GB/device", "fits H100 80GB", "fits v5p 95GB", "fits v4 32GB", "compile s"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         if "error" in r:
@@ -166,13 +162,16 @@ def _table(rows) -> str:
         fits = ["yes" if r["peak_gb"] <= lim else "NO" for lim in LIMITS_GB.values()]
         out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {r['reference']} | "
                    f"{r['pairs_per_device_micro']} | {r['argument_gb']:.1f} | {r['temp_gb']:.1f} | "
-                   f"{r['peak_gb']:.1f} | {fits[0]} | {fits[1]} | {r['compile_s']:.0f} |")
+                   f"{r['peak_gb']:.1f} | {fits[0]} | {fits[1]} | {fits[2]} | "
+                   f"{r['compile_s']:.0f} |")
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--devices", default="8,64,256")
+    p.add_argument("--runs", default="h100x8@8,v5p-64@64,v5p-64@256,v4-64@32",
+                   help="HARDWARE@N list: the configs/paper.py hardware layout (per-device "
+                        "micro-batch, accumulation, remat) on a simulated fsdp mesh of N devices")
     p.add_argument("--models", default=",".join(HF_CONFIGS))
     p.add_argument("--references", default="frozen,precomputed")
     p.add_argument("--remat", default="", help="override the config's remat policy")
@@ -188,11 +187,13 @@ def main(argv=None):
     if a.worker:
         return _worker(a)
     rows = []
-    for n in (int(x) for x in a.devices.split(",")):
+    for run in a.runs.split(","):
+        hardware, n = run.split("@")
+        n = int(n)
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--n={n}",
-               f"--hardware={_hardware_for(n)}", f"--models={a.models}",
+               f"--hardware={hardware}", f"--models={a.models}",
                f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}"]
         t0 = time.perf_counter()
         try:
@@ -214,7 +215,7 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             f.write("# AOT per-device memory of the train step (generated)\n\n"
-                    f"Command: `python benchmarks/aot_memory.py --devices={a.devices}"
+                    f"Command: `python benchmarks/aot_memory.py --runs={a.runs}"
                     f"{' --remat=' + a.remat if a.remat else ''}`\n\n" + table + "\n")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

@@ -81,8 +81,8 @@ def main(argv=None):
     tokens = float(np.sum(unshared["attention_mask"] != 0))
     completion = float(np.sum(unshared["loss_mask"] != 0))
     frac = completion / unshared["loss_mask"].size
-    print(f"model {a.model}: N={fm.matmul_params / 1e6:.1f}M matmul params, {mcfg.num_hidden_layers} "
-          f"layers; batch {a.pairs} pairs x {a.seq_len} tokens, {tokens:.0f} real tokens "
+    print(f"model {a.model}: N={fm.matmul_params / 1e6:.1f}M matmul params, "
+          f"{mcfg.num_hidden_layers} layers; batch {a.pairs} pairs x {a.seq_len} tokens, {tokens:.0f} real tokens "
           f"({completion:.0f} completion); shared rows [{a.pairs}, {shared['input_ids'].shape[1]}]",
           flush=True)
 
@@ -147,8 +147,9 @@ def main(argv=None):
         })
     print(f"\npeak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; median of before/after "
           f"{peak0 / 1e9:.1f}, {peak1 / 1e9:.1f})")
-    print(f"FLOPs per step counted for the unshared layout: "
-          + ", ".join(f"{v['name'].split()[0]}: {v['flops'] / 1e9:.1f} GFLOP" for v in variants[:1]))
+    per_ref = {v["name"].split()[0]: v["flops"] / 1e9 for v in variants}
+    print("FLOPs per step counted for the unshared layout: "
+          + ", ".join(f"{k}: {f:.1f} GFLOP" for k, f in per_ref.items()))
     print(f"timed steps per variant: {a.steps} (after {a.warmup} warm-up), alternating\n")
     _common.print_table(rows, ["variant", "step_s (median)", "min_s", "tokens/s", "pairs/s",
                                "GFLOP/s", "MFU", "XLA temp MiB", "speed-up vs first"])

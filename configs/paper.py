@@ -31,11 +31,16 @@ MODELS = {
     "mistral_7b": "/data/models/Mistral-7B-Instruct-v0.2",
     "qwen2.5_7b": "/data/models/Qwen2.5-7B-Instruct",
 }
-# mesh (data, fsdp, tensor), global pairs per step, micro-batches per step
+# mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy.
+# Sized with benchmarks/aot_memory.py (docs/benchmarks/aot_memory.md) for 2048-token pairs
+# of 7-8B models: v5p (95 GB) and H100 (80 GB) fit 2 and 1 pairs per device per
+# micro-batch with dots_with_no_batch_dims_saveable; v4 (32 GB) needs full remat at 1.
 HARDWARE = {
-    "v5p-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=1),
-    "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=2),
-    "h100x8": dict(mesh=(1, 8, 1), batch_size=128, grad_accum_steps=8),
+    "v5p-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=2,
+                   remat="dots_with_no_batch_dims_saveable"),
+    "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full"),
+    "h100x8": dict(mesh=(1, 8, 1), batch_size=128, grad_accum_steps=16,
+                   remat="dots_with_no_batch_dims_saveable"),
 }
 BETA_MIO = 0.1
 
@@ -55,7 +60,7 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
     c.model.path = MODELS[model]
     c.model.dtype = "bfloat16"           # compute
     c.model.param_dtype = "float32"      # master weights and Adam state
-    c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    c.model.remat_policy = h["remat"]
     c.model.scan_layers = True
     c.model.logps_chunk_size = 8192
 

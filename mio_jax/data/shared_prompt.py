@@ -121,7 +121,8 @@ def to_shared_prompt(batch: dict, *, length: int | None = None, multiple: int = 
             n = hi - lo
             for f in ("input_ids", "targets", "loss_mask", "positions", "attention_mask"):
                 out[f][b, t:t + n] = src[f][b, slot, lo:hi]
-            out["slot_index"][b, t:t + n] = np.where(src["loss_mask"][b, slot, lo:hi] != 0, slot, -1)
+            counts = src["loss_mask"][b, slot, lo:hi] != 0
+            out["slot_index"][b, t:t + n] = np.where(counts, slot, -1)
             if slot == 0:
                 out["shared_code"][b, t:t + p0 - 1] = PROMPT
                 out["shared_code"][b, t + p0 - 1] = LAST_PROMPT

@@ -1,0 +1,130 @@
+"""Where the time of one SmolLM2 MIO step goes: a timer breakdown plus a jax.profiler trace.
+
+Breakdown (each piece jitted on its own, all run alternating in one process, medians):
+  trunk_fwd     decoder forward to the final hidden states  ``[B*2, L, D]``
+  policy_fwd    trunk + chunked output projection + log-softmax -> ``[B, 2]`` log-probs
+  loss_fwd_bwd  ``value_and_grad`` of the step's loss (precomputed reference)
+  adamw         the optimizer update alone (on gradient-shaped arrays)
+  step_precomp  the trainer's whole step, precomputed reference
+  step_frozen   the trainer's whole step, frozen reference (one more forward)
+Then one whole step (frozen) is traced with ``jax.profiler.trace`` into a temp dir and the
+events of the XLA CPU client threads are summed by name (the top ones printed).
+
+  python benchmarks/profile_step.py --pairs=2 --seq_len=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def trace_summary(trace_dir: str, top: int = 15) -> list[tuple[str, float, int]]:
+    """``(event name, total ms, count)`` of XLA client-thread events in a trace, by total."""
+    import jax
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    totals, counts = collections.Counter(), collections.Counter()
+    for path in paths:
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            for line in plane.lines:
+                if line.name == "python":
+                    continue
+                for ev in line.events:
+                    if ev.duration_ns > 0 and not ev.name.startswith(("end: ", "ThunkExecutor")):
+                        totals[ev.name] += ev.duration_ns / 1e6
+                        counts[ev.name] += 1
+    return [(n, t, counts[n]) for n, t in totals.most_common(top)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--json", default="")
+    a = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mio_jax import train_step as ts
+
+    print(f"machine: {_common.machine()}", flush=True)
+    graphdef, params, other, mcfg = _common.build_model(a.model)
+    batch = jax.device_put(_common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size))
+    cfg_f = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False)
+    cfg_p = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False,
+                          reference="precomputed")
+    tx = optax.adamw(1e-6)
+    ref = jax.tree.map(jnp.copy, params)
+
+    def trunk(params):
+        m = nnx.merge(graphdef, params, other)
+        b, k, l = batch["input_ids"].shape
+        return m.hidden_states(batch["input_ids"].reshape(b * k, l),
+                               attention_mask=batch["attention_mask"].reshape(b * k, l),
+                               positions=batch["positions"].reshape(b * k, l))
+
+    pol = jax.jit(lambda prm: ts._forward_logps(graphdef, prm, other, batch, cfg_f)[0])
+    bp = dict(batch, ref_logps=pol(ref))
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda prm: ts._weighted_sums(prm, graphdef, other, bp, None, cfg_p)[0]))
+    grads = grad_fn(params)[1]
+    opt_state = tx.init(params)
+    upd = jax.jit(lambda g, s, prm: optax.apply_updates(prm, tx.update(g, s, prm)[0]))
+    state = ts.init_state(params, tx, 0)
+    step_p = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
+                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_p))
+    step_f = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
+                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_f))
+    consts_p, consts_f = {"other": other, "ref_params": None}, {"other": other, "ref_params": ref}
+    pieces = {
+        "trunk_fwd": lambda: jax.jit(trunk)(params),
+        "policy_fwd": lambda: pol(params),
+        "loss_fwd_bwd": lambda: grad_fn(params),
+        "adamw": lambda: upd(grads, opt_state, params),
+        "step_precomp": lambda: step_p(state, bp, consts_p),
+        "step_frozen": lambda: step_f(state, batch, consts_f),
+    }
+    trunk_jit = jax.jit(trunk)
+    pieces["trunk_fwd"] = lambda: trunk_jit(params)
+    times = {k: [] for k in pieces}
+    for r in range(a.rounds + 1):
+        names = list(pieces)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for k in names:
+            t0 = time.perf_counter()
+            jax.block_until_ready(pieces[k]())
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: _common.median(v) for k, v in times.items()}
+    rows = [{"piece": k, "median ms": 1e3 * v, "share of step_frozen": v / med["step_frozen"]}
+            for k, v in med.items()]
+    print(f"\n{a.model}, {a.pairs} pairs x {a.seq_len} tokens, float32, {a.rounds} rounds\n")
+    _common.print_table(rows, ["piece", "median ms", "share of step_frozen"])
+
+    tdir = tempfile.mkdtemp(prefix="mio_jax_trace_")
+    with jax.profiler.trace(tdir):
+        jax.block_until_ready(step_f(state, batch, consts_f))
+    top = trace_summary(tdir)
+    print(f"\ntrace of one frozen-reference step ({tdir}); top events of the XLA CPU threads:\n")
+    _common.print_table([{"event": n, "total ms": t, "count": c} for n, t, c in top],
+                        ["event", "total ms", "count"])
+    _common.dump_json(a.json, {"machine": _common.machine(), "rows": rows, "trace_top": top,
+                               "times": times})
+
+
+if __name__ == "__main__":
+    main()
