@@ -258,8 +258,14 @@ def _device_batch(run: _Run, host, table) -> tuple[dict, dict]:
     if table is not None:
         batch["ref_logps"] = table.lookup(batch["example_id"], batch["weights"])
     extra = {k: batch.pop(k) for k in _HOST_ONLY if k in batch}
+    # FLOPs are counted on the unshared layout, whatever layout the step runs
     extra["tokens"] = float(np.sum(np.asarray(batch["attention_mask"]) != 0)) * jax.process_count()
     extra["seq_len"] = int(np.shape(batch["input_ids"])[-1])
+    if run.config.data.shared_prompt:
+        from mio_jax.data.shared_prompt import to_shared_prompt
+
+        batch = to_shared_prompt(batch, multiple=max(run.config.data.pad_to_multiple_of, 1),
+                                 pad_id=run.config.data.pad_id)
     return _to_global(batch, run.data_sh), extra
 
 

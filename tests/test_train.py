@@ -43,6 +43,8 @@ def tiny(tmp_path_factory):
     ({"mesh.shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) does not fit 8 devices"),
     ({"model.dtype": "float8"}, "model.dtype='float8'"),
     ({"data.on_bad_row": "ignore"}, "on_bad_row"),
+    ({"data.shared_prompt": True, "data.packing": True}, "cannot be combined with data.packing"),
+    ({"data.shared_prompt": True, "loss.ld_alpha": 0.5}, "shared_prompt=True cannot be combined"),
     ({"loss.weights": (1.0, 0.5)}, r"loss.weights=\(1.0, 0.5\) needs one weight per loss"),
     ({"loss.name": "dpo+sft", "loss.weights": (1.0, -1.0)}, "must be non-negative"),
 ])
@@ -199,3 +201,23 @@ def test_whole_run_on_mesh_2x2x2_equals_one_device(tiny, tmp_path):
         assert a["train"][k] == pytest.approx(b["train"][k], rel=2e-5, abs=2e-5), k
         if k in a["eval"]:
             assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k
+
+
+def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path):
+    """data.shared_prompt computes each prompt once; the run's results stay the same."""
+    runs = {}
+    for shared in (False, True):
+        cfg = trainer_fixtures.tiny_config(*tiny, **{"data.shared_prompt": shared,
+                                                     "train.steps": 3, "eval.every_steps": 0,
+                                                     "checkpoint.export_hf": False})
+        config_validation.validate(cfg, num_devices=8)
+        runs[shared] = train.train_and_evaluate(cfg, str(tmp_path / str(shared)))
+    a, b = runs[True], runs[False]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
+                 jax.device_get(a["state"].params), jax.device_get(b["state"].params))
+    for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm",
+              "completion_tokens"):
+        assert a["train"][k] == pytest.approx(b["train"][k], rel=2e-5, abs=2e-5), k
+    assert a["train"]["num_tokens"] < b["train"]["num_tokens"]  # each prompt ran once, not twice
+    for k in ("loss", "rewards/accuracies", "logps/chosen"):
+        assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k

@@ -44,6 +44,11 @@ def default_data_config() -> ml_collections.ConfigDict:
           batch (0 = the smallest count that fits every batch of the planned
           epochs: all of them, or the first 10 of an endless run plus 5%; the
           groups of each batch are balanced by length so one count fits well).
+        shared_prompt: lay each pair out as one row [prompt | chosen | rejected]
+          with an attention mask in which the rejected tokens see the prompt but
+          not the chosen ones (mio_jax.data.shared_prompt), so the prompt is
+          computed once per pair; same log-probs as the [B, 2, L] layout.
+          Pairs only (not K-way groups), not with packing.
         shuffle: seeded shuffle of the rows each epoch.
         num_epochs: epochs to iterate (0 = repeat forever).
         num_workers: grain worker processes for batch assembly (0 = in-process).
@@ -67,6 +72,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.pad_to_multiple_of = 32
     c.packing = False
     c.pack_rows = 0
+    c.shared_prompt = False
     c.shuffle = True
     c.num_epochs = 0
     c.num_workers = 0
