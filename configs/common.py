@@ -100,4 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8
     c.eval.max_batches = 0               # 0 = the whole eval split; < 0 = no eval
     c.eval.at_start = False              # also evaluate the initial model (step 0)
+    # Held-out reasoning accuracy by greedy generation at each eval (mio_jax.evaluate):
+    # comma-separated reasoning-gym tasks ("" = off), problems per task (item seeds
+    # from 1e9 on, disjoint from training data), new tokens per answer.
+    c.eval.reasoning_tasks = ""
+    c.eval.reasoning_examples = 16
+    c.eval.reasoning_max_new_tokens = 96
     return c

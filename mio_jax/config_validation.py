@@ -72,6 +72,11 @@ def check_keys_and_types(cfg: ml_collections.ConfigDict,
                               f"expected {type(ref_keys[path]).__name__}")
 
 
+def reasoning_tasks(cfg) -> list[str]:
+    """``eval.reasoning_tasks`` as a list of reasoning-gym task names."""
+    return [t.strip() for t in cfg.eval.get("reasoning_tasks", "").split(",") if t.strip()]
+
+
 def loss_names(name) -> list[str]:
     """``loss.name`` as a list: one name, or a "+"-joined mix such as "dpo+sft"."""
     if isinstance(name, str):
@@ -169,6 +174,18 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         if cfg.loss.ld_alpha is not None or cfg.loss.use_weighting:
             raise ConfigError("data.shared_prompt=True cannot be combined with loss.ld_alpha or "
                               "loss.use_weighting (they need the [B, K, L] token layout)")
+    tasks = reasoning_tasks(cfg)
+    if tasks:
+        from mio_jax import evaluate as evaluate_lib
+
+        if cfg.eval.reasoning_examples < 1 or cfg.eval.reasoning_max_new_tokens < 1:
+            raise ConfigError("eval.reasoning_examples and eval.reasoning_max_new_tokens "
+                              "must be >= 1")
+        for task in tasks:
+            try:
+                evaluate_lib.heldout_examples(task, 1, seed=0)
+            except (ValueError, ImportError) as e:
+                raise ConfigError(f"eval.reasoning_tasks: {task!r}: {e}") from e
     if coupled and t.grad_accum_steps > 1:
         raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} changes the result of "
                           f"batch-coupled loss(es) {coupled}; use 1")

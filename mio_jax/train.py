@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -269,8 +270,49 @@ def _device_batch(run: _Run, host, table) -> tuple[dict, dict]:
     return _to_global(batch, run.data_sh), extra
 
 
-def evaluate(run: _Run, params, eval_fn) -> dict[str, float]:
-    """Weighted means of the eval metrics over the eval split (no updates)."""
+def evaluate(run: _Run, params, eval_fn, step: int) -> dict[str, float]:
+    """Eval metrics at ``step``: preference metrics and, if configured, reasoning accuracy."""
+    out = _preference_eval(run, params, eval_fn)
+    out.update(_reasoning_eval(run, params, step))
+    return out
+
+
+def _reasoning_eval(run: _Run, params, step: int) -> dict[str, float]:
+    """Greedy accuracy on held-out reasoning-gym problems (``eval.reasoning_tasks``).
+
+    The completions and per-task results go to ``<workdir>/reasoning_eval/step_<N>.json``.
+    """
+    from mio_jax import evaluate as evaluate_lib
+    from mio_jax import models
+
+    tasks = config_validation.reasoning_tasks(run.config)
+    if not tasks:
+        return {}
+    ecfg = run.config.eval
+    examples = [ex for t in tasks for ex in
+                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, seed=0)]
+    model = nnx.merge(run.graphdef, params, run.other)
+
+    def sampler(prompts):
+        return list(models.generate(model, run.tokenizer, list(prompts), temperature=0.0,
+                                    max_new_tokens=ecfg.reasoning_max_new_tokens,
+                                    batch_size=min(len(prompts), 16)).texts)
+
+    result = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
+    if jax.process_index() == 0:
+        folder = os.path.join(run.workdir, "reasoning_eval")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step_{step}.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    out = {"reasoning/accuracy": result["overall"]["accuracy"],
+           "reasoning/ci95_low": result["overall"]["ci95"][0],
+           "reasoning/ci95_high": result["overall"]["ci95"][1]}
+    out.update({f"reasoning/{t}/accuracy": r["accuracy"] for t, r in result["tasks"].items()})
+    return out
+
+
+def _preference_eval(run: _Run, params, eval_fn) -> dict[str, float]:
+    """Weighted means of the preference metrics over the eval split (no updates)."""
     from mio_jax.data.pipeline import make_pipeline
 
     if run.eval_prepared is None:
@@ -390,7 +432,7 @@ def _loop(run: _Run) -> dict[str, Any]:
 
     try:
         if config.eval.at_start and step == 0:
-            ev = evaluate(run, state.params, eval_fn)
+            ev = evaluate(run, state.params, eval_fn, 0)
             if ev:
                 writer.write(0, ev, "eval")
                 logging.info("eval at step 0: %s", _fmt(ev))
@@ -412,7 +454,7 @@ def _loop(run: _Run) -> dict[str, Any]:
             if config.eval.every_steps and step % config.eval.every_steps == 0 \
                     and step < run.total_steps:
                 flush()
-                ev = evaluate(run, state.params, eval_fn)
+                ev = evaluate(run, state.params, eval_fn, step)
                 if ev:
                     writer.write(step, ev, "eval")
                     logging.info("eval at step %d: %s", step, _fmt(ev))
@@ -420,7 +462,7 @@ def _loop(run: _Run) -> dict[str, Any]:
         if step not in run.ckpt.steps():
             save(step)
         run.ckpt.wait()
-        final_eval = evaluate(run, state.params, eval_fn)
+        final_eval = evaluate(run, state.params, eval_fn, step)
         if final_eval:
             writer.write(step, final_eval, "eval")
             logging.info("final eval at step %d: %s", step, _fmt(final_eval))

@@ -221,3 +221,33 @@ def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path):
     assert a["train"]["num_tokens"] < b["train"]["num_tokens"]  # each prompt ran once, not twice
     for k in ("loss", "rewards/accuracies", "logps/chosen"):
         assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k
+
+
+def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_path):
+    """eval.reasoning_tasks: greedy held-out accuracy at each eval, same as mio_jax.evaluate
+    on the exported model."""
+    from mio_jax import evaluate as evaluate_lib
+
+    cfg = trainer_fixtures.tiny_config(*tiny, **{
+        "train.steps": 2, "eval.every_steps": 0, "eval.reasoning_tasks": "basic_arithmetic",
+        "eval.reasoning_examples": 3, "eval.reasoning_max_new_tokens": 6})
+    config_validation.validate(cfg, num_devices=8)
+    work = tmp_path / "run"
+    out = train.train_and_evaluate(cfg, str(work))
+    saved = json.load(open(work / "reasoning_eval" / "step_2.json"))
+    assert out["eval"]["reasoning/accuracy"] == saved["overall"]["accuracy"]
+    assert out["eval"]["reasoning/basic_arithmetic/accuracy"] == \
+        saved["tasks"]["basic_arithmetic"]["accuracy"]
+    examples = evaluate_lib.heldout_examples("basic_arithmetic", 3, seed=0)
+    assert [c["question"] for c in saved["completions"]] == [e["question"] for e in examples]
+    sampler = evaluate_lib.make_sampler(out["export"], max_new_tokens=6)
+    again = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
+    assert [c["completions"] for c in saved["completions"]] == \
+        [c["completions"] for c in again["completions"]]
+    assert again["overall"]["accuracy"] == saved["overall"]["accuracy"]
+
+
+def test_unknown_reasoning_task_is_rejected(tiny):
+    cfg = trainer_fixtures.tiny_config(*tiny, **{"eval.reasoning_tasks": "basic_arithmetic,nope"})
+    with pytest.raises(config_validation.ConfigError, match="eval.reasoning_tasks: 'nope'"):
+        config_validation.validate(cfg, num_devices=8)
