@@ -357,7 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Args:
       config: a resolved experiment config (see ``configs/common.py``).
-      workdir: output folder: checkpoints, metrics.jsonl, tb/, hf_export/.
+      workdir: output folder: config.json, checkpoints/, metrics.jsonl, tb/, hf_export/
+        (and reasoning_eval/ when eval.reasoning_tasks is set).
 
     Returns:
       ``{"step": final step, "train": last logged train metrics,
@@ -373,6 +374,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_validation.validate(config, num_devices=jax.device_count())
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # the run's resolved config, for readers of the workdir
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_validation.as_dict(config), f, indent=1, sort_keys=True)
     tokenizer, model = load_model(config, mesh)
     with jax.set_mesh(mesh):
         return _loop(_setup(config, workdir, mesh, tokenizer, model))

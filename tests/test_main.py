@@ -56,6 +56,7 @@ def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(work / "tb"))
     saved = json.load(open(work / "checkpoints" / "4" / "config" / "metadata"))
     assert saved["loss"]["name"] == "dpo" and saved["train"]["steps"] == 4
+    assert json.load(open(work / "config.json")) == saved  # the run's config, beside its outputs
 
     # the exported folder loads with the models API and gives finite logits
     import jax.numpy as jnp
