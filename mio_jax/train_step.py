@@ -196,12 +196,15 @@ def _weighted_sums(params, graphdef, other, batch, ref_params, cfg: StepConfig):
         lengths_bk = counts[: b * k].reshape(b, k) if cfg.lengths else None
     else:
         lengths_bk = (mask != 0).sum(axis=-1).astype(jnp.float32) if cfg.lengths else None
-    valid = batch["valid"].astype(bool)
+    w_b = batch["weights"].astype(jnp.float32)
+    # A padding group (weight 0) has no valid completion; a multi-negative loss over
+    # zero negatives is 0/0. Mark its (finite, empty) slots valid so its loss stays
+    # finite; its zero weight then removes it from sums and gradients alike.
+    valid = batch["valid"].astype(bool) | (w_b <= 0)[:, None]
     losses_b, metrics = losses_lib.compute_group(
         cfg.loss_name, policy_logps=policy_bk, ref_logps=ref_bk, beta=cfg.beta,
         lengths=lengths_bk, valid=valid, loss_weights=cfg.loss_weights,
         **dict(cfg.loss_hparams))
-    w_b = batch["weights"].astype(jnp.float32)
     if wpo_b is not None:
         losses_b = losses_b * jax.lax.stop_gradient(wpo_b)
         metrics = dict(metrics, **{"wpo/weights": wpo_b})

@@ -112,6 +112,23 @@ def test_heldout_seeds_are_disjoint_from_training():
         evaluate.check_training_seeds(10**9 - 5, 10)
 
 
+def test_task_config_sets_the_difficulty():
+    cfg = evaluate.parse_task_config('{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, '
+                                     '"operators": ["+"], "allow_negation": false}')
+    assert cfg["operators"] == ("+",) and evaluate.parse_task_config("") == {}
+    easy = evaluate.heldout_examples("basic_arithmetic", 6, seed=3, task_config=cfg)
+    direct = reasoning_gym.create_dataset("basic_arithmetic", size=6, seed=10**9 + 3, **cfg)
+    assert [e["question"] for e in easy] == [e["question"] for e in direct]
+    for e in easy:  # two single-digit terms added: |answer| is at most 18
+        assert abs(int(e["answer"])) <= 18 and e["question"].count("+") == 1
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        evaluate.parse_task_config("[1, 2]")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        evaluate.parse_task_config("{max_digits: 1}")
+    with pytest.raises(ValueError, match="'basic_arithmetic' with config"):
+        evaluate.reasoning_gym_examples("basic_arithmetic", 2, 0, {"max_digitz": 1})
+
+
 def test_evaluate_with_a_sampler_and_jsonl(tmp_path):
     path = tmp_path / "q.jsonl"
     rows = [{"question": "2+2?", "answer": "4"}, {"question": "3*3?", "answer": "9"},

@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+import reasoning_gym
 
 from mio_jax import evaluate, pairs
 from mio_jax.data import formats, report
@@ -110,6 +111,17 @@ def test_run_writes_rows_and_stats(tmp_path, examples):
     assert len(written) == result["stats"]["rows"] == 3
     with open(cfg.out + ".stats.json") as f:
         assert json.load(f)["stats"]["none_correct"] == 1
+
+
+def test_task_config_reaches_the_prompts():
+    cfg = pairs.default_config()
+    cfg.tasks, cfg.num_prompts, cfg.seed = "basic_arithmetic", 4, 5
+    cfg.task_config = '{"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+"]}'
+    ((examples, verifier),) = pairs.load_examples(cfg)
+    direct = reasoning_gym.create_dataset("basic_arithmetic", size=4, seed=5, min_terms=2, max_terms=2,
+                                          max_digits=1, operators=("+",))
+    assert verifier == "reasoning_gym"
+    assert [e["question"] for e in examples] == [e["question"] for e in direct]
 
 
 def test_bad_settings(tmp_path, examples):

@@ -251,6 +251,20 @@ def test_k_way_groups_with_a_multi_negative_loss():
     assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_name", ["js_multi", "infonce"])
+def test_padding_groups_change_nothing_for_multi_negative_losses(loss_name):
+    """A padding group (weight 0, no valid completion) must not turn the batch loss NaN."""
+    real = _groups(6, seed=22, k=3)
+    got8, _ = _eval(_cfg(loss_name=loss_name), _batch(real + [None, None], K=3))
+    got6, _ = _eval(_cfg(loss_name=loss_name), _batch(real, K=3))
+    for k in ("loss", "mi/js", "rewards/margins", "logps/chosen", "num_groups"):
+        assert np.isfinite(got8[k]), k
+        assert got8[k] == pytest.approx(got6[k], rel=1e-5), k
+    params, history = _run(_cfg(loss_name=loss_name), [_batch(real + [None, None], K=3)])
+    assert np.isfinite(history[0]["loss"]) and np.isfinite(history[0]["grad_norm"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
 def test_ld_dpo_and_wpo_weighting_follow_the_logps_library():
     batch = BATCHES[2]
     cfg = _cfg(loss_name="dpo", ld_alpha=0.5, use_weighting=True)
