@@ -42,7 +42,9 @@ def main():
         adam_epsilon=1e-8, max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0,
         per_device_train_batch_size=len(spec["pairs"]), precompute_ref_log_probs=spec["precompute"],
         max_length=None, report_to=[], logging_steps=1000, save_strategy="no",
-        use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0)
+        use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+        # DPOConfig defaults to True; the caller matches mio_jax's remat setting
+        gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)))
     # A tiny text data set only satisfies the constructor (and the precompute pass);
     # the timed batch is built from the given token ids with TRL's own collator.
     dummy = Dataset.from_list([{"prompt": "Hi", "chosen": " yes", "rejected": " no"}] * 2)

@@ -101,7 +101,9 @@ def run_case(a) -> dict:
     del model, p
     pairs = _pairs(b, L, a.prompt_frac, vocab)
     spec = dict(model_dir=a.model_dir, pairs=pairs, loss_type=TRL_LOSS[a.loss], beta=BETA, lr=LR,
-                precompute=a.reference == "precomputed", threads=a.threads)
+                precompute=a.reference == "precomputed", threads=a.threads,
+                # like for like: TRL recomputes activations exactly when mio_jax does
+                gradient_checkpointing=a.remat != "none")
     spec_path = os.path.join(tempfile.mkdtemp(prefix="vs_trl_"), "spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(spec, f)
@@ -137,6 +139,10 @@ def run_case(a) -> dict:
     if a.reference == "precomputed":
         batch["ref_logps"] = mio_ref
         del params
+    if a.layout == "shared":  # the trainer's data.shared_prompt: each prompt runs once
+        from mio_jax.data.shared_prompt import to_shared_prompt
+
+        batch = to_shared_prompt(batch)
     consts = {"other": other, "ref_params": ref_params}
     step = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
                                      schedule=optax.constant_schedule(LR), cfg=cfg),
@@ -170,7 +176,7 @@ def run_case(a) -> dict:
                   file=sys.stderr, flush=True)
     trl_rss = trl_call("quit")["peak_rss_bytes"]
     trl.wait(timeout=60)
-    out = dict(shape=a.shape, reference=a.reference, loss=a.loss, remat=a.remat,
+    out = dict(shape=a.shape, reference=a.reference, loss=a.loss, remat=a.remat, layout=a.layout,
                trl_batch_shape=ready["batch_shape"], compile_s=compile_s,
                times=times, losses=losses, margins=margins,
                mio_rss_gb=_common.host_peak_rss_bytes() / 2**30, trl_rss_gb=trl_rss / 2**30)
@@ -187,6 +193,7 @@ def _row(res: dict, b: int) -> dict:
     loss_diff = max(abs(res["losses"]["mio_jax"][i] - res["losses"]["trl"][i]) for i in range(n))
     return {"shape": res["shape"], "reference": res["reference"], "loss": res["loss"],
             "mio_jax remat": res.get("remat", "none"),
+            "mio_jax layout": res.get("layout", "unshared"),
             "mio_jax s/step": tm, "TRL s/step": tt, "mio_jax pairs/s": b / tm,
             "TRL pairs/s": b / tt, "speed-up": tt / tm, "mio_jax peak RSS GiB": res["mio_rss_gb"],
             "TRL peak RSS GiB": res["trl_rss_gb"],
@@ -196,7 +203,7 @@ def _row(res: dict, b: int) -> dict:
             "ref logps max diff": res.get("ref_logps_max_abs_diff", "")}
 
 
-COLS = ["shape", "reference", "loss", "mio_jax remat", "mio_jax s/step", "TRL s/step",
+COLS = ["shape", "reference", "loss", "mio_jax remat", "mio_jax layout", "mio_jax s/step", "TRL s/step",
         "mio_jax pairs/s", "TRL pairs/s", "speed-up", "mio_jax peak RSS GiB", "TRL peak RSS GiB",
         "loss steps 1-2 (mio_jax / TRL)", "max loss diff", "ref logps max diff"]
 
@@ -210,7 +217,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--remat", default="none", help="mio_jax remat policy (TRL: no checkpointing)")
+    p.add_argument("--remat", default="none", help="mio_jax remat policy; TRL runs with gradient checkpointing "
+                   "exactly when this is not 'none'")
+    p.add_argument("--layout", default="unshared", choices=("unshared", "shared"),
+                   help="mio_jax batch layout (shared = data.shared_prompt); TRL is unshared")
     p.add_argument("--model_dir", default="/tmp/mio_jax_smollm2_hf")
     p.add_argument("--trl_env", default="/work/trl_env")
     p.add_argument("--json", default="")
@@ -234,7 +244,7 @@ def main(argv=None):
                        f"--reference={ref}", f"--loss={loss}", f"--prompt_frac={a.prompt_frac}",
                        f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}",
                        f"--model_dir={a.model_dir}", f"--trl_python={trl_python}",
-                       f"--remat={a.remat}"]
+                       f"--remat={a.remat}", f"--layout={a.layout}"]
                 print(f"case {shape} reference={ref} loss={loss}", flush=True)
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
                                       env=dict(os.environ, PYTHONPATH=ROOT))

@@ -25,6 +25,7 @@ def get_config(arg=None):
     c.data.on_bad_row = "error"
     c.data.bucketing = True
     c.data.pad_to_multiple_of = 64       # few distinct lengths = few compiles
+    c.data.shared_prompt = True          # [prompt | chosen | rejected] rows: prompt computed once
 
     c.loss.name = "mio"
     c.loss.beta = 0.1

@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.data.eval_path = ""
     c.data.format = "kway"
     c.data.kway_mode = kway_mode
+    c.data.shared_prompt = False        # K-way groups; and the committed results ran unshared
     c.data.num_negatives = 3
     c.data.max_length = 192             # prompt ~70 + completion <= 96 tokens: nothing is cut
     c.data.bucketing = False            # one static shape = one compile per run

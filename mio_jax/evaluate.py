@@ -196,21 +196,16 @@ def check_training_seeds(seed: int, num_examples: int) -> None:
 
 def jsonl_examples(path: str, num_examples: int = 0) -> list[dict[str, Any]]:
     """Rows of a JSONL file with `question` and `answer` (first `num_examples` if > 0)."""
+    from mio_jax.data.sources import iter_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
-            for key in ("question", "answer"):
-                if key not in row:
-                    raise ValueError(f"{path}:{line_no}: missing key {key!r}")
-            rows.append(row)
-            if num_examples and len(rows) >= num_examples:
-                break
+    for line_no, row in iter_jsonl(path):
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or key not in row:
+                raise ValueError(f"{path}:{line_no}: missing key {key!r}")
+        rows.append(row)
+        if num_examples and len(rows) >= num_examples:
+            break
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -34,26 +34,21 @@ def read_metrics(workdir: str) -> Series:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl (is this a mio_jax training workdir?)")
+    from mio_jax.data.sources import iter_jsonl
+
     series: Series = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    for line_no, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{line_no}: expected an object with an integer 'step'")
+        split = row.get("split", "train")
+        for key, value in row.items():
+            if key in ("step", "split") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError(f"{path}:{line_no}: expected an object with an integer 'step'")
-            split = row.get("split", "train")
-            for key, value in row.items():
-                if key in ("step", "split") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if split != "train" and not key.startswith(f"{split}/"):
-                    key = f"{split}/{key}"
-                steps, values = series.setdefault(key, ([], []))
-                steps.append(row["step"])
-                values.append(float(value))
+            if split != "train" and not key.startswith(f"{split}/"):
+                key = f"{split}/{key}"
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(row["step"])
+            values.append(float(value))
     return series
 
 

@@ -89,6 +89,10 @@ def test_shipped_configs_are_valid_and_dpo_beta_is_gradient_matched():
     for arg, devices in (("llama3_8b,mio,v5p-64", 32), ("qwen2.5_7b,dpo,h100x8", 8),
                          ("mistral_7b,mio,v4-64", 32)):
         config_validation.validate(paper.get_config(arg), num_devices=devices)
+    from configs import reproduce_small
+
+    for method in reproduce_small.METHODS:
+        config_validation.validate(reproduce_small.get_config(method), num_devices=1)
 
 
 def test_flop_model_counts_tied_embedding_once():

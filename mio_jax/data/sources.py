@@ -61,19 +61,37 @@ def expand_paths(spec: str | os.PathLike | Sequence) -> list[str]:
     return paths
 
 
-def _read_jsonl(path: str, log: report.BadRowLog) -> Iterator[Row]:
+def _json_lines(path: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines of a JSONL file (gzip if ``.gz``)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as raw:
         for line_no, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), start=1):
-            if not line.strip():
-                continue
-            row_id = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                log.reject(row_id, report.MALFORMED_JSON, None, str(e))
-                continue
-            yield row_id, row
+            if line.strip():
+                yield line_no, line
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each line of a JSONL file; malformed JSON stops.
+
+    Raises:
+      ValueError: naming ``path:line`` for a line that is not valid JSON.
+    """
+    for line_no, line in _json_lines(path):
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+
+
+def _read_jsonl(path: str, log: report.BadRowLog) -> Iterator[Row]:
+    for line_no, line in _json_lines(path):
+        row_id = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            log.reject(row_id, report.MALFORMED_JSON, None, str(e))
+            continue
+        yield row_id, row
 
 
 def _read_table(path: str, table: pa.Table) -> Iterator[Row]:
