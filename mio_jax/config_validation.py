@@ -162,18 +162,16 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     if cfg.data.packing and t.grad_accum_steps > 1:
         raise ConfigError(f"data.packing=True needs train.grad_accum_steps=1 (got "
                           f"{t.grad_accum_steps}): packed rows are not split into micro-batches")
-    if cfg.data.packing and (cfg.loss.ld_alpha is not None or cfg.loss.use_weighting):
-        raise ConfigError("data.packing=True cannot be combined with loss.ld_alpha or "
-                          "loss.use_weighting (they need the [B, K, L] token layout)")
     if cfg.data.shared_prompt:
         if cfg.data.packing:
             raise ConfigError("data.shared_prompt=True cannot be combined with data.packing=True")
         if cfg.data.kway_mode == "group":
             raise ConfigError("data.shared_prompt=True needs pairs; data.kway_mode='group' makes "
                               "K-way groups")
-        if cfg.loss.ld_alpha is not None or cfg.loss.use_weighting:
-            raise ConfigError("data.shared_prompt=True cannot be combined with loss.ld_alpha or "
-                              "loss.use_weighting (they need the [B, K, L] token layout)")
+    layout = next((k for k in ("packing", "shared_prompt") if cfg.data[k]), None)
+    if layout and (cfg.loss.ld_alpha is not None or cfg.loss.use_weighting):
+        raise ConfigError(f"data.{layout}=True cannot be combined with loss.ld_alpha or "
+                          "loss.use_weighting (they need the [B, K, L] token layout)")
     tasks = reasoning_tasks(cfg)
     if tasks:
         from mio_jax import evaluate as evaluate_lib

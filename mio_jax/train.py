@@ -434,12 +434,16 @@ def _loop(run: _Run) -> dict[str, Any]:
         flush()
         run.ckpt.save(s, state, data_state=run.train_it.get_state(), config=cfg_dict)
 
+    def run_eval(s, label) -> dict:
+        ev = evaluate(run, state.params, eval_fn, s)
+        if ev:
+            writer.write(s, ev, "eval")
+            logging.info("%s at step %d: %s", label, s, _fmt(ev))
+        return ev
+
     try:
         if config.eval.at_start and step == 0:
-            ev = evaluate(run, state.params, eval_fn, 0)
-            if ev:
-                writer.write(0, ev, "eval")
-                logging.info("eval at step 0: %s", _fmt(ev))
+            run_eval(0, "eval")
         while step < run.total_steps:
             if sigterm["hit"]:
                 save(step)
@@ -458,18 +462,12 @@ def _loop(run: _Run) -> dict[str, Any]:
             if config.eval.every_steps and step % config.eval.every_steps == 0 \
                     and step < run.total_steps:
                 flush()
-                ev = evaluate(run, state.params, eval_fn, step)
-                if ev:
-                    writer.write(step, ev, "eval")
-                    logging.info("eval at step %d: %s", step, _fmt(ev))
+                run_eval(step, "eval")
         flush()
         if step not in run.ckpt.steps():
             save(step)
         run.ckpt.wait()
-        final_eval = evaluate(run, state.params, eval_fn, step)
-        if final_eval:
-            writer.write(step, final_eval, "eval")
-            logging.info("final eval at step %d: %s", step, _fmt(final_eval))
+        final_eval = run_eval(step, "final eval")
         export = _export(run, state) if config.checkpoint.export_hf else None
     finally:
         signal.signal(signal.SIGTERM, previous)
