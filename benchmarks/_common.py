@@ -32,7 +32,7 @@ SHAPES = {
 
 
 def build_model(name: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                remat_policy: str = "none", scan_layers: bool = True):
+                remat_policy: str = "none", scan_layers: bool = True, attention: str = "xla"):
     """Returns ``(graphdef, params, other, model_cfg)`` for "smollm2", a folder / .gguf,
     or a shape in ``SHAPES`` (random weights)."""
     from flax import nnx
@@ -42,12 +42,13 @@ def build_model(name: str, *, dtype: str = "float32", param_dtype: str = "float3
 
     if name in SHAPES:
         cfg = models.ModelConfig(**SHAPES[name], dtype=dtype, param_dtype=param_dtype,
-                                 remat_policy=remat_policy, scan_layers=scan_layers)
+                                 remat_policy=remat_policy, scan_layers=scan_layers,
+                                 attention=attention)
         model = models.init_model(cfg, seed=0)
     else:
         model = models.load_pretrained(resolve_model_path(name), dtype=dtype,
                                        param_dtype=param_dtype, remat_policy=remat_policy,
-                                       scan_layers=scan_layers)
+                                       scan_layers=scan_layers, attention=attention)
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o), model.cfg
 

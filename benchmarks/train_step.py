@@ -3,7 +3,7 @@
 One step = policy forward + backward on chosen and rejected, the reference forward
 (frozen) or precomputed reference log-probs, and the AdamW update, jitted exactly as
 ``mio_jax.train`` does (state donated). Every variant (the product of --reference,
---layout, --proj and --remat) runs in ONE process on the same weights and data,
+--layout, --proj, --remat and --attention) runs in ONE process on the same weights and data,
 alternating step by step (round-robin, rotated each round), so a shared, noisy
 machine slows them alike; medians and ratios to the first variant are printed.
 
@@ -13,13 +13,14 @@ frozen reference 2N + 2 * layers * d_attn * L per token when it runs
 (``mio_jax.metrics.step_flops``). A layout that does less work (shared prompt,
 completion-only projection) therefore shows a higher "effective" FLOP/s and MFU.
 MFU is against the measured jax matmul peak of this device in the compute dtype on
-CPU, and the vendor dense bf16 peak on GPU/TPU (H100: 989 TFLOP/s).
+CPU, and the vendor dense bf16 peak on GPU/TPU (H100: 989 TFLOP/s); on an accelerator
+the measured 8192^3 matmul peak of the same run is printed beside it.
 
   python benchmarks/train_step.py --model=smollm2 --pairs=2 --seq_len=128 \\
       --reference=frozen,precomputed --layout=unshared,shared --proj=full,completion
   # GPU (bf16 compute, fp32 master weights), a Llama-3.2-1B-shaped random model:
   python benchmarks/train_step.py --model=llama1b --dtype=bfloat16 --param_dtype=float32 \\
-      --pairs=8 --seq_len=1024 --remat=none,dots_with_no_batch_dims_saveable
+      --pairs=4 --seq_len=1024 --reference=frozen,precomputed --attention=xla,cudnn
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def _args(argv=None):
     p.add_argument("--proj", default="full", help="comma list: full,completion "
                    "(output projection on every position / on completion positions only)")
     p.add_argument("--remat", default="none", help="comma list of remat policies")
+    p.add_argument("--attention", default="xla", help="comma list: xla,cudnn (model attention)")
     p.add_argument("--chunk_size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
@@ -69,11 +71,12 @@ def main(argv=None):
 
     print(f"machine: {_common.machine()}", flush=True)
     peak0, peak_how = _common.peak_flops(a.dtype)
-    remats = a.remat.split(",")
-    graphdef0, params, other, mcfg = _common.build_model(
-        a.model, dtype=a.dtype, param_dtype=a.param_dtype, remat_policy=remats[0])
-    graphdefs = {r: graphdef0 if r == remats[0] else _common.graphdef_for(mcfg, remat_policy=r)
-                 for r in remats}
+    remats, attns = a.remat.split(","), a.attention.split(",")
+    _, params, other, mcfg = _common.build_model(
+        a.model, dtype=a.dtype, param_dtype=a.param_dtype, remat_policy=remats[0],
+        attention=attns[0])
+    graphdefs = {(r, at): _common.graphdef_for(mcfg, remat_policy=r, attention=at)
+                 for r in remats for at in attns}
     fm = train.flop_model(mcfg, params)
     unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
     shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
@@ -92,12 +95,14 @@ def main(argv=None):
     ref_params = jax.tree.map(jnp.copy, params)
     base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size,
                                      lengths=False)
-    ref_fn = jax.jit(functools.partial(train_step.reference_logps, graphdef0, cfg=base_cfg))
+    # Precomputed reference log-probs, written-out attention (runs on every backend).
+    ref_fn = jax.jit(functools.partial(train_step.reference_logps,
+                                       _common.graphdef_for(mcfg, attention="xla"), cfg=base_cfg))
     ref_logps = ref_fn(ref_params, other, unshared)
 
     variants = []
-    for ref, lay, proj, rem in itertools.product(a.reference.split(","), a.layout.split(","),
-                                                 a.proj.split(","), remats):
+    for ref, lay, proj, rem, att in itertools.product(a.reference.split(","), a.layout.split(","),
+                                                      a.proj.split(","), remats, attns):
         cfg = train_step.StepConfig(
             loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size, reference=ref, lengths=False,
             max_tokens_fraction=None if proj == "full" else min(1.0, frac * 1.05 + 1e-3))
@@ -106,59 +111,90 @@ def main(argv=None):
             batch["ref_logps"] = ref_logps
         batch = jax.device_put(batch)
         consts = {"other": other, "ref_params": ref_params if ref == "frozen" else None}
-        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem], tx=tx,
+        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem, att], tx=tx,
                                        schedule=schedule, cfg=cfg), donate_argnums=0)
+        name = f"ref={ref} layout={lay} proj={proj} remat={rem}" + (
+            f" attention={att}" if len(attns) > 1 or att != "xla" else "")
         t0 = time.perf_counter()
-        compiled = fn.lower(state, batch, consts).compile()
+        try:
+            compiled = fn.lower(state, batch, consts).compile()
+        except Exception as e:  # report and go on with the other variants
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"{name} failed to compile: {error}", flush=True)
+            variants.append(dict(name=name, error=error, times=[]))
+            continue
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        name = f"ref={ref} layout={lay} proj={proj} remat={rem}"
         flops = metrics.step_flops(fm, tokens=tokens, seq_len=a.seq_len,
                                    reference_runs=ref == "frozen")
         variants.append(dict(name=name, fn=compiled, batch=batch, consts=consts, times=[],
                              compile_s=compile_s, flops=flops,
                              temp_mb=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
                              loss=[]))
-        print(f"compiled {name} in {compile_s:.1f} s", flush=True)
+        G = 2**30
+        print(f"compiled {name} in {compile_s:.1f} s; XLA memory: arguments "
+              f"{mem.argument_size_in_bytes / G:.1f} GiB, temporaries {mem.temp_size_in_bytes / G:.1f}"
+              f" GiB, outputs {mem.output_size_in_bytes / G:.1f} GiB (aliased "
+              f"{mem.alias_size_in_bytes / G:.1f})", flush=True)
 
+    init = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))
     for r in range(a.warmup + a.steps):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:
+            if "error" in v:
+                continue
             t0 = time.perf_counter()
-            state, m = v["fn"](state, v["batch"], v["consts"])
-            jax.block_until_ready((state, m))
+            try:
+                state, m = v["fn"](state, v["batch"], v["consts"])
+                jax.block_until_ready((state, m))
+            except Exception as e:  # e.g. out of device memory: report it, time the others
+                v["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(f"{v['name']} failed: {v['error']}", flush=True)
+                if any(x.is_deleted() for x in jax.tree.leaves(state)):
+                    state = init(params)  # the failed call had taken the donated state
+                continue
             dt = time.perf_counter() - t0
             if r >= a.warmup:
                 v["times"].append(dt)
             v["loss"].append(float(m["loss"]))
     peak1, _ = _common.peak_flops(a.dtype)
     peak = float(np.median([peak0, peak1]))
+    on_cpu = jax.devices()[0].platform == "cpu"
+    measured = peak if on_cpu else _common.matmul_peak_flops(n=8192, dtype=a.dtype)
 
     rows = []
     base = _common.median(variants[0]["times"])
     for v in variants:
+        if "error" in v:
+            rows.append({"variant": v["name"], "step_s (median)": v["error"]})
+            continue
         t = _common.median(v["times"])
         rows.append({
             "variant": v["name"], "step_s (median)": t, "min_s": min(v["times"]),
             "tokens/s": tokens / t, "pairs/s": a.pairs / t,
             "GFLOP/s": v["flops"] / t / 1e9, "MFU": v["flops"] / t / peak,
+            "of measured matmul": v["flops"] / t / measured,
             "XLA temp MiB": v["temp_mb"], "compile_s": v["compile_s"],
             "speed-up vs first": base / t,
         })
     print(f"\npeak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; median of before/after "
-          f"{peak0 / 1e9:.1f}, {peak1 / 1e9:.1f})")
-    per_ref = {v["name"].split()[0]: v["flops"] / 1e9 for v in variants}
+          f"{peak0 / 1e9:.1f}, {peak1 / 1e9:.1f})"
+          + ("" if on_cpu else f"; measured {a.dtype} 8192^3 matmul: {measured / 1e9:.1f} GFLOP/s"))
+    per_ref = {v["name"].split()[0]: v["flops"] / 1e9 for v in variants if "flops" in v}
     print("FLOPs per step counted for the unshared layout: "
           + ", ".join(f"{k}: {f:.1f} GFLOP" for k, f in per_ref.items()))
     print(f"timed steps per variant: {a.steps} (after {a.warmup} warm-up), alternating\n")
     _common.print_table(rows, ["variant", "step_s (median)", "min_s", "tokens/s", "pairs/s",
-                               "GFLOP/s", "MFU", "XLA temp MiB", "speed-up vs first"])
+                               "GFLOP/s", "MFU"] + ([] if on_cpu else ["of measured matmul"])
+                      + ["XLA temp MiB", "speed-up vs first"])
     dev_peak = _common.device_peak_bytes()
     print(f"\npeak host RSS of this process: {_common.host_peak_rss_bytes() / 2**30:.2f} GiB"
           + (f"; device peak bytes in use: {dev_peak / 2**30:.2f} GiB" if dev_peak else ""))
     _common.dump_json(a.json, {"args": vars(a), "machine": _common.machine(), "peak_flops": peak,
+                               "measured_matmul_flops": measured,
                                "peak_how": peak_how, "rows": rows,
-                               "times": {v["name"]: v["times"] for v in variants}})
+                               "times": {v["name"]: v["times"] for v in variants},
+                               "errors": {v["name"]: v["error"] for v in variants if "error" in v}})
     return rows
 
 

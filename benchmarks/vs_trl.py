@@ -30,6 +30,7 @@ trl==1.16.0`` when missing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,6 +144,10 @@ def run_case(a) -> dict:
         from mio_jax.data.shared_prompt import to_shared_prompt
 
         batch = to_shared_prompt(batch)
+    if a.proj == "completion":  # model.completion_logits_fraction, sized to this batch
+        mask = np.asarray(batch["loss_mask"])
+        cfg = dataclasses.replace(cfg, max_tokens_fraction=min(
+            1.0, 1.05 * float(np.mean(mask != 0)) + 1e-3))
     consts = {"other": other, "ref_params": ref_params}
     step = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
                                      schedule=optax.constant_schedule(LR), cfg=cfg),
@@ -177,6 +182,7 @@ def run_case(a) -> dict:
     trl_rss = trl_call("quit")["peak_rss_bytes"]
     trl.wait(timeout=60)
     out = dict(shape=a.shape, reference=a.reference, loss=a.loss, remat=a.remat, layout=a.layout,
+               proj=a.proj,
                trl_batch_shape=ready["batch_shape"], compile_s=compile_s,
                times=times, losses=losses, margins=margins,
                mio_rss_gb=_common.host_peak_rss_bytes() / 2**30, trl_rss_gb=trl_rss / 2**30)
@@ -194,6 +200,7 @@ def _row(res: dict, b: int) -> dict:
     return {"shape": res["shape"], "reference": res["reference"], "loss": res["loss"],
             "mio_jax remat": res.get("remat", "none"),
             "mio_jax layout": res.get("layout", "unshared"),
+            "mio_jax proj": res.get("proj", "full"),
             "mio_jax s/step": tm, "TRL s/step": tt, "mio_jax pairs/s": b / tm,
             "TRL pairs/s": b / tt, "speed-up": tt / tm, "mio_jax peak RSS GiB": res["mio_rss_gb"],
             "TRL peak RSS GiB": res["trl_rss_gb"],
@@ -203,7 +210,8 @@ def _row(res: dict, b: int) -> dict:
             "ref logps max diff": res.get("ref_logps_max_abs_diff", "")}
 
 
-COLS = ["shape", "reference", "loss", "mio_jax remat", "mio_jax layout", "mio_jax s/step", "TRL s/step",
+COLS = ["shape", "reference", "loss", "mio_jax remat", "mio_jax layout", "mio_jax proj",
+        "mio_jax s/step", "TRL s/step",
         "mio_jax pairs/s", "TRL pairs/s", "speed-up", "mio_jax peak RSS GiB", "TRL peak RSS GiB",
         "loss steps 1-2 (mio_jax / TRL)", "max loss diff", "ref logps max diff"]
 
@@ -221,6 +229,9 @@ def main(argv=None):
                    "exactly when this is not 'none'")
     p.add_argument("--layout", default="unshared", choices=("unshared", "shared"),
                    help="mio_jax batch layout (shared = data.shared_prompt); TRL is unshared")
+    p.add_argument("--proj", default="full", choices=("full", "completion"),
+                   help="mio_jax output projection: every position, or completion positions "
+                        "only (model.completion_logits_fraction); TRL projects every position")
     p.add_argument("--model_dir", default="/tmp/mio_jax_smollm2_hf")
     p.add_argument("--trl_env", default="/work/trl_env")
     p.add_argument("--json", default="")
@@ -244,7 +255,7 @@ def main(argv=None):
                        f"--reference={ref}", f"--loss={loss}", f"--prompt_frac={a.prompt_frac}",
                        f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}",
                        f"--model_dir={a.model_dir}", f"--trl_python={trl_python}",
-                       f"--remat={a.remat}", f"--layout={a.layout}"]
+                       f"--remat={a.remat}", f"--layout={a.layout}", f"--proj={a.proj}"]
                 print(f"case {shape} reference={ref} loss={loss}", flush=True)
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
                                       env=dict(os.environ, PYTHONPATH=ROOT))

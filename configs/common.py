@@ -41,7 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"      # master weights (and Adam state) dtype
     c.model.remat_policy = "none"        # none | full | dots_saveable | nothing_saveable | ...
     c.model.scan_layers = True
+    c.model.attention = "xla"            # xla | cudnn (fused flash attention on NVIDIA GPUs;
+                                         # needs bfloat16/float16 compute)
     c.model.logps_chunk_size = 4096      # vocabulary chunk of the log-prob projection
+    # Output projection on completion positions only (prompt positions never need
+    # logits): they are gathered into a static block of this fraction of a batch's token
+    # slots. None = project every position. A batch whose completions overflow the block
+    # runs the full projection instead (same result, one extra compile, logged).
+    c.model.completion_logits_fraction = config_dict.placeholder(float)
 
     c.data = default_data_config()
 

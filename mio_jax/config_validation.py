@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import ml_collections
 
+from mio_jax.models.config import ATTENTION_IMPLS, DTYPES
+
 REFERENCE_MODES = ("frozen", "precomputed", "none")
-DTYPES = ("float32", "bfloat16", "float16")
 # Losses whose per-group value depends on the other groups of the batch (they
 # sort over it): neither packing nor gradient accumulation preserves them.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired")
@@ -146,6 +148,20 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
             raise ConfigError(f"{key}={_get(cfg, key)!r}: expected one of {DTYPES}")
     if not cfg.model.path:
         raise ConfigError("model.path is empty")
+    frac = cfg.model.completion_logits_fraction
+    if frac is not None and not 0.0 < frac <= 1.0:
+        raise ConfigError(f"model.completion_logits_fraction={frac}: must be in (0, 1] "
+                          "(or None to project every position)")
+    if cfg.model.attention not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: expected one of "
+                          f"{ATTENTION_IMPLS}")
+    if cfg.model.attention == "cudnn":
+        if cfg.model.dtype == "float32":
+            raise ConfigError("model.attention='cudnn' needs model.dtype bfloat16 or float16 "
+                              "(got float32)")
+        if jax.default_backend() != "gpu":
+            raise ConfigError("model.attention='cudnn' needs NVIDIA GPUs; this run's backend "
+                              f"is {jax.default_backend()!r} (use model.attention='xla')")
 
     t = cfg.train
     if t.epochs <= 0 and t.steps <= 0:

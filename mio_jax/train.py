@@ -111,7 +111,14 @@ def _step_config(config) -> step_lib.StepConfig:
         chunk_size=int(config.model.logps_chunk_size),
         reference=config.reference.mode, lengths=needs_len,
         ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
-        use_weighting=bool(config.loss.use_weighting))
+        use_weighting=bool(config.loss.use_weighting),
+        max_tokens_fraction=(None if config.model.completion_logits_fraction is None
+                             else float(config.model.completion_logits_fraction)))
+
+
+def _full_projection(cfg: step_lib.StepConfig) -> step_lib.StepConfig:
+    """The same step settings with the output projection on every position."""
+    return dataclasses.replace(cfg, max_tokens_fraction=None)
 
 
 def flop_model(model_cfg, params) -> metrics_lib.FlopModel:
@@ -177,7 +184,7 @@ def load_model(config, mesh):
     model = models.load_pretrained(
         model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh,
         rules=models.DEFAULT_RULES, remat_policy=config.model.remat_policy,
-        scan_layers=config.model.scan_layers)
+        scan_layers=config.model.scan_layers, attention=config.model.attention)
     return tokenizer, model
 
 
@@ -236,7 +243,7 @@ def _setup(config, workdir: str, mesh, tokenizer, model) -> _Run:
 
     step_cfg = _step_config(config)
     mode = config.reference.mode
-    parts = (graphdef, other, mesh, data_sh, step_cfg, tokenizer)
+    parts = (graphdef, other, mesh, data_sh, _full_projection(step_cfg), tokenizer)
     train_table = eval_table = None
     if mode == "precomputed":
         train_table = _precompute(config, parts, train_prepared, "train", params, workdir)
@@ -267,7 +274,22 @@ def _device_batch(run: _Run, host, table) -> tuple[dict, dict]:
 
         batch = to_shared_prompt(batch, multiple=max(run.config.data.pad_to_multiple_of, 1),
                                  pad_id=run.config.data.pad_id)
+    extra["projection_fits"] = _projection_fits(run.step_cfg, batch["loss_mask"])
     return _to_global(batch, run.data_sh), extra
+
+
+def _projection_fits(cfg: step_lib.StepConfig, local_mask) -> bool:
+    """Whether the global batch's completion tokens fit the completion-only projection
+    block (``model.completion_logits_fraction``); the same answer on every process."""
+    if cfg.max_tokens_fraction is None:
+        return True
+    local_mask = np.asarray(local_mask)
+    counts = (local_mask != 0).reshape(local_mask.shape[0], -1).sum(axis=1)
+    if jax.process_count() > 1:  # processes hold consecutive row blocks of the batch
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1)
+    return step_lib.projection_fits(cfg, (counts.shape[0], *local_mask.shape[1:]), counts)
 
 
 def evaluate(run: _Run, params, eval_fn, step: int) -> dict[str, float]:
@@ -386,13 +408,20 @@ def _loop(run: _Run) -> dict[str, Any]:
     config = run.config
     consts = {"other": run.other, "ref_params": run.ref_params}
     consts_sh = jax.tree.map(lambda x: x.sharding, consts)
-    step_fn = jax.jit(
-        functools.partial(step_lib.train_step, graphdef=run.graphdef, tx=run.tx,
-                          schedule=run.schedule, cfg=run.step_cfg),
-        in_shardings=(run.state_sh, run.data_sh, consts_sh), out_shardings=(run.state_sh, None),
-        donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef,
-                                        cfg=run.step_cfg))
+
+    def jit_step(cfg):
+        return jax.jit(
+            functools.partial(step_lib.train_step, graphdef=run.graphdef, tx=run.tx,
+                              schedule=run.schedule, cfg=cfg),
+            in_shardings=(run.state_sh, run.data_sh, consts_sh),
+            out_shardings=(run.state_sh, None), donate_argnums=0)
+
+    step_fn = jit_step(run.step_cfg)
+    # Batches whose completion tokens overflow the completion-only projection block run
+    # the full projection (compiled on first need); results are the same.
+    full_step_fn = step_fn if run.step_cfg.max_tokens_fraction is None else None
+    full_cfg = _full_projection(run.step_cfg)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, cfg=full_cfg))
     is_main = jax.process_index() == 0
     state = run.state
     step = int(jax.device_get(state.step))
@@ -452,7 +481,15 @@ def _loop(run: _Run) -> dict[str, Any]:
                 raise Preempted(step)
             host = next(run.train_it)
             batch, extra = _device_batch(run, host, run.train_table)
-            state, m = step_fn(state, batch, consts)
+            if extra["projection_fits"]:
+                state, m = step_fn(state, batch, consts)
+            else:
+                logging.warning(
+                    "step %d: the batch has more completion tokens than "
+                    "model.completion_logits_fraction=%s of its slots; running the full "
+                    "output projection for it", step + 1, config.model.completion_logits_fraction)
+                full_step_fn = full_step_fn or jit_step(full_cfg)
+                state, m = full_step_fn(state, batch, consts)
             step += 1
             if pending:  # check the previous step while this one runs
                 flush()

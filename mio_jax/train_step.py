@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -84,14 +85,36 @@ class StepConfig:
     max_tokens_fraction: float | None = None
 
 
-def _max_tokens(cfg: StepConfig, mask) -> int | None:
-    """Static completion-position bound of ``mask`` (from its shape), or None."""
+def completion_block(cfg: StepConfig, mask_shape) -> int | None:
+    """Rows of the completion-only projection block for a (micro-)batch ``loss_mask`` of
+    this shape: ``ceil(fraction * size)`` rounded up to a multiple of 8; None when off."""
     if cfg.max_tokens_fraction is None:
         return None
     if not 0.0 < cfg.max_tokens_fraction <= 1.0:
         raise ValueError(f"max_tokens_fraction={cfg.max_tokens_fraction} not in (0, 1]")
-    n = int(mask.size)
+    n = math.prod(mask_shape)
     return min(n, -(-int(math.ceil(cfg.max_tokens_fraction * n)) // 8) * 8)
+
+
+def _max_tokens(cfg: StepConfig, mask) -> int | None:
+    return completion_block(cfg, mask.shape)
+
+
+def projection_fits(cfg: StepConfig, mask_shape, row_counts) -> bool:
+    """Host-side check before a step: does every micro-batch's completion-token count fit
+    the static projection block? (A step whose batch does not fit would give NaN.)
+
+    Args:
+      cfg: the step's settings (``max_tokens_fraction``, ``grad_accum_steps``).
+      mask_shape: shape of the GLOBAL batch's ``loss_mask`` (rows first).
+      row_counts: completion tokens of each global row, in row order (numpy ``[rows]``).
+    """
+    a = cfg.grad_accum_steps
+    block = completion_block(cfg, (mask_shape[0] // a, *mask_shape[1:]))
+    if block is None:
+        return True
+    counts = np.asarray(row_counts).reshape(-1, a).sum(axis=0)  # row j*A + i -> micro i
+    return int(counts.max()) <= block
 
 
 def _sequence_index(batch):

@@ -42,6 +42,10 @@ def tiny(tmp_path_factory):
     ({"optim.schedule": "step"}, "optim.schedule='step'"),
     ({"mesh.shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) does not fit 8 devices"),
     ({"model.dtype": "float8"}, "model.dtype='float8'"),
+    ({"model.attention": "flash"}, "model.attention='flash'"),
+    ({"model.completion_logits_fraction": 1.5}, "model.completion_logits_fraction=1.5"),
+    ({"model.attention": "cudnn"}, "model.attention='cudnn' needs model.dtype bfloat16"),
+    ({"model.attention": "cudnn", "model.dtype": "bfloat16"}, "model.attention='cudnn' needs NVIDIA"),
     ({"data.on_bad_row": "ignore"}, "on_bad_row"),
     ({"data.shared_prompt": True, "data.packing": True}, "cannot be combined with data.packing"),
     ({"data.shared_prompt": True, "loss.ld_alpha": 0.5}, "shared_prompt=True cannot be combined"),
@@ -225,6 +229,30 @@ def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path):
     assert a["train"]["num_tokens"] < b["train"]["num_tokens"]  # each prompt ran once, not twice
     for k in ("loss", "rewards/accuracies", "logps/chosen"):
         assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k
+
+
+def test_completion_logits_fraction_run_equals_full_projection_run(tiny, tmp_path, caplog):
+    """model.completion_logits_fraction projects completion positions only; a batch that
+    overflows the block falls back to the full projection. Either way the run is the same."""
+    runs = {}
+    for frac in (None, 0.9, 0.02):
+        cfg = trainer_fixtures.tiny_config(*tiny, **{"model.completion_logits_fraction": frac,
+                                                     "train.steps": 3, "eval.every_steps": 0,
+                                                     "checkpoint.export_hf": False})
+        config_validation.validate(cfg, num_devices=8)
+        caplog.clear()
+        runs[frac] = train.train_and_evaluate(cfg, str(tmp_path / str(frac)))
+        runs[frac]["fallbacks"] = sum("running the full output projection" in r.getMessage()
+                                      for r in caplog.records)
+    assert runs[None]["fallbacks"] == runs[0.9]["fallbacks"] == 0
+    assert runs[0.02]["fallbacks"] == 3  # every batch overflows a 2% block
+    base = runs[None]
+    for frac in (0.9, 0.02):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
+                     jax.device_get(runs[frac]["state"].params), jax.device_get(base["state"].params))
+        for k in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert runs[frac]["train"][k] == pytest.approx(base["train"][k], rel=2e-5, abs=2e-5), k
+        assert runs[frac]["eval"]["loss"] == pytest.approx(base["eval"]["loss"], rel=2e-5)
 
 
 def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_path):

@@ -278,3 +278,16 @@ def test_ld_dpo_and_wpo_weighting_follow_the_logps_library():
     assert got["loss"] == pytest.approx(float((w * per).mean()), rel=1e-5)
     plain, _ = _eval(_cfg(loss_name="dpo"), batch)
     assert abs(plain["loss"] - got["loss"]) > 1e-4
+
+
+def test_projection_fits_counts_each_micro_batch():
+    """Row j*A + i belongs to micro-batch i; each micro-batch must fit its own block."""
+    cfg = train_step.StepConfig(loss_name="dpo", beta=0.1, grad_accum_steps=2,
+                                max_tokens_fraction=0.25)
+    shape = (4, 2, 16)  # micro-batch mask [2, 2, 16]: 64 slots, block 16
+    assert train_step.completion_block(cfg, (2, 2, 16)) == 16
+    assert train_step.projection_fits(cfg, shape, np.array([8, 8, 8, 8]))  # 16 and 16
+    assert not train_step.projection_fits(cfg, shape, np.array([9, 0, 8, 0]))  # 17 and 0
+    assert train_step.projection_fits(cfg, shape, np.array([9, 0, 7, 0]))
+    off = train_step.StepConfig(loss_name="dpo", beta=0.1)
+    assert train_step.projection_fits(off, shape, np.array([32, 32, 32, 32]))

@@ -22,6 +22,9 @@ _ARCHITECTURES = {
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+# "xla": attention written out in jnp (any backend and dtype; materialises the scores).
+# "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16 compute).
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +32,8 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder.
 
     Fields mirror Hugging Face names where one exists. `dtype` is the compute dtype,
-    `param_dtype` the storage dtype of the parameters; `scan_layers` and `remat_policy`
-    change how the layer stack is traced, never its results.
+    `param_dtype` the storage dtype of the parameters; `scan_layers`, `remat_policy` and
+    `attention` change how the layer stack is traced and run, not what it computes.
     """
 
     model_type: str
@@ -58,6 +61,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -69,6 +73,11 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} {getattr(self, name)!r} not in {DTYPES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError("attention 'cudnn' needs a bfloat16 or float16 compute dtype "
+                             "(dtype is float32); use attention 'xla' for float32")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -95,6 +95,32 @@ def rope_tables(cfg: ModelConfig, positions_bt):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
+    """Grouped-query attention written out: float32 scores, masked softmax."""
+    B, T, H, hd = q_bthk.shape
+    KV = k_bskh.shape[2]
+    qg = q_bthk.reshape(B, T, KV, H // KV, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bthk.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(B, T, H, hd)
+
+
+def _cudnn_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
+    """cuDNN's fused (flash) attention: the scores are never stored for the backward.
+
+    `mask_bts` always lies inside the causal triangle (`build_mask` starts from it), so
+    `is_causal` lets cuDNN skip the blocks above the diagonal; the mask itself carries
+    padding, packing segments and the shared-prompt layout. `implementation="xla"`
+    runs the same call through XLA (how the tests check it off GPU).
+    """
+    hd = q_bthk.shape[-1]
+    return jax.nn.dot_product_attention(
+        q_bthk, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], scale=hd ** -0.5,
+        is_causal=True, implementation=implementation)
+
+
 def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None):
     """One decoder layer. With `kv=(k_bskh, v_bskh)` the new keys/values are written at
     slot `index` of the cache and attention runs over the whole cache.
@@ -120,14 +146,10 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         k, v = k.astype(dt), v.astype(dt)
     k = constrain(k, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
     v = constrain(v, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
-    B, T, H, hd = q.shape
-    KV = k.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+    if cfg.attention == "cudnn" and kv is None:
+        attn = _cudnn_attention(q, k, v, mask_bts)
+    else:
+        attn = _xla_attention(q, k, v, mask_bts)
     out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
     if cfg.o_bias:
         out = out + w["o_bias"]

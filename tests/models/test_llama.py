@@ -180,3 +180,52 @@ def test_config_round_trip_and_errors(models):
                                                       "rope_theta": 1e4}))
     with pytest.raises(ValueError, match="intermediate_size"):
         ModelConfig.from_hf({k: v for k, v in hf.items() if k != "intermediate_size"})
+
+
+def _masks(B, T):
+    """Causal+padding, shared-prompt ([p | c | r], r hidden from c) and packed masks."""
+    from mio_jax.models.llama import build_mask
+
+    slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+    pad = jnp.arange(T)[None, :] < jnp.array([T, T - 3])[:, None]
+    p, c = 4, 5
+    kq = jnp.arange(T)
+    hidden = (kq[:, None] >= p + c) & (kq[None, :] >= p) & (kq[None, :] < p + c)
+    shared = jnp.broadcast_to(~hidden, (B, T, T))
+    seg = jnp.array([[1] * 6 + [2] * (T - 8) + [0, 0], [1] * T])
+    return {
+        "padding": build_mask(B, T, T, q_slots_bt=slots, kv_valid_bs=pad),
+        "shared_prompt": build_mask(B, T, T, q_slots_bt=slots, attention_mask=shared),
+        "segments": build_mask(B, T, T, q_slots_bt=slots, segment_ids=seg),
+    }
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_fused_attention_call_equals_written_out_attention(dtype, tol):
+    """The arguments given to jax.nn.dot_product_attention for attention='cudnn' (mask,
+    is_causal, scale, GQA layout) produce the written-out attention. Run here through
+    XLA; benchmarks/gpu_check.py compares the cuDNN kernel itself on a GPU."""
+    from mio_jax.models.llama import _cudnn_attention, _xla_attention
+
+    B, T, H, KV, hd = 2, 16, 4, 2, 8
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, H, hd), dtype)
+    k = jax.random.normal(ks[1], (B, T, KV, hd), dtype)
+    v = jax.random.normal(ks[2], (B, T, KV, hd), dtype)
+    for name, mask in _masks(B, T).items():
+        rows = mask.any(-1)  # queries with at least one visible key
+        want = _xla_attention(q, k, v, mask).astype(jnp.float32)
+        got = _cudnn_attention(q, k, v, mask, implementation="xla").astype(jnp.float32)
+        np.testing.assert_allclose(np.asarray(got)[np.asarray(rows)],
+                                   np.asarray(want)[np.asarray(rows)], atol=tol, rtol=tol,
+                                   err_msg=name)
+
+
+def test_attention_option_is_checked():
+    base = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    assert ModelConfig(**base, dtype="bfloat16", attention="cudnn").attention == "cudnn"
+    with pytest.raises(ValueError, match="attention 'flash' not in"):
+        ModelConfig(**base, attention="flash")
+    with pytest.raises(ValueError, match="needs a bfloat16 or float16 compute dtype"):
+        ModelConfig(**base, attention="cudnn")

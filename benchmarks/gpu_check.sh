@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU check of the train step, prepared to run in one go on a single H100/H200
+# (about 6 minutes): cuDNN attention == written-out attention, then the train-step
+# benchmark in bfloat16 compute (float32 master weights and Adam) for a
+# Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random weights; speed does not
+# depend on their values). Logs and JSON go to $OUT (default: docs/benchmarks/gpu).
+#
+#   bash benchmarks/gpu_check.sh            # every part
+#   bash benchmarks/gpu_check.sh attention llama1b_8x1024   # some parts
+#
+# Where mio_jax's dependencies are not installed (a bare accelerator image), put their
+# wheels in .whl/ first; they are installed into /tmp/site without touching the system.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-docs/benchmarks/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+  rm -rf /tmp/site
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/machine.txt"
+
+want() { [ -z "$PARTS" ] || [[ " $PARTS " == *" $1 "* ]]; }
+PARTS="$*"
+B=benchmarks/train_step.py
+common="--dtype=bfloat16 --param_dtype=float32 --steps=5 --warmup=1"
+want attention && timeout 200 $PY benchmarks/attention_check.py --model=smollm2_shape --pairs=4 --seq_len=512 \
+  2>&1 | tee "$OUT/attention_check.log"
+# ~1B, 2 pairs x 1024 tokens (4 sequences, 4096 tokens a step): both references,
+# written-out vs fused attention.
+want llama1b && timeout 150 $PY $B --model=llama1b --pairs=2 --seq_len=1024 $common \
+  --reference=frozen,precomputed --attention=xla,cudnn --json="$OUT/llama1b.json" \
+  2>&1 | tee "$OUT/llama1b.log"
+# ~1B, 4 and 8 pairs x 1024 tokens: fused attention only (the written-out scores of 8
+# or 16 sequences do not fit beside the frozen reference without remat).
+for P in 4 8; do
+  want llama1b_${P}x1024 && timeout 150 $PY $B --model=llama1b --pairs=$P --seq_len=1024 \
+    $common --reference=frozen,precomputed --attention=cudnn \
+    --json="$OUT/llama1b_${P}x1024.json" 2>&1 | tee "$OUT/llama1b_${P}x1024.log"
+done
+# SmolLM2-135M shape, 8 pairs x 1024 tokens, fused attention: layouts and projection.
+want smollm2 && timeout 120 $PY $B --model=smollm2_shape --pairs=8 --seq_len=1024 $common \
+  --reference=precomputed --layout=unshared,shared --proj=full,completion \
+  --attention=cudnn --json="$OUT/smollm2.json" 2>&1 | tee "$OUT/smollm2.log"
