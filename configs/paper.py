@@ -35,12 +35,15 @@ MODELS = {
 # Sized with benchmarks/aot_memory.py (docs/benchmarks/aot_memory.md) for 2048-token pairs
 # of 7-8B models: v5p (95 GB) and H100 (80 GB) fit 2 and 1 pairs per device per
 # micro-batch with dots_with_no_batch_dims_saveable; v4 (32 GB) needs full remat at 1.
+# H100s run cuDNN's fused attention (the memory table was compiled with the written-out
+# attention, which stores more, so it is an upper bound for them).
 HARDWARE = {
     "v5p-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=2,
-                   remat="dots_with_no_batch_dims_saveable"),
-    "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full"),
+                   remat="dots_with_no_batch_dims_saveable", attention="xla"),
+    "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full",
+                  attention="xla"),
     "h100x8": dict(mesh=(1, 8, 1), batch_size=128, grad_accum_steps=16,
-                   remat="dots_with_no_batch_dims_saveable"),
+                   remat="dots_with_no_batch_dims_saveable", attention="cudnn"),
 }
 BETA_MIO = 0.1
 
@@ -61,6 +64,7 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
     c.model.dtype = "bfloat16"           # compute
     c.model.param_dtype = "float32"      # master weights and Adam state
     c.model.remat_policy = h["remat"]
+    c.model.attention = h["attention"]
     c.model.scan_layers = True
     c.model.logps_chunk_size = 8192
 

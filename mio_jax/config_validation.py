@@ -87,13 +87,15 @@ def loss_names(name) -> list[str]:
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             reference: ml_collections.ConfigDict | None = None) -> None:
+             reference: ml_collections.ConfigDict | None = None,
+             backend: str | None = None) -> None:
     """Checks a resolved config; raises ``ConfigError`` naming the key.
 
     Args:
       cfg: the experiment config.
       num_devices: devices of the run (for the mesh and batch-divisibility checks).
       reference: the config holding every known key (default ``configs/common.py``).
+      backend: the run's JAX backend ("cpu", "gpu", "tpu"); default: this process's.
     """
     from mio_jax import losses
     from mio_jax.data.config import validate_data_config
@@ -159,9 +161,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         if cfg.model.dtype == "float32":
             raise ConfigError("model.attention='cudnn' needs model.dtype bfloat16 or float16 "
                               "(got float32)")
-        if jax.default_backend() != "gpu":
+        backend = backend or jax.default_backend()
+        if backend != "gpu":
             raise ConfigError("model.attention='cudnn' needs NVIDIA GPUs; this run's backend "
-                              f"is {jax.default_backend()!r} (use model.attention='xla')")
+                              f"is {backend!r} (use model.attention='xla')")
 
     t = cfg.train
     if t.epochs <= 0 and t.steps <= 0:

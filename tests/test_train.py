@@ -90,9 +90,12 @@ def test_shipped_configs_are_valid_and_dpo_beta_is_gradient_matched():
     config_validation.validate(dpo, num_devices=1)
     assert (mio.loss.name, dpo.loss.name) == ("mio", "dpo")
     assert dpo.loss.beta == mio.loss.beta / 2
-    for arg, devices in (("llama3_8b,mio,v5p-64", 32), ("qwen2.5_7b,dpo,h100x8", 8),
-                         ("mistral_7b,mio,v4-64", 32)):
-        config_validation.validate(paper.get_config(arg), num_devices=devices)
+    for arg, devices, backend in (("llama3_8b,mio,v5p-64", 32, "tpu"),
+                                  ("qwen2.5_7b,dpo,h100x8", 8, "gpu"),
+                                  ("mistral_7b,mio,v4-64", 32, "tpu")):
+        config_validation.validate(paper.get_config(arg), num_devices=devices, backend=backend)
+    with pytest.raises(config_validation.ConfigError, match="model.attention='cudnn' needs NVIDIA"):
+        config_validation.validate(paper.get_config("qwen2.5_7b,dpo,h100x8"), num_devices=8)
     from configs import reproduce_small
 
     for method in reproduce_small.METHODS:
