@@ -96,10 +96,6 @@ def completion_block(cfg: StepConfig, mask_shape) -> int | None:
     return min(n, -(-int(math.ceil(cfg.max_tokens_fraction * n)) // 8) * 8)
 
 
-def _max_tokens(cfg: StepConfig, mask) -> int | None:
-    return completion_block(cfg, mask.shape)
-
-
 def projection_fits(cfg: StepConfig, mask_shape, row_counts) -> bool:
     """Host-side check before a step: does every micro-batch's completion-token count fit
     the static projection block? (A step whose batch does not fit would give NaN.)
@@ -145,7 +141,7 @@ def _forward_packed(model, batch, cfg: StepConfig):
                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
     tok_rl = logps_lib.token_logps_from_hidden(
         hidden, model.output_matrix(), batch["targets"], batch["loss_mask"],
-        chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, batch["loss_mask"]),
+        chunk_size=cfg.chunk_size, max_tokens=completion_block(cfg, batch["loss_mask"].shape),
         validate=False)
     return _sums_by_sequence(tok_rl, batch)
 
@@ -159,7 +155,7 @@ def _forward_shared(model, batch, cfg: StepConfig):
                                  positions=batch["positions"])
     tok_bt = logps_lib.token_logps_from_hidden(
         hidden, model.output_matrix(), batch["targets"], batch["loss_mask"],
-        chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, batch["loss_mask"]),
+        chunk_size=cfg.chunk_size, max_tokens=completion_block(cfg, batch["loss_mask"].shape),
         validate=False)
     return _sums_by_sequence(tok_bt, batch)
 
@@ -182,7 +178,8 @@ def _forward_logps(graphdef, params, other, batch, cfg: StepConfig):
     if cfg.ld_alpha is None and not cfg.use_weighting:
         return logps_lib.sequence_logps_from_hidden(
             hidden, model.output_matrix(), batch["targets"], mask,
-            chunk_size=cfg.chunk_size, max_tokens=_max_tokens(cfg, mask), validate=False), None
+            chunk_size=cfg.chunk_size, max_tokens=completion_block(cfg, mask.shape),
+            validate=False), None
     stats = logps_lib.token_stats_from_hidden(
         hidden, model.output_matrix(), batch["targets"], mask, chunk_size=cfg.chunk_size,
         with_log_sum_sq=cfg.use_weighting, validate=False)
