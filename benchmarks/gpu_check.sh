@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check of the train step, prepared to run in one go on a single H100/H200
-# (about 6 minutes): cuDNN attention == written-out attention, then the train-step
+# (about 8 minutes): cuDNN attention == written-out attention, then the train-step
 # benchmark in bfloat16 compute (float32 master weights and Adam) for a
 # Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random weights; speed does not
 # depend on their values). Logs and JSON go to $OUT (default: docs/benchmarks/gpu).
 #
 #   bash benchmarks/gpu_check.sh            # every part
 #   bash benchmarks/gpu_check.sh attention llama1b_8x1024   # some parts
+# Parts: attention llama1b llama1b_4x1024 llama1b_8x1024 profile smollm2 (each writes a
+# .log, the benchmarks also a .json).
 #
 # Where mio_jax's dependencies are not installed (a bare accelerator image), put their
 # wheels in .whl/ first; they are installed into /tmp/site without touching the system.
@@ -44,6 +46,10 @@ for P in 4 8; do
     $common --reference=frozen,precomputed --attention=cudnn \
     --json="$OUT/llama1b_${P}x1024.json" 2>&1 | tee "$OUT/llama1b_${P}x1024.log"
 done
+# Where the 1B step's time goes: timer breakdown + the top kernels of one traced step.
+want profile && timeout 200 $PY benchmarks/profile_step.py --model=llama1b --pairs=2 \
+  --seq_len=1024 --dtype=bfloat16 --param_dtype=float32 --attention=cudnn \
+  --json="$OUT/profile_llama1b.json" 2>&1 | tee "$OUT/profile_llama1b.log"
 # SmolLM2-135M shape, 8 pairs x 1024 tokens, fused attention: layouts and projection.
 want smollm2 && timeout 120 $PY $B --model=smollm2_shape --pairs=8 --seq_len=1024 $common \
   --reference=precomputed --layout=unshared,shared --proj=full,completion \

@@ -8,9 +8,13 @@ Breakdown (each piece jitted on its own, all run alternating in one process, med
   step_precomp  the trainer's whole step, precomputed reference
   step_frozen   the trainer's whole step, frozen reference (one more forward)
 Then one whole step (frozen) is traced with ``jax.profiler.trace`` into a temp dir and the
-events of the XLA CPU client threads are summed by name (the top ones printed).
+events are summed by name (the top ones printed): the XLA CPU client threads' on CPU, the
+device's kernels on a GPU.
 
   python benchmarks/profile_step.py --pairs=2 --seq_len=128
+  # GPU: a Llama-3.2-1B-shaped random model in bfloat16 with cuDNN attention
+  python benchmarks/profile_step.py --model=llama1b --pairs=2 --seq_len=1024 \
+      --dtype=bfloat16 --attention=cudnn
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def trace_summary(trace_dir: str, top: int = 15) -> list[tuple[str, float, int]]:
-    """``(event name, total ms, count)`` of XLA client-thread events in a trace, by total."""
+def trace_summary(trace_dir: str, top: int = 15,
+                  device_only: bool = False) -> list[tuple[str, float, int]]:
+    """``(event name, total ms, count)`` of the events in a trace, by total: every
+    non-Python line, or only the planes of accelerator devices (their kernels)."""
     import jax
 
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     totals, counts = collections.Counter(), collections.Counter()
     for path in paths:
         for plane in jax.profiler.ProfileData.from_file(path).planes:
+            if device_only and not plane.name.startswith("/device:"):
+                continue
             for line in plane.lines:
                 if line.name == "python":
                     continue
@@ -52,6 +60,9 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--dtype", default="float32", help="compute dtype")
+    p.add_argument("--param_dtype", default="float32")
+    p.add_argument("--attention", default="xla", help="xla | cudnn")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
     import jax
@@ -62,7 +73,8 @@ def main(argv=None):
     from mio_jax import train_step as ts
 
     print(f"machine: {_common.machine()}", flush=True)
-    graphdef, params, other, mcfg = _common.build_model(a.model)
+    graphdef, params, other, mcfg = _common.build_model(
+        a.model, dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention)
     batch = jax.device_put(_common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size))
     cfg_f = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False)
     cfg_p = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False,
@@ -112,14 +124,17 @@ def main(argv=None):
     med = {k: _common.median(v) for k, v in times.items()}
     rows = [{"piece": k, "median ms": 1e3 * v, "share of step_frozen": v / med["step_frozen"]}
             for k, v in med.items()]
-    print(f"\n{a.model}, {a.pairs} pairs x {a.seq_len} tokens, float32, {a.rounds} rounds\n")
+    print(f"\n{a.model}, {a.pairs} pairs x {a.seq_len} tokens, {a.dtype} compute, "
+          f"attention {a.attention}, {a.rounds} rounds\n")
     _common.print_table(rows, ["piece", "median ms", "share of step_frozen"])
 
     tdir = tempfile.mkdtemp(prefix="mio_jax_trace_")
     with jax.profiler.trace(tdir):
         jax.block_until_ready(step_f(state, batch, consts_f))
-    top = trace_summary(tdir)
-    print(f"\ntrace of one frozen-reference step ({tdir}); top events of the XLA CPU threads:\n")
+    on_device = jax.devices()[0].platform != "cpu"
+    top = trace_summary(tdir, device_only=on_device)
+    where = "device kernels" if on_device else "XLA CPU threads"
+    print(f"\ntrace of one frozen-reference step ({tdir}); top events of the {where}:\n")
     _common.print_table([{"event": n, "total ms": t, "count": c} for n, t, c in top],
                         ["event", "total ms", "count"])
     _common.dump_json(a.json, {"machine": _common.machine(), "rows": rows, "trace_top": top,
