@@ -9,12 +9,12 @@ The folder holds `config.json`, `generation_config.json`, `*.safetensors` (+ ind
 when sharded) and the tokenizer files with the chat template, and loads in
 transformers (torch) with `AutoModelForCausalLM.from_pretrained(DST)`.
 
-When `mio_jax.models.hf_io` provides `save_pretrained`, conversion goes through
-`load_pretrained` + `save_pretrained` (one exporter for everything); otherwise a
-GGUF is streamed tensor by tensor through `write_hf_folder`. A mio_jax training
-checkpoint (a run's workdir, its `checkpoints/` folder, or one step folder in it) is
-read with the config saved beside it: the model of `model.path` gives the structure
-and tokenizer, the checkpoint the trained parameters.
+Conversion goes through `load_pretrained` + `save_pretrained` (one exporter for
+everything); `--exporter=stream` instead streams a GGUF tensor by tensor through
+`write_hf_folder`. A mio_jax training checkpoint (a run's workdir, its `checkpoints/`
+folder, or one step folder in it) is read with the config saved beside it: the config of
+`model.path` gives the structure (no base weights are read), its tokenizer the tokenizer,
+the checkpoint the trained parameters.
 """
 
 from __future__ import annotations
@@ -141,16 +141,6 @@ def write_hf_folder(
     return final
 
 
-def _exporter():
-    """`(load_pretrained, save_pretrained)` from mio_jax.models.hf_io, or None if absent."""
-    try:
-        from mio_jax.models import hf_io
-    except ImportError:
-        return None
-    load, save = getattr(hf_io, "load_pretrained", None), getattr(hf_io, "save_pretrained", None)
-    return (load, save) if load and save else None
-
-
 def _is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
         f.endswith(".safetensors") for f in os.listdir(path))
@@ -198,9 +188,11 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
         model_path = resolve_model_path(model_cfg["path"])
         tokenizer = models.load_tokenizer(resolve_model_path(model_cfg["tokenizer_path"])
                                           if model_cfg.get("tokenizer_path") else model_path)
-        model = models.load_pretrained(model_path, dtype=model_cfg.get("dtype", "float32"),
+        # The structure comes from the base model's config alone (no weights are read).
+        cfg = models.read_model_config(model_path, dtype=model_cfg.get("dtype", "float32"),
                                        param_dtype=model_cfg.get("param_dtype", "float32"))
-        graphdef, params_state, other = nnx.split(model, nnx.Param, ...)
+        graphdef, params_state, other = nnx.split(
+            nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nnx.to_pure_dict(params_state))
@@ -222,15 +214,15 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
       dst: output folder.
       dtype: "float32" or "bfloat16" for the stored weights.
       max_shard_size: largest safetensors shard ("2GB", "500MiB", bytes).
-      use_exporter: True to go through `load_pretrained` + `save_pretrained`,
-        False to stream a GGUF with `write_hf_folder`; None picks the exporter when
-        `mio_jax.models.hf_io` has it.
+      use_exporter: True or None to go through `load_pretrained` + `save_pretrained`,
+        False to stream a GGUF with `write_hf_folder` (GGUF sources only).
 
     Returns:
       `dst`.
     """
     from mio_jax.models.embedded import smollm2_gguf_path
     from mio_jax.models.gguf_io import open_gguf, read_gguf
+    from mio_jax.models.hf_io import load_pretrained, save_pretrained
     from mio_jax.models.tokenizer import load_tokenizer
 
     if dtype not in DTYPES:
@@ -251,17 +243,14 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
         raise ValueError(
             f"{src}: not a GGUF file, an HF folder (config.json + *.safetensors) or a mio_jax "
             "training checkpoint (a workdir with checkpoints/, or checkpoints/<step>)")
-    exporter = _exporter() if use_exporter in (None, True) else None
-    if use_exporter and exporter is None:
-        raise RuntimeError("mio_jax.models.hf_io.save_pretrained is not available")
+    if use_exporter is False and not is_gguf:
+        raise ValueError(f"{src}: --exporter=stream reads GGUF files only (an HF folder is "
+                         "re-exported by load_pretrained + save_pretrained)")
     tokenizer = load_tokenizer(src)
-    if exporter is not None:
-        load, save = exporter
-        model = load(src, dtype=dtype)
-        save(model, tokenizer, dst, max_shard_size=parse_size(max_shard_size))
+    if use_exporter is not False:
+        model = load_pretrained(src, dtype=dtype)
+        save_pretrained(model, tokenizer, dst, max_shard_size=parse_size(max_shard_size))
         return dst
-    if not is_gguf:
-        raise RuntimeError(f"{src}: re-exporting an HF folder needs mio_jax.models.hf_io.save_pretrained")
     config, tensors = read_gguf(src)
     write_hf_folder(config, tensors, tokenizer, dst, dtype=dtype, max_shard_size=max_shard_size)
     return dst

@@ -1,12 +1,13 @@
 """Decoder models, Hugging Face / GGUF weight I/O, tokenizers and sampling.
 
-Public API: `ModelConfig`, `Decoder`, `load_pretrained`, `save_pretrained`, `generate`,
+Public API: `ModelConfig`, `Decoder`, `load_pretrained`, `read_model_config`,
+`save_pretrained`, `generate`,
 `generate_ids`, `GenerationResult`, `DEFAULT_RULES`, and (imported on first use)
 `load_tokenizer` and `smollm2_gguf_path`.
 """
 
 from mio_jax.models.config import ModelConfig
-from mio_jax.models.hf_io import load_pretrained, save_pretrained
+from mio_jax.models.hf_io import load_pretrained, read_model_config, save_pretrained
 from mio_jax.models.llama import Decoder, init_model
 from mio_jax.models.partitioning import DEFAULT_RULES, logical_to_spec, state_shardings
 from mio_jax.models.sampling import GenerationResult, generate, generate_ids
@@ -29,6 +30,7 @@ def __getattr__(name):
 
 __all__ = [
     "DEFAULT_RULES", "Decoder", "GenerationResult", "ModelConfig", "generate", "generate_ids",
-    "init_model", "load_pretrained", "load_tokenizer", "logical_to_spec", "save_pretrained",
+    "init_model", "load_pretrained", "load_tokenizer", "logical_to_spec", "read_model_config",
+    "save_pretrained",
     "smollm2_gguf_path", "state_shardings",
 ]

@@ -387,6 +387,17 @@ def dequantize_tensor(file: GGUFFile, tensor: GGUFTensorInfo) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(tensor.shape)  # a copy, not a view of the file
 
 
+def _config_of(file: GGUFFile, path: str) -> dict[str, Any]:
+    shapes = {t.name: list(reversed(t.shape)) for t in file.tensors}
+    return _config_from_metadata(file.metadata, shapes, path)
+
+
+def gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The HF `config.json` dict of a Llama-family GGUF file, from its header only."""
+    path = os.fspath(path)
+    return _config_of(open_gguf(path), path)
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """Reads a Llama-family GGUF file as an HF config dict and HF-named float32 tensors.
 
@@ -408,9 +419,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[s
     """
     path = os.fspath(path)
     file = open_gguf(path)
-    meta = file.metadata
     by_name = {t.name: t for t in file.tensors}
-    config = _config_from_metadata(meta, {n: list(reversed(t.shape)) for n, t in by_name.items()}, path)
+    config = _config_of(file, path)
     for name in _required_names(config):
         if name not in by_name:
             raise ValueError(f"{path}: missing tensor {name!r}")
@@ -432,7 +442,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[s
         if t.shape != want:
             raise ValueError(f"{path}: tensor {t.name!r} has shape {list(t.shape)}, expected {list(want)} "
                              "from the file's metadata")
-    permuted = _ARCHITECTURES[meta["general.architecture"]][2]
+    permuted = _ARCHITECTURES[file.metadata["general.architecture"]][2]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -149,19 +149,31 @@ class _DictSource:
         return arr
 
 
-def _open(path: str):
-    """-> (config dict, tensor source) for an HF folder or a .gguf file."""
-    path = os.fspath(path)
+def _is_gguf(path: str) -> bool:
+    """True for a `.gguf` file, False for a folder; pickle files and missing GGUFs raise."""
     if path.endswith(_PICKLE_SUFFIXES):
         raise ValueError(f"{path}: refusing to load a pickle checkpoint; only safetensors "
                          "folders and .gguf files are supported")
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: GGUF file not found")
+        return True
+    return False
+
+
+def _open(path: str):
+    """-> (config dict, tensor source) for an HF folder or a .gguf file."""
+    path = os.fspath(path)
+    if _is_gguf(path):
         from mio_jax.models.gguf_io import read_gguf  # lazy: optional reader
 
         hf_cfg, tensors = read_gguf(path)
         return hf_cfg, _DictSource(tensors, path)
+    return _folder_config(path), _SafetensorsSource(path)
+
+
+def _folder_config(path: str) -> dict[str, Any]:
+    """config.json of an HF folder, with generation_config.json's extra EOS ids merged."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint folder or .gguf file")
     cfg_path = os.path.join(path, "config.json")
@@ -187,7 +199,22 @@ def _open(path: str):
                     ids.append(i)
         if ids:
             hf_cfg = dict(hf_cfg, eos_token_id=ids if len(ids) > 1 else ids[0])
-    return hf_cfg, _SafetensorsSource(path)
+    return hf_cfg
+
+
+def read_model_config(path: str, **overrides) -> ModelConfig:
+    """The ModelConfig of an HF folder or `.gguf` file without reading any weights.
+
+    Args:
+      path: as for `load_pretrained`.
+      **overrides: ModelConfig fields (dtype, param_dtype, remat_policy, ...).
+    """
+    path = os.fspath(path)
+    if _is_gguf(path):
+        from mio_jax.models.gguf_io import gguf_config
+
+        return ModelConfig.from_hf(gguf_config(path), **overrides)
+    return ModelConfig.from_hf(_folder_config(path), **overrides)
 
 
 # ---- load ---------------------------------------------------------------------------------

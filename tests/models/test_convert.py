@@ -150,3 +150,30 @@ def test_qwen2_gguf_loads_and_exports(tmp_path):
     from_gguf = load_pretrained(src)
     assert from_gguf.cfg.qkv_bias and from_gguf.cfg.tie_word_embeddings
     np.testing.assert_array_equal(np.asarray(load_pretrained(dst)(ids)), np.asarray(from_gguf(ids)))
+
+
+def test_read_model_config_reads_no_weights(tiny, tmp_path):
+    """The structure of a model comes from its config alone: an HF folder whose weights
+    are unreadable still yields the same ModelConfig (convert of a training checkpoint
+    relies on this)."""
+    import dataclasses
+    import shutil
+
+    from mio_jax import models
+
+    src = str(tiny[0])
+    folder = str(tmp_path / "hf")
+    assert convert.main([src, folder]) == 0
+    want = models.load_pretrained(folder).cfg
+    assert models.read_model_config(folder) == want
+    assert models.read_model_config(src) == models.load_pretrained(src).cfg
+    broken = str(tmp_path / "broken")
+    shutil.copytree(folder, broken)
+    for f in os.listdir(broken):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(broken, f), "wb") as fh:
+                fh.write(b"not safetensors")
+    assert models.read_model_config(broken, dtype="bfloat16") == \
+        dataclasses.replace(want, dtype="bfloat16")
+    with pytest.raises(ValueError, match="--exporter=stream reads GGUF files only"):
+        convert.convert(folder, str(tmp_path / "x"), use_exporter=False)
