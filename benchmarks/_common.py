@@ -82,6 +82,14 @@ def synthetic_pairs(pairs: int, seq_len: int, prompt_frac: float, vocab: int, se
     return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
 
 
+def completion_fraction(batch: dict, margin: float = 1.05) -> float:
+    """``StepConfig.max_tokens_fraction`` sized to this batch's layout: its completion
+    tokens over its ``loss_mask`` slots, times ``margin`` (capped at 1). Each layout
+    (unshared ``[B, 2, L]``, shared-prompt ``[B, T]``) needs its own."""
+    mask = np.asarray(batch["loss_mask"])
+    return min(1.0, margin * float(np.mean(mask != 0)) + 1e-3)
+
+
 def matmul_peak_flops(n: int = 2048, dtype: str = "float32", reps: int = 7) -> float:
     """Measured FLOP/s of one jitted ``n x n`` matmul on the default device (median)."""
     import jax

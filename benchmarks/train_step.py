@@ -86,7 +86,6 @@ def main(argv=None):
     layouts = {"unshared": unshared, "shared": shared}
     tokens = float(np.sum(unshared["attention_mask"] != 0))
     completion = float(np.sum(unshared["loss_mask"] != 0))
-    frac = completion / unshared["loss_mask"].size
     print(f"model {a.model}: N={fm.matmul_params / 1e6:.1f}M matmul params, "
           f"{mcfg.num_hidden_layers} layers; batch {a.pairs} pairs x {a.seq_len} tokens, {tokens:.0f} real tokens "
           f"({completion:.0f} completion); shared rows [{a.pairs}, {shared['input_ids'].shape[1]}]",
@@ -108,7 +107,8 @@ def main(argv=None):
                                                       a.proj.split(","), remats, attns):
         cfg = train_step.StepConfig(
             loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size, reference=ref, lengths=False,
-            max_tokens_fraction=None if proj == "full" else min(1.0, frac * 1.05 + 1e-3))
+            max_tokens_fraction=(None if proj == "full"
+                                 else _common.completion_fraction(layouts[lay])))
         batch = dict(layouts[lay])
         if ref == "precomputed":
             batch["ref_logps"] = ref_logps
@@ -160,6 +160,9 @@ def main(argv=None):
             if r >= a.warmup:
                 v["times"].append(dt)
             v["loss"].append(float(m["loss"]))
+            if not np.isfinite(v["loss"][-1]):  # a wrong step must not be timed as a fast one
+                v["error"] = f"non-finite loss {v['loss'][-1]} at round {r}"
+                print(f"{v['name']} failed: {v['error']}", flush=True)
     peak1, _ = _common.peak_flops(a.dtype)
     peak = float(np.median([peak0, peak1]))
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -177,6 +180,7 @@ def main(argv=None):
             "tokens/s": tokens / t, "pairs/s": a.pairs / t,
             "GFLOP/s": v["flops"] / t / 1e9, "MFU": v["flops"] / t / peak,
             "of measured matmul": v["flops"] / t / measured,
+            "loss (first, last)": f"{v['loss'][0]:.6g}, {v['loss'][-1]:.6g}",
             "XLA temp MiB": v["temp_mb"], "compile_s": v["compile_s"],
             "speed-up vs first": base / t,
         })
@@ -189,6 +193,7 @@ def main(argv=None):
     print(f"timed steps per variant: {a.steps} (after {a.warmup} warm-up), alternating\n")
     _common.print_table(rows, ["variant", "step_s (median)", "min_s", "tokens/s", "pairs/s",
                                "GFLOP/s", "MFU"] + ([] if on_cpu else ["of measured matmul"])
+                      + ["loss (first, last)"]
                       + ["XLA temp MiB", "speed-up vs first"])
     dev_peak = _common.device_peak_bytes()
     print(f"\npeak host RSS of this process: {_common.host_peak_rss_bytes() / 2**30:.2f} GiB"

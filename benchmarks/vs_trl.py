@@ -145,9 +145,7 @@ def run_case(a) -> dict:
 
         batch = to_shared_prompt(batch)
     if a.proj == "completion":  # model.completion_logits_fraction, sized to this batch
-        mask = np.asarray(batch["loss_mask"])
-        cfg = dataclasses.replace(cfg, max_tokens_fraction=min(
-            1.0, 1.05 * float(np.mean(mask != 0)) + 1e-3))
+        cfg = dataclasses.replace(cfg, max_tokens_fraction=_common.completion_fraction(batch))
     consts = {"other": other, "ref_params": ref_params}
     step = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
                                      schedule=optax.constant_schedule(LR), cfg=cfg),
