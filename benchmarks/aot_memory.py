@@ -75,7 +75,9 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs import paper
-    from mio_jax import models, sharding as sharding_lib, train, train_step, optim
+    from mio_jax import models, optim, train, train_step
+    from mio_jax import reference as reference_lib
+    from mio_jax import sharding as sharding_lib
 
     c = paper.get_config(f"{model},mio,{hardware}")
     micro_pairs = c.train.batch_size // (c.mesh.shape[1] * c.train.grad_accum_steps)
@@ -113,7 +115,10 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     batch["valid"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.bool_, sharding=data_sh)
     if reference == "precomputed":
         batch["ref_logps"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.float32, sharding=data_sh)
-    consts = {"other": other, "ref_params": params if reference == "frozen" else None}
+    ref_params = jax.tree.map(  # the trainer's frozen reference: compute-dtype weights
+        lambda x: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
+                                       sharding=x.sharding), params)
+    consts = {"other": other, "ref_params": ref_params if reference == "frozen" else None}
     step_cfg = train._step_config(c)
     import dataclasses
 

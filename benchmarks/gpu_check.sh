@@ -7,8 +7,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # every part
 #   bash benchmarks/gpu_check.sh attention llama1b_8x1024   # some parts
-# Parts: attention llama1b llama1b_4x1024 llama1b_8x1024 profile smollm2 (each writes a
-# .log, the benchmarks also a .json).
+# Parts: attention llama1b llama1b_4x1024 llama1b_8x1024 profile headline8 chunks8 sweep8
+# layers8 notriton8 smollm2 (each writes a .log, most also a .json).
 #
 # Where mio_jax's dependencies are not installed (a bare accelerator image), put their
 # wheels in .whl/ first; they are installed into /tmp/site without touching the system.
@@ -24,7 +24,8 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
+  --format=csv,noheader | tee "$OUT/machine.txt"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/machine.txt"
 
@@ -46,10 +47,32 @@ for P in 4 8; do
     $common --reference=frozen,precomputed --attention=cudnn \
     --json="$OUT/llama1b_${P}x1024.json" 2>&1 | tee "$OUT/llama1b_${P}x1024.log"
 done
-# Where the 1B step's time goes: timer breakdown + the top kernels of one traced step.
-want profile && timeout 200 $PY benchmarks/profile_step.py --model=llama1b --pairs=2 \
-  --seq_len=1024 --dtype=bfloat16 --param_dtype=float32 --attention=cudnn \
-  --json="$OUT/profile_llama1b.json" 2>&1 | tee "$OUT/profile_llama1b.log"
+# Where the 1B step's time goes: timer breakdown + device kernels of one traced step, by
+# kind (4 pairs: the pieces' extra gradient and Adam copies do not fit beside 8).
+want profile && timeout 240 $PY benchmarks/profile_step.py --model=llama1b --pairs=4 \
+  --seq_len=1024 --dtype=bfloat16 --param_dtype=float32 --attention=cudnn --rounds=3 --top=30 \
+  --hlo="$OUT/profile_llama1b_hlo.txt.gz" --json="$OUT/profile_llama1b.json" 2>&1 \
+  | tee "$OUT/profile_llama1b.log"
+# ~1B, 8 pairs x 1024 tokens: both references x both layouts x both projections.
+want headline8 && timeout 240 $PY $B --model=llama1b --pairs=8 --seq_len=1024 $common \
+  --reference=frozen,precomputed --layout=unshared,shared --proj=full,completion \
+  --attention=cudnn --json="$OUT/llama1b_8x1024_all.json" 2>&1 | tee "$OUT/llama1b_8x1024_all.log"
+# ~1B, 8 pairs x 1024 tokens, frozen: vocabulary chunk and layer loop.
+want chunks8 && timeout 180 $PY $B --model=llama1b --pairs=8 --seq_len=1024 $common \
+  --reference=frozen --chunk_size=8192,32768 --layers=scan,unroll --attention=cudnn \
+  2>&1 | tee "$OUT/llama1b_8x1024_chunks.log"
+# ~1B, 8 pairs x 1024 tokens, frozen reference: what the shared prompt and the
+# completion-only projection each give; then lax.scan vs unrolled layers; then the same
+# step with XLA's Triton GEMMs off (cuBLAS for every matmul).
+want sweep8 && timeout 240 $PY $B --model=llama1b --pairs=8 --seq_len=1024 $common \
+  --reference=frozen --layout=unshared,shared --proj=full,completion --attention=cudnn \
+  --json="$OUT/llama1b_8x1024_layouts.json" 2>&1 | tee "$OUT/llama1b_8x1024_layouts.log"
+want layers8 && timeout 180 $PY $B --model=llama1b --pairs=8 --seq_len=1024 $common \
+  --reference=frozen --layers=scan,unroll --attention=cudnn 2>&1 | tee "$OUT/llama1b_8x1024_layers.log"
+want notriton8 && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 180 \
+  $PY $B --model=llama1b --pairs=8 --seq_len=1024 $common --reference=frozen \
+  --layout=unshared,shared --proj=full,completion --attention=cudnn \
+  --json="$OUT/llama1b_8x1024_notriton.json" 2>&1 | tee "$OUT/llama1b_8x1024_notriton.log"
 # SmolLM2-135M shape, 8 pairs x 1024 tokens, fused attention: layouts and projection.
 want smollm2 && timeout 120 $PY $B --model=smollm2_shape --pairs=8 --seq_len=1024 $common \
   --reference=precomputed --layout=unshared,shared --proj=full,completion \

@@ -32,15 +32,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def trace_summary(trace_dir: str, top: int = 15,
-                  device_only: bool = False) -> list[tuple[str, float, int]]:
-    """``(event name, total ms, count)`` of the events in a trace, by total: every
-    non-Python line, or only the planes of accelerator devices (their kernels)."""
+_KINDS = (  # (kind, substrings of a device kernel's name), first match wins
+    ("attention (fused)", ("sdpa", "fmha", "flash", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "__dot", "dot_")),
+    ("copy / memset", ("memcpy", "memset", "copy")),
+    ("reduction fusion", ("input_", "reduce", "scatter")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in _KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "elementwise / other"
+
+
+def trace_events(trace_dir: str, device_only: bool = False) -> list[tuple[str, str, float]]:
+    """``(line, event name, ms)`` of every event in a trace: every non-Python line of
+    the host threads, or only the planes of accelerator devices. A device plane has
+    one line per stream (its kernels) beside the "XLA Modules" / "XLA Ops" lines that
+    span the same time, so a sum must pick one kind of line."""
     import jax
 
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    totals, counts = collections.Counter(), collections.Counter()
-    for path in paths:
+    out = []
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             if device_only and not plane.name.startswith("/device:"):
                 continue
@@ -49,9 +65,34 @@ def trace_summary(trace_dir: str, top: int = 15,
                     continue
                 for ev in line.events:
                     if ev.duration_ns > 0 and not ev.name.startswith(("end: ", "ThunkExecutor")):
-                        totals[ev.name] += ev.duration_ns / 1e6
-                        counts[ev.name] += 1
+                        out.append((line.name, ev.name, ev.duration_ns / 1e6))
+    return out
+
+
+def trace_summary(trace_dir: str, top: int = 15,
+                  device_only: bool = False) -> list[tuple[str, float, int]]:
+    """``(event name, total ms, count)`` by total: the host threads' events, or on a
+    device its kernels (the stream lines) only."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for line, name, ms in trace_events(trace_dir, device_only):
+        if device_only and not line.startswith("Stream"):
+            continue
+        totals[name] += ms
+        counts[name] += 1
     return [(n, t, counts[n]) for n, t in totals.most_common(top)]
+
+
+def device_breakdown(trace_dir: str) -> dict:
+    """Device kernel time by kind (``kernel_kind``), the busy total, and the time of the
+    XLA module executions that the kernels belong to."""
+    kinds, busy, modules = collections.Counter(), 0.0, 0.0
+    for line, name, ms in trace_events(trace_dir, device_only=True):
+        if line.startswith("Stream"):
+            kinds[kernel_kind(name)] += ms
+            busy += ms
+        elif line == "XLA Modules":
+            modules += ms
+    return {"kernels_ms": busy, "modules_ms": modules, "by_kind_ms": dict(kinds.most_common())}
 
 
 def main(argv=None):
@@ -63,6 +104,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="compute dtype")
     p.add_argument("--param_dtype", default="float32")
     p.add_argument("--attention", default="xla", help="xla | cudnn")
+    p.add_argument("--layers", default="scan", help="scan | unroll")
+    p.add_argument("--top", type=int, default=15, help="events listed from the trace")
+    p.add_argument("--hlo", default="", help="write the optimised HLO of the frozen step "
+                   "here (gzip; maps the trace's fusion names to their computations)")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
     import jax
@@ -70,17 +115,19 @@ def main(argv=None):
     import optax
     from flax import nnx
 
+    from mio_jax import reference
     from mio_jax import train_step as ts
 
     print(f"machine: {_common.machine()}", flush=True)
     graphdef, params, other, mcfg = _common.build_model(
-        a.model, dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention)
+        a.model, dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention,
+        scan_layers=a.layers == "scan")
     batch = jax.device_put(_common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size))
     cfg_f = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False)
     cfg_p = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False,
                           reference="precomputed")
     tx = optax.adamw(1e-6)
-    ref = jax.tree.map(jnp.copy, params)
+    ref = reference.frozen_params(jax.tree.map(jnp.copy, params), a.dtype)  # as train.py
 
     def trunk(params):
         m = nnx.merge(graphdef, params, other)
@@ -128,17 +175,31 @@ def main(argv=None):
           f"attention {a.attention}, {a.rounds} rounds\n")
     _common.print_table(rows, ["piece", "median ms", "share of step_frozen"])
 
+    if a.hlo:
+        import gzip
+
+        with gzip.open(a.hlo, "wt", encoding="utf-8") as f:
+            f.write(step_f.lower(state, batch, consts_f).compile().as_text())
     tdir = tempfile.mkdtemp(prefix="mio_jax_trace_")
     with jax.profiler.trace(tdir):
+        t0 = time.perf_counter()
         jax.block_until_ready(step_f(state, batch, consts_f))
+        traced_ms = 1e3 * (time.perf_counter() - t0)
     on_device = jax.devices()[0].platform != "cpu"
-    top = trace_summary(tdir, device_only=on_device)
+    top = trace_summary(tdir, top=a.top, device_only=on_device)
+    kinds = device_breakdown(tdir) if on_device else None
+    if kinds:
+        print(f"\ntraced frozen step: {traced_ms:.1f} ms wall, XLA module time "
+              f"{kinds['modules_ms']:.1f} ms, kernels busy {kinds['kernels_ms']:.1f} ms; by kind:\n")
+        _common.print_table([{"kind": k, "ms": v, "share of kernel time": v / kinds["kernels_ms"]}
+                             for k, v in kinds["by_kind_ms"].items()],
+                            ["kind", "ms", "share of kernel time"])
     where = "device kernels" if on_device else "XLA CPU threads"
     print(f"\ntrace of one frozen-reference step ({tdir}); top events of the {where}:\n")
     _common.print_table([{"event": n, "total ms": t, "count": c} for n, t, c in top],
                         ["event", "total ms", "count"])
     _common.dump_json(a.json, {"machine": _common.machine(), "rows": rows, "trace_top": top,
-                               "times": times})
+                               "device_kinds": kinds, "times": times})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ def _args(argv=None):
                    "(output projection on every position / on completion positions only)")
     p.add_argument("--remat", default="none", help="comma list of remat policies")
     p.add_argument("--attention", default="xla", help="comma list: xla,cudnn (model attention)")
-    p.add_argument("--chunk_size", type=int, default=8192)
+    p.add_argument("--layers", default="scan", help="comma list: scan,unroll (lax.scan over "
+                   "the layer stack, or one traced block per layer)")
+    p.add_argument("--chunk_size", default="8192", help="comma list: vocabulary rows per "
+                   "chunk of the output projection")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--json", default="", help="also write the results here")
@@ -69,17 +72,18 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    from mio_jax import metrics, train, train_step
+    from mio_jax import metrics, reference, train, train_step
     from mio_jax.data import shared_prompt
 
     print(f"machine: {_common.machine()}", flush=True)
     peak0, peak_how = _common.peak_flops(a.dtype)
-    remats, attns = a.remat.split(","), a.attention.split(",")
+    remats, attns, loops = a.remat.split(","), a.attention.split(","), a.layers.split(",")
     _, params, other, mcfg = _common.build_model(
         a.model, dtype=a.dtype, param_dtype=a.param_dtype, remat_policy=remats[0],
         attention=attns[0])
-    graphdefs = {(r, at): _common.graphdef_for(mcfg, remat_policy=r, attention=at)
-                 for r in remats for at in attns}
+    graphdefs = {(r, at, lp): _common.graphdef_for(mcfg, remat_policy=r, attention=at,
+                                                    scan_layers=lp == "scan")
+                 for r in remats for at in attns for lp in loops}
     fm = train.flop_model(mcfg, params)
     unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
     shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
@@ -94,8 +98,9 @@ def main(argv=None):
     tx = optax.adamw(1e-6)
     schedule = optax.constant_schedule(1e-6)
     state = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))(params)
-    ref_params = jax.tree.map(jnp.copy, params)
-    base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size,
+    ref_params = reference.frozen_params(jax.tree.map(jnp.copy, params), a.dtype)  # as train.py
+    chunks = [int(c) for c in a.chunk_size.split(",")]
+    base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=chunks[0],
                                      lengths=False)
     # Precomputed reference log-probs, written-out attention (runs on every backend).
     ref_fn = jax.jit(functools.partial(train_step.reference_logps,
@@ -103,10 +108,11 @@ def main(argv=None):
     ref_logps = ref_fn(ref_params, other, unshared)
 
     variants = []
-    for ref, lay, proj, rem, att in itertools.product(a.reference.split(","), a.layout.split(","),
-                                                      a.proj.split(","), remats, attns):
+    for ref, lay, proj, rem, att, lp, chunk in itertools.product(
+            a.reference.split(","), a.layout.split(","), a.proj.split(","), remats, attns, loops,
+            chunks):
         cfg = train_step.StepConfig(
-            loss_name=a.loss, beta=0.1, chunk_size=a.chunk_size, reference=ref, lengths=False,
+            loss_name=a.loss, beta=0.1, chunk_size=chunk, reference=ref, lengths=False,
             max_tokens_fraction=(None if proj == "full"
                                  else _common.completion_fraction(layouts[lay])))
         batch = dict(layouts[lay])
@@ -114,10 +120,12 @@ def main(argv=None):
             batch["ref_logps"] = ref_logps
         batch = jax.device_put(batch)
         consts = {"other": other, "ref_params": ref_params if ref == "frozen" else None}
-        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem, att], tx=tx,
-                                       schedule=schedule, cfg=cfg), donate_argnums=0)
+        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem, att, lp],
+                                       tx=tx, schedule=schedule, cfg=cfg), donate_argnums=0)
         name = f"ref={ref} layout={lay} proj={proj} remat={rem}" + (
-            f" attention={att}" if len(attns) > 1 or att != "xla" else "")
+            f" attention={att}" if len(attns) > 1 or att != "xla" else "") + (
+            f" layers={lp}" if len(loops) > 1 or lp != "scan" else "") + (
+            f" chunk={chunk}" if len(chunks) > 1 else "")
         t0 = time.perf_counter()
         try:
             compiled = fn.lower(state, batch, consts).compile()

@@ -7,7 +7,7 @@ Order of work (``train_and_evaluate``):
   4. resume from ``<workdir>/checkpoints`` if it holds a readable checkpoint
      (params, optimizer state, step, RNG and data position), else start from
      ``model.path``;
-  5. reference: frozen copy, precomputed table (cached on disk), or none;
+  5. reference: frozen copy (in the compute dtype), precomputed table (cached on disk), or none;
   6. step loop: metrics every ``log.every_steps``, eval every
      ``eval.every_steps``, checkpoints every ``checkpoint.every_steps``,
      SIGTERM -> checkpoint and ``Preempted``; NaN/Inf -> ``FloatingPointError``
@@ -249,7 +249,7 @@ def _setup(config, workdir: str, mesh, tokenizer, model) -> _Run:
         train_table = _precompute(config, parts, train_prepared, "train", params, workdir)
         if eval_prepared is not None:
             eval_table = _precompute(config, parts, eval_prepared, "eval", params, workdir)
-    ref_params = params if mode == "frozen" else None
+    ref_params = reference_lib.frozen_params(params, model_cfg.dtype) if mode == "frozen" else None
     del params  # precomputed / none: no reference weights stay in memory
     return _Run(config, workdir, mesh, model_cfg, tokenizer, graphdef, other, state, state_sh,
                 ref_params, train_it, eval_prepared, train_table, eval_table, step_cfg, tx,

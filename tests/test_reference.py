@@ -149,3 +149,43 @@ def test_precomputed_and_frozen_modes_give_the_same_run(tmp_path):
     train.train_and_evaluate(pre_cfg, str(tmp_path / "pre3"))
     now = files()
     assert len(now) == 3 and all(now[f] == first[f] for f in first)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_frozen_params_in_compute_dtype_give_identical_logps(untied):
+    """Float32 master weights, bfloat16 compute: the frozen reference kept in bfloat16
+    (half the memory) yields bit-identical reference log-probs, keeps each weight's
+    sharding, and float32 compute keeps the weights as they are."""
+    import functools
+
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mio_jax import models, train_step
+    from mio_jax.data import batching
+    from mio_jax.data.tokenize import TokenizedGroup
+
+    cfg = trainer_fixtures.tiny_model_config(dtype="bfloat16", param_dtype="float32",
+                                             tie_word_embeddings=not untied)
+    graphdef, p, o = nnx.split(models.init_model(cfg, seed=1), nnx.Param, ...)
+    params, other = nnx.to_pure_dict(p), nnx.to_pure_dict(o)
+    frozen = reference.frozen_params(params, "bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen))
+    sh = NamedSharding(jax.make_mesh((8,), ("fsdp",)), P("fsdp"))
+    moved = reference.frozen_params({"w": jax.device_put(jnp.ones((16, 4)), sh)}, "bfloat16")
+    assert moved["w"].sharding == sh and moved["w"].dtype == jnp.bfloat16
+    rng = np.random.default_rng(0)
+    groups = [TokenizedGroup(row_id=f"r{i}", prompt_ids=rng.integers(5, 90, 4).astype(np.int32),
+                             completion_ids=(rng.integers(5, 90, 5).astype(np.int32),
+                                             rng.integers(5, 90, 3).astype(np.int32)))
+              for i in range(4)]
+    b = batching.collate(groups, np.arange(4), K=2, L=12)
+    batch = {k: getattr(b, k) for k in ("input_ids", "targets", "loss_mask", "positions",
+                                        "attention_mask", "weights", "valid")}
+    step_cfg = train_step.StepConfig(loss_name="mio", beta=0.1, chunk_size=40, lengths=False)
+    fn = jax.jit(functools.partial(train_step.reference_logps, graphdef, cfg=step_cfg))
+    want = np.asarray(fn(params, other, batch))
+    assert np.all(np.isfinite(want))
+    np.testing.assert_array_equal(np.asarray(fn(frozen, other, batch)), want)
+    assert reference.frozen_params(params, "float32") is params

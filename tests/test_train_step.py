@@ -291,3 +291,30 @@ def test_projection_fits_counts_each_micro_batch():
     assert train_step.projection_fits(cfg, shape, np.array([9, 0, 7, 0]))
     off = train_step.StepConfig(loss_name="dpo", beta=0.1)
     assert train_step.projection_fits(off, shape, np.array([32, 32, 32, 32]))
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_bf16_compute_step_has_no_float32_matmul(untied):
+    """Float32 master weights, bfloat16 compute: every dot of the whole step (both
+    forwards, the chunked vocabulary projection and its backward) takes bfloat16
+    operands. A float32 output matrix there once made the largest matmul of a 1B model
+    a TF32 one (a quarter of the H100 step)."""
+    import re
+
+    import optax
+
+    cfg = trainer_fixtures.tiny_model_config(dtype="bfloat16", param_dtype="float32",
+                                             tie_word_embeddings=not untied)
+    model = models.init_model(cfg, seed=0)
+    assert model.output_matrix().dtype == jax.numpy.bfloat16
+    graphdef, p, o = nnx.split(model, nnx.Param, ...)
+    params, other = nnx.to_pure_dict(p), nnx.to_pure_dict(o)
+    tx = optax.adamw(1e-3)
+    state = train_step.init_state(params, tx, 0)
+    step = functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
+                             schedule=optax.constant_schedule(1e-3), cfg=_cfg())
+    text = jax.jit(step).lower(state, BATCHES[0], {"other": other, "ref_params": params}).as_text()
+    dots = re.findall(r"stablehlo\.dot_general[^\n]*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+    assert len(dots) > 20
+    f32 = [d for d in dots if "f32>" in d[0] or "f32>" in d[1]]
+    assert not f32, f"{len(f32)} of {len(dots)} dots take float32 operands: {f32[:3]}"

@@ -79,6 +79,19 @@ def _rms_norm(x, weight, eps):
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
+def _gated_silu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+# The layer's cheap elementwise pieces are recomputed in the backward pass from their
+# inputs instead of keeping their intermediates: autodiff would keep the float32
+# normalised activations and four [tokens, intermediate] arrays of SiLU(gate) * up per
+# layer (stacked over the layers under lax.scan), which is memory and memory traffic,
+# not FLOPs. Same values and gradients; the matmuls are never recomputed.
+_rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2,))
+_gated_silu_bwd_recompute = jax.checkpoint(_gated_silu)
+
+
 def _rope(x_bthk, cos_btk, sin_btk):
     """HF's rotate_half convention: the two halves of head_dim form the complex pairs."""
     half = x_bthk.shape[-1] // 2
@@ -95,12 +108,39 @@ def rope_tables(cfg: ModelConfig, positions_bt):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+@jax.custom_vjp
+def _scores(qg_btkgh, k_bskh):
+    """Attention scores `q . k` accumulated and returned in float32.
+
+    The backward rounds the float32 score gradient to the operands' (compute) dtype
+    before its two matmuls, as fused attention kernels do; left to autodiff, the float32
+    cotangent would promote both to float32 matmuls in a bfloat16 step (slow TF32 on a
+    GPU, several bf16 passes on a TPU). With float32 operands nothing changes.
+    """
+    return jnp.einsum("btkgh,bskh->bkgts", qg_btkgh, k_bskh, preferred_element_type=jnp.float32)
+
+
+def _scores_fwd(qg_btkgh, k_bskh):
+    return _scores(qg_btkgh, k_bskh), (qg_btkgh, k_bskh)
+
+
+def _scores_bwd(res, g_bkgts):
+    qg, k = res
+    g = g_bkgts.astype(qg.dtype)
+    dq = jnp.einsum("bkgts,bskh->btkgh", g, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,btkgh->bskh", g, qg, preferred_element_type=jnp.float32)
+    return dq.astype(qg.dtype), dk.astype(k.dtype)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
 def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     """Grouped-query attention written out: float32 scores, masked softmax."""
     B, T, H, hd = q_bthk.shape
     KV = k_bskh.shape[2]
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh, preferred_element_type=jnp.float32)
+    scores = _scores(qg, k_bskh)
     scores = scores * (hd ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bthk.dtype)
@@ -130,7 +170,7 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     dt = jnp.dtype(cfg.dtype)
     w = {n: a.astype(dt) for n, a in p.items()}
     eps = cfg.rms_norm_eps
-    h = _rms_norm(x_btd, w["attn_norm"], eps)
+    h = _rms_norm_bwd_recompute(x_btd, w["attn_norm"], eps)
     q = jnp.einsum("btd,dhk->bthk", h, w["q"])
     k = jnp.einsum("btd,dhk->bthk", h, w["k"])
     v = jnp.einsum("btd,dhk->bthk", h, w["v"])
@@ -154,12 +194,12 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     if cfg.o_bias:
         out = out + w["o_bias"]
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
-    h = _rms_norm(x_btd, w["mlp_norm"], eps)
+    h = _rms_norm_bwd_recompute(x_btd, w["mlp_norm"], eps)
     gate = jnp.einsum("btd,df->btf", h, w["gate"])
     up = jnp.einsum("btd,df->btf", h, w["up"])
     if cfg.mlp_bias:
         gate, up = gate + w["gate_bias"], up + w["up_bias"]
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"), rules)
+    act = constrain(_gated_silu_bwd_recompute(gate, up), ("batch", "seq", "mlp"), rules)
     down = jnp.einsum("btf,fd->btd", act, w["down"])
     if cfg.mlp_bias:
         down = down + w["down_bias"]
@@ -241,8 +281,12 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, "normal", (V, D), ("vocab", "embed"), cfg.param_dtype)
 
     def output_matrix(self) -> jax.Array:
-        """The output projection `[V, D]` (tied embedding or lm_head)."""
-        return (self.embed if self.cfg.tie_word_embeddings else self.lm_head)[...]
+        """The output projection `[V, D]` (tied embedding or lm_head) in the compute dtype,
+        so that the vocabulary projection runs at the same precision as every other
+        matmul (with float32 master weights and bfloat16 compute, a float32 matrix here
+        would turn the largest matmul of a small model into a TF32 one at half speed)."""
+        w = (self.embed if self.cfg.tie_word_embeddings else self.lm_head)[...]
+        return w.astype(self.cfg.dtype)
 
     def _run_layers(self, x_btd, cos, sin, mask_bts, cache=None):
         cfg, rules = self.cfg, self.rules
@@ -295,8 +339,8 @@ class Decoder(nnx.Module):
 
     def logits_from_hidden(self, hidden_btd):
         """`[B, T, D]` -> float32 logits `[B, T, V]`."""
-        out = self.output_matrix().astype(self.cfg.dtype)
-        logits = jnp.einsum("btd,vd->btv", hidden_btd, out, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", hidden_btd, self.output_matrix(),
+                            preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"), self.rules)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):

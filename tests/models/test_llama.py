@@ -229,3 +229,35 @@ def test_attention_option_is_checked():
         ModelConfig(**base, attention="flash")
     with pytest.raises(ValueError, match="needs a bfloat16 or float16 compute dtype"):
         ModelConfig(**base, attention="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_score_gradient_is_autodiff_rounded_to_the_compute_dtype(dtype):
+    """`_scores` (float32 scores, custom backward) has autodiff's gradient: identical in
+    float32 (to rounding); in bfloat16 equal to autodiff with the score cotangent rounded to bfloat16
+    first, and only bfloat16 matmuls in its backward."""
+    from mio_jax.models import llama
+
+    kq, kk, kg = jax.random.split(jax.random.key(3), 3)
+    qg = jax.random.normal(kq, (2, 5, 2, 3, 8), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (2, 7, 2, 8), jnp.float32).astype(dtype)
+    g = jax.random.normal(kg, (2, 2, 3, 5, 7), jnp.float32)
+
+    def plain(q_, k_):
+        return jnp.einsum("btkgh,bskh->bkgts", q_.astype(jnp.float32), k_.astype(jnp.float32))
+
+    out, vjp = jax.vjp(llama._scores, qg, k)
+    np.testing.assert_allclose(out, plain(qg, k), rtol=1e-6, atol=1e-6)
+    got = vjp(g)
+    want = jax.vjp(plain, qg, k)[1](g.astype(dtype).astype(jnp.float32))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(a, np.float32),
+                                   np.asarray(b.astype(dtype), np.float32), rtol=tol, atol=tol)
+    if dtype == jnp.bfloat16:
+        import re
+
+        text = jax.jit(lambda q_, k_, g_: vjp(g_)).lower(qg, k, g).as_text()
+        dots = re.findall(r"dot_general[^\n]*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+        assert len(dots) == 2 and all("bf16>" in a and "bf16>" in b for a, b in dots), dots
