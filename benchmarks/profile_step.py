@@ -141,24 +141,34 @@ def main(argv=None):
     grad_fn = jax.jit(jax.value_and_grad(
         lambda prm: ts._weighted_sums(prm, graphdef, other, bp, None, cfg_p)[0]))
     grads = grad_fn(params)[1]
-    opt_state = tx.init(params)
-    upd = jax.jit(lambda g, s, prm: optax.apply_updates(prm, tx.update(g, s, prm)[0]))
-    state = ts.init_state(params, tx, 0)
+    # The update and the steps donate their state, as the trainer does: without it every
+    # call writes a fresh copy of the weights and Adam moments (on a CPU, fresh pages).
+    live = {"adam": (jax.tree.map(jnp.copy, params), tx.init(params)),
+            "state": ts.init_state(jax.tree.map(jnp.copy, params), tx, 0)}
+    upd = jax.jit(lambda g, prm, s: (lambda u, s2: (optax.apply_updates(prm, u), s2))(
+        *tx.update(g, s, prm)), donate_argnums=(1, 2))
     step_p = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
-                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_p))
+                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_p),
+                     donate_argnums=0)
     step_f = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
-                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_f))
+                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_f),
+                     donate_argnums=0)
     consts_p, consts_f = {"other": other, "ref_params": None}, {"other": other, "ref_params": ref}
+
+    def run(key, fn, *args):
+        out = fn(live[key], *args) if key == "state" else fn(grads, *live[key])
+        live[key] = out[0] if key == "state" else out
+        return out
+
+    trunk_jit = jax.jit(trunk)
     pieces = {
-        "trunk_fwd": lambda: jax.jit(trunk)(params),
+        "trunk_fwd": lambda: trunk_jit(params),
         "policy_fwd": lambda: pol(params),
         "loss_fwd_bwd": lambda: grad_fn(params),
-        "adamw": lambda: upd(grads, opt_state, params),
-        "step_precomp": lambda: step_p(state, bp, consts_p),
-        "step_frozen": lambda: step_f(state, batch, consts_f),
+        "adamw": lambda: run("adam", upd),
+        "step_precomp": lambda: run("state", step_p, bp, consts_p),
+        "step_frozen": lambda: run("state", step_f, batch, consts_f),
     }
-    trunk_jit = jax.jit(trunk)
-    pieces["trunk_fwd"] = lambda: trunk_jit(params)
     times = {k: [] for k in pieces}
     for r in range(a.rounds + 1):
         names = list(pieces)
@@ -179,11 +189,11 @@ def main(argv=None):
         import gzip
 
         with gzip.open(a.hlo, "wt", encoding="utf-8") as f:
-            f.write(step_f.lower(state, batch, consts_f).compile().as_text())
+            f.write(step_f.lower(live["state"], batch, consts_f).compile().as_text())
     tdir = tempfile.mkdtemp(prefix="mio_jax_trace_")
     with jax.profiler.trace(tdir):
         t0 = time.perf_counter()
-        jax.block_until_ready(step_f(state, batch, consts_f))
+        jax.block_until_ready(run("state", step_f, batch, consts_f))
         traced_ms = 1e3 * (time.perf_counter() - t0)
     on_device = jax.devices()[0].platform != "cpu"
     top = trace_summary(tdir, top=a.top, device_only=on_device)

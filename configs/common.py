@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.every_steps = 10
     c.log.peak_flops_per_device = 0.0    # 0 = from the table of known chips
     c.log.progress_bar = True
+    c.log.weight_norms = False           # also log param_norm and update_norm (a pass each)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)

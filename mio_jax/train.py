@@ -113,7 +113,8 @@ def _step_config(config) -> step_lib.StepConfig:
         ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
         use_weighting=bool(config.loss.use_weighting),
         max_tokens_fraction=(None if config.model.completion_logits_fraction is None
-                             else float(config.model.completion_logits_fraction)))
+                             else float(config.model.completion_logits_fraction)),
+        weight_norms=bool(config.log.weight_norms))
 
 
 def _full_projection(cfg: step_lib.StepConfig) -> step_lib.StepConfig:

@@ -38,7 +38,7 @@ def _args(tiny, workdir, *extra):
 def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     work = tmp_path / "run"
     r = _main(_args(tiny, work, "--config.train.steps=4", "--config.eval.every_steps=2",
-                    "--config.eval.at_start=True",
+                    "--config.eval.at_start=True", "--config.log.weight_norms=True",
                     "--config.loss.name=dpo", "--config.loss.beta=0.05"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "done:" in r.stdout

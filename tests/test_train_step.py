@@ -123,12 +123,27 @@ def test_first_step_loss_is_ln4_when_policy_equals_reference():
     assert m["loss"] == pytest.approx(math.log(4), abs=1e-6)  # method.md: L_MIO(0, 0) = ln 4
     assert m["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert m["grad_norm"] > 0 and m["update_norm"] > 0
+    assert m["grad_norm"] > 0 and "update_norm" not in m and "param_norm" not in m  # opt-in
     assert m["learning_rate"] == pytest.approx(1e-2)
     assert m["num_groups"] == 8 and m["completion_tokens"] == BATCHES[0]["loss_mask"].sum()
     # later steps see a policy that moved away from the reference
     assert abs(hist[2]["loss"] - math.log(4)) > 1e-4
     assert abs(hist[1]["rewards/chosen"]) > 1e-5
+
+
+def test_weight_norms_are_the_norms_of_the_update_and_new_params():
+    """`weight_norms=True` adds param_norm (after the update) and update_norm, which equal
+    the norms of the new weights and of new minus old weights; nothing else changes."""
+    params1, hist = _run(_cfg(weight_norms=True), BATCHES[:1])
+    params0 = _model(0)[1]
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    new, old = flat(params1), flat(params0)
+    assert hist[0]["param_norm"] == pytest.approx(np.linalg.norm(new), rel=1e-5)
+    assert hist[0]["update_norm"] == pytest.approx(np.linalg.norm(new - old), rel=1e-3)
+    base_params, base_hist = _baseline()
+    assert {k: v for k, v in hist[0].items() if not k.endswith("_norm") or k == "grad_norm"} \
+        == pytest.approx(base_hist[0])
+    _close_tree(params1, _run(_cfg(), BATCHES[:1])[0], rtol=0, atol=0)
 
 
 def test_grad_accumulation_4x2_equals_one_batch_of_8():
