@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the train step, prepared to run in one go on a single H100/H200
-# (about 8 minutes): cuDNN attention == written-out attention, then the train-step
+# (every part: about 12 minutes): cuDNN attention == written-out attention, then the train-step
 # benchmark in bfloat16 compute (float32 master weights and Adam) for a
 # Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random weights; speed does not
 # depend on their values). Logs and JSON go to $OUT (default: docs/benchmarks/gpu).

@@ -48,10 +48,12 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 12
     c.checkpoint.keep = 2
     c.log.every_steps = 2
-    # float32 peak of the 2-core development CPU (AVX-512 Zen 4: 2 cores x 32
-    # FLOP/cycle x ~3.5 GHz; a jitted 2048^2 matmul measures 150-215 GFLOP/s);
-    # on accelerators leave 0 to use the table of known chips.
-    c.log.peak_flops_per_device = 2.2e11
+    # float32 matmul peak of the 2-core development CPU, as measured (a jitted 2048^3
+    # matmul: 360-530 GFLOP/s in the latest session, 150-231 on the host of the first
+    # ones; measure yours with benchmarks/train_step.py). The logged "mfu" counts the
+    # FLOPs of the unshared layout, so with the shared prompt it is an effective figure.
+    # On accelerators leave 0 to use the table of known chips.
+    c.log.peak_flops_per_device = 4.5e11
     c.eval.every_steps = 12
     c.eval.batch_size = 4
     c.eval.max_batches = 4

@@ -205,13 +205,17 @@ def reference_logps(graphdef, ref_params, other, batch, cfg: StepConfig) -> jax.
 
 def _weighted_sums(params, graphdef, other, batch, ref_params, cfg: StepConfig):
     """Weighted loss sum of one micro-batch, plus metric sums and the weight sum."""
-    policy_bk, wpo_b = _forward_logps(graphdef, params, other, batch, cfg)
     if cfg.reference == "frozen":
         ref_bk = reference_logps(graphdef, ref_params, other, batch, cfg)
+        # The reference forward runs to completion before the policy forward starts, so
+        # its temporaries are freed before the policy's saved activations pile up (left to
+        # the scheduler, the two can overlap and add up at the memory peak).
+        ref_bk, params = jax.lax.optimization_barrier((ref_bk, params))
     elif cfg.reference == "precomputed":
         ref_bk = batch["ref_logps"]
     else:
         ref_bk = None
+    policy_bk, wpo_b = _forward_logps(graphdef, params, other, batch, cfg)
     mask = batch["loss_mask"]
     if "segment_ids" in batch or "shared_code" in batch:
         seq, b, k = _sequence_index(batch)

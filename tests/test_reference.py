@@ -131,8 +131,12 @@ def test_precomputed_and_frozen_modes_give_the_same_run(tmp_path):
     pre = train.train_and_evaluate(pre_cfg, str(tmp_path / "pre"))
     for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "grad_norm"):
         assert pre["train"][k] == pytest.approx(frozen["train"][k], rel=1e-5, abs=1e-6), k
+    # Eval runs after three AdamW updates. The two modes compute the reference log-probs in
+    # different programs (float32 rounding apart), and AdamW divides each coordinate's
+    # step by its own gradient scale, which magnifies those roundings in near-zero
+    # gradient entries: agreement to 1e-3 relative here, not to 1e-5.
     for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen"):
-        assert pre["eval"][k] == pytest.approx(frozen["eval"][k], rel=1e-5, abs=1e-6), k
+        assert pre["eval"][k] == pytest.approx(frozen["eval"][k], rel=1e-3, abs=1e-6), k
 
     def files():
         return {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)
