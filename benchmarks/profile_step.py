@@ -122,12 +122,16 @@ def main(argv=None):
     graphdef, params, other, mcfg = _common.build_model(
         a.model, dtype=a.dtype, param_dtype=a.param_dtype, attention=a.attention,
         scan_layers=a.layers == "scan")
-    batch = jax.device_put(_common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size))
+    # Everything committed to one device, so that no step sees its inputs change from
+    # uncommitted to committed between calls (that retraces and recompiles in a timed round).
+    dev = jax.devices()[0]
+    params, other = jax.device_put(params, dev), jax.device_put(other, dev)
+    batch = jax.device_put(_common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size), dev)
     cfg_f = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False)
     cfg_p = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False,
                           reference="precomputed")
     tx = optax.adamw(1e-6)
-    ref = reference.frozen_params(jax.tree.map(jnp.copy, params), a.dtype)  # as train.py
+    ref = reference.frozen_params(params, a.dtype)  # as train.py
 
     def trunk(params):
         m = nnx.merge(graphdef, params, other)
@@ -144,7 +148,7 @@ def main(argv=None):
     # The update and the steps donate their state, as the trainer does: without it every
     # call writes a fresh copy of the weights and Adam moments (on a CPU, fresh pages).
     live = {"adam": (jax.tree.map(jnp.copy, params), tx.init(params)),
-            "state": ts.init_state(jax.tree.map(jnp.copy, params), tx, 0)}
+            "state": jax.jit(functools.partial(ts.init_state, tx=tx, seed=0))(params)}
     upd = jax.jit(lambda g, prm, s: (lambda u, s2: (optax.apply_updates(prm, u), s2))(
         *tx.update(g, s, prm)), donate_argnums=(1, 2))
     step_p = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
@@ -155,19 +159,22 @@ def main(argv=None):
                      donate_argnums=0)
     consts_p, consts_f = {"other": other, "ref_params": None}, {"other": other, "ref_params": ref}
 
-    def run(key, fn, *args):
-        out = fn(live[key], *args) if key == "state" else fn(grads, *live[key])
-        live[key] = out[0] if key == "state" else out
-        return out
+    def run_adam():
+        live["adam"] = upd(grads, *live["adam"])
+        return live["adam"]
+
+    def run_step(fn, *args):
+        live["state"], metrics = fn(live["state"], *args)
+        return metrics
 
     trunk_jit = jax.jit(trunk)
     pieces = {
         "trunk_fwd": lambda: trunk_jit(params),
         "policy_fwd": lambda: pol(params),
         "loss_fwd_bwd": lambda: grad_fn(params),
-        "adamw": lambda: run("adam", upd),
-        "step_precomp": lambda: run("state", step_p, bp, consts_p),
-        "step_frozen": lambda: run("state", step_f, batch, consts_f),
+        "adamw": run_adam,
+        "step_precomp": lambda: run_step(step_p, bp, consts_p),
+        "step_frozen": lambda: run_step(step_f, batch, consts_f),
     }
     times = {k: [] for k in pieces}
     for r in range(a.rounds + 1):
@@ -193,7 +200,7 @@ def main(argv=None):
     tdir = tempfile.mkdtemp(prefix="mio_jax_trace_")
     with jax.profiler.trace(tdir):
         t0 = time.perf_counter()
-        jax.block_until_ready(run("state", step_f, batch, consts_f))
+        jax.block_until_ready((run_step(step_f, batch, consts_f), live["state"]))
         traced_ms = 1e3 * (time.perf_counter() - t0)
     on_device = jax.devices()[0].platform != "cpu"
     top = trace_summary(tdir, top=a.top, device_only=on_device)

@@ -65,10 +65,13 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
 def main(argv=None):
     a = _args(argv)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -98,7 +101,7 @@ def main(argv=None):
     tx = optax.adamw(1e-6)
     schedule = optax.constant_schedule(1e-6)
     state = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))(params)
-    ref_params = reference.frozen_params(jax.tree.map(jnp.copy, params), a.dtype)  # as train.py
+    ref_params = reference.frozen_params(params, a.dtype)  # as train.py
     chunks = [int(c) for c in a.chunk_size.split(",")]
     base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=chunks[0],
                                      lengths=False)
@@ -130,7 +133,7 @@ def main(argv=None):
         try:
             compiled = fn.lower(state, batch, consts).compile()
         except Exception as e:  # report and go on with the other variants
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            error = _first_line(e)
             print(f"{name} failed to compile: {error}", flush=True)
             variants.append(dict(name=name, error=error, times=[]))
             continue
@@ -159,7 +162,7 @@ def main(argv=None):
                 state, m = v["fn"](state, v["batch"], v["consts"])
                 jax.block_until_ready((state, m))
             except Exception as e:  # e.g. out of device memory: report it, time the others
-                v["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                v["error"] = _first_line(e)
                 print(f"{v['name']} failed: {v['error']}", flush=True)
                 if any(x.is_deleted() for x in jax.tree.leaves(state)):
                     state = init(params)  # the failed call had taken the donated state

@@ -85,16 +85,12 @@ def _rms_norm(x, weight, eps):
 _rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2,))
 
 
-def _gated_silu(gate, up):
-    return jax.nn.silu(gate) * up
-
-
 def _mlp_in_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
     gate = jnp.einsum("btd,df->btf", h_btd, w_gate_df)
     up = jnp.einsum("btd,df->btf", h_btd, w_up_df)
     if b_gate_f is not None:
         gate, up = gate + b_gate_f, up + b_up_f
-    return _gated_silu(gate, up), (h_btd, w_gate_df, w_up_df, gate, up, b_gate_f)
+    return jax.nn.silu(gate) * up, (h_btd, w_gate_df, w_up_df, gate, up, b_gate_f)
 
 
 @jax.custom_vjp
