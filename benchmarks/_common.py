@@ -1,9 +1,13 @@
-"""Shared pieces of the benchmarks: models by name, synthetic pair batches, the
-measured matmul peak, peak memory, and table printing. Not part of the package."""
+"""Shared pieces of the benchmarks: models by name, synthetic pair batches, the trainer's
+jitted step, the measured matmul peak, peak memory, and table printing. Not part of the
+package: the scripts import it as ``_common`` (``python benchmarks/X.py`` puts this folder
+on ``sys.path``) or as ``benchmarks._common`` (``python -m benchmarks.X`` from the repo
+root); mio_jax itself comes from the environment (``pip install -e .``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -12,8 +16,6 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Config-shaped random models (Hugging Face config.json fields). llama1b is Llama-3.2-1B's shape.
 SHAPES = {
@@ -38,7 +40,6 @@ def build_model(name: str, *, dtype: str = "float32", param_dtype: str = "float3
     from flax import nnx
 
     from mio_jax import models
-    from mio_jax.train import resolve_model_path
 
     if name in SHAPES:
         cfg = models.ModelConfig(**SHAPES[name], dtype=dtype, param_dtype=param_dtype,
@@ -46,7 +47,7 @@ def build_model(name: str, *, dtype: str = "float32", param_dtype: str = "float3
                                  attention=attention)
         model = models.init_model(cfg, seed=0)
     else:
-        model = models.load_pretrained(resolve_model_path(name), dtype=dtype,
+        model = models.load_pretrained(models.resolve_model_path(name), dtype=dtype,
                                        param_dtype=param_dtype, remat_policy=remat_policy,
                                        scan_layers=scan_layers, attention=attention)
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
@@ -64,30 +65,78 @@ def graphdef_for(model_cfg, **changes):
     return nnx.split(abstract, nnx.Param, ...)[0]
 
 
-def synthetic_pairs(pairs: int, seq_len: int, prompt_frac: float, vocab: int, seed: int = 0):
-    """Unshared ``[B, 2, L]`` batch dict of random tokens: prompt ``round(frac * L)``
-    tokens; chosen fills the row, rejected is ``L // 8`` tokens shorter (some padding)."""
-    from mio_jax.data import batching
+def add_model_args(p, *, model: str, pairs: int, seq_len: int, dtype: str = "float32",
+                   param_dtype: bool = True) -> None:
+    """The flags every step benchmark takes: --model, --pairs, --seq_len, --dtype (and
+    --param_dtype)."""
+    p.add_argument("--model", default=model, help="smollm2 | a folder/.gguf | "
+                   + " | ".join(SHAPES))
+    p.add_argument("--pairs", type=int, default=pairs)
+    p.add_argument("--seq_len", type=int, default=seq_len)
+    p.add_argument("--dtype", default=dtype, help="compute dtype")
+    if param_dtype:
+        p.add_argument("--param_dtype", default="float32", help="master weights / Adam dtype")
+
+
+def synthetic_groups(pairs: int, seq_len: int, prompt_frac: float, vocab: int, seed: int = 0):
+    """``pairs`` tokenised pairs of random tokens (ids >= 5, clear of the special tokens):
+    prompt ``round(frac * L)`` tokens; chosen fills L, rejected is ``L // 8`` shorter."""
     from mio_jax.data.tokenize import TokenizedGroup
 
     rng = np.random.default_rng(seed)
     p = max(1, int(round(prompt_frac * seq_len)))
     c0 = seq_len - p
     c1 = max(1, c0 - seq_len // 8)
-    groups = [TokenizedGroup(row_id=f"s{i}", prompt_ids=rng.integers(5, vocab, p).astype(np.int32),
-                             completion_ids=(rng.integers(5, vocab, c0).astype(np.int32),
-                                             rng.integers(5, vocab, c1).astype(np.int32)))
-              for i in range(pairs)]
-    b = batching.collate(groups, np.arange(pairs), K=2, L=seq_len)
-    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
+    return [TokenizedGroup(row_id=f"s{i}", prompt_ids=rng.integers(5, vocab, p).astype(np.int32),
+                           completion_ids=(rng.integers(5, vocab, c0).astype(np.int32),
+                                           rng.integers(5, vocab, c1).astype(np.int32)))
+            for i in range(pairs)]
 
 
-def completion_fraction(batch: dict, margin: float = 1.05) -> float:
+def synthetic_pairs(pairs: int, seq_len: int, prompt_frac: float, vocab: int, seed: int = 0):
+    """The unshared ``[B, 2, L]`` ``PreferenceBatch`` (numpy) of ``synthetic_groups``."""
+    from mio_jax import data
+
+    groups = synthetic_groups(pairs, seq_len, prompt_frac, vocab, seed)
+    return data.collate(groups, np.arange(pairs), K=2, L=seq_len)
+
+
+def completion_fraction(batch, margin: float = 1.05) -> float:
     """``StepConfig.max_tokens_fraction`` sized to this batch's layout: its completion
     tokens over its ``loss_mask`` slots, times ``margin`` (capped at 1). Each layout
     (unshared ``[B, 2, L]``, shared-prompt ``[B, T]``) needs its own."""
-    mask = np.asarray(batch["loss_mask"])
+    mask = np.asarray(batch.loss_mask)
     return min(1.0, margin * float(np.mean(mask != 0)) + 1e-3)
+
+
+def init_state(params, tx):
+    """The trainer's fresh ``TrainState`` for ``params``, built by jit (as ``mio_jax.train``)."""
+    import jax
+
+    from mio_jax import train_step
+
+    return jax.jit(functools.partial(train_step.init_state, tx=tx))(params)
+
+
+def jit_train_step(graphdef, tx, cfg, schedule, **jit_kwargs):
+    """The trainer's step ``(state, batch, consts) -> (state, metrics)``, jitted with the
+    state donated as ``mio_jax.train`` does.
+
+    Args:
+      graphdef, tx, cfg: as ``mio_jax.train_step.train_step``.
+      schedule: the optax learning-rate schedule, or a float for a constant rate.
+      **jit_kwargs: more ``jax.jit`` arguments (in_shardings, out_shardings).
+    """
+    import jax
+    import optax
+
+    from mio_jax import train_step
+
+    if not callable(schedule):
+        schedule = optax.constant_schedule(schedule)
+    return jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
+                                     schedule=schedule, cfg=cfg),
+                   donate_argnums=0, **jit_kwargs)
 
 
 def matmul_peak_flops(n: int = 2048, dtype: str = "float32", reps: int = 7) -> float:

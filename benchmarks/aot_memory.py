@@ -15,15 +15,19 @@ time O(1) in depth), vocabulary chunk 8192, sequences of 2048 tokens, mesh
 ``(data=1, fsdp=N, tensor=1)``, and the per-device micro-batch of the paper configs
 (``batch_size / (fsdp * grad_accum_steps)`` of the named hardware layout, e.g. h100x8:
 128 pairs / 8 GPUs / 16 micro-batches = 1 pair), whatever N the mesh is simulated at.
-The frozen reference keeps a second copy of the float32 weights
-(sharded like the params); the precomputed reference keeps none.
+The frozen reference keeps a second copy of the weights in the bfloat16 compute dtype
+(``mio_jax.reference.frozen_params``, sharded like the params); the precomputed reference
+keeps none.
 
 Caveat: this is XLA:CPU's buffer assignment for the SPMD-partitioned program. GPU and
 TPU compilers fuse and schedule differently, so treat the figures as estimates (they
 are usually pessimistic for TPU, whose compiler rematerialises under pressure).
 
+  D=docs/benchmarks/$(date +%F)   # current results live in dated folders (docs/benchmarks/README.md)
   python benchmarks/aot_memory.py --runs=h100x8@8,v5p-64@64,v5p-64@256,v4-64@32 \\
-      --out=docs/benchmarks/aot_memory.md
+      --out=$D/aot_memory.md --json=$D/aot_memory.json
+  # smoke test: one model, one reference, one mesh (seconds)
+  python benchmarks/aot_memory.py --runs=h100x8@8 --models=llama3_8b --references=precomputed
 """
 
 from __future__ import annotations
@@ -35,8 +39,14 @@ import subprocess
 import sys
 import time
 
+if __package__:  # python -m benchmarks.aot_memory
+    from . import _common
+else:  # python benchmarks/aot_memory.py (this folder is sys.path[0])
+    import _common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+PAPER_CONFIG = os.path.join(ROOT, "configs", "paper.py")
 
 # Hugging Face config.json fields of the paper-scale models (public configs).
 HF_CONFIGS = {
@@ -68,18 +78,19 @@ LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0, "TPU v4 32GB": 32.0}
 def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
                  seq_len: int | None) -> dict:
     """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware`` on N devices."""
-    import functools
+    import dataclasses
 
     import jax
+    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from configs import paper
-    from mio_jax import models, optim, train, train_step
+    from mio_jax import config as mio_config
+    from mio_jax import layouts, models, optim, train, train_step
     from mio_jax import reference as reference_lib
     from mio_jax import sharding as sharding_lib
 
-    c = paper.get_config(f"{model},mio,{hardware}")
+    c = mio_config.resolve(mio_config.load(f"{PAPER_CONFIG}:{model},mio,{hardware}"))
     micro_pairs = c.train.batch_size // (c.mesh.shape[1] * c.train.grad_accum_steps)
     L = seq_len or c.data.max_length
     remat = remat or c.model.remat_policy
@@ -87,7 +98,7 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
                                      param_dtype=c.model.param_dtype, remat_policy=remat,
                                      scan_layers=c.model.scan_layers)
     mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes)
-    rules = models.DEFAULT_RULES
+    rules = sharding_lib.DEFAULT_RULES
     abstract_model = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
     graphdef, p_state, o_state = nnx.split(abstract_model, nnx.Param, ...)
     p_specs = sharding_lib.state_partition_specs(p_state, rules, mesh)
@@ -98,35 +109,30 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
                                                         sharding=NamedSharding(mesh, P())),
                          nnx.to_pure_dict(o_state))
     tx, schedule = optim.from_config(c.optim, 1000)
-    init = functools.partial(train_step.init_state, tx=tx, seed=0)
-    abstract = jax.eval_shape(init, params)
-    state_specs = train_step.TrainState(
-        step=P(), params=p_specs,
-        opt_state=sharding_lib.optimizer_state_specs(tx, abstract.opt_state, p_specs), rng=P())
-    state_sh = sharding_lib.named(mesh, state_specs)
+    state_sh = sharding_lib.named(mesh, train_step.state_specs(tx, params, p_specs))
+    abstract = jax.eval_shape(lambda p: train_step.init_state(p, tx), params)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_sh)
     B = micro_pairs * n * c.train.grad_accum_steps
-    data_sh = NamedSharding(mesh, P(("data", "fsdp")))
-    i32 = jax.numpy.int32
-    batch = {f: jax.ShapeDtypeStruct((B, 2, L), i32, sharding=data_sh)
-             for f in ("input_ids", "targets", "loss_mask", "positions", "attention_mask")}
-    batch["weights"] = jax.ShapeDtypeStruct((B,), jax.numpy.float32, sharding=data_sh)
-    batch["valid"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.bool_, sharding=data_sh)
-    if reference == "precomputed":
-        batch["ref_logps"] = jax.ShapeDtypeStruct((B, 2), jax.numpy.float32, sharding=data_sh)
+    data_sh = sharding_lib.batch_sharding(mesh)
+
+    def field(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=data_sh)
+
+    batch = layouts.PreferenceBatch(
+        **{f: field((B, 2, L), jnp.int32) for f in layouts.TOKEN_FIELDS},
+        weights=field((B,), jnp.float32), valid=field((B, 2), jnp.bool_),
+        example_id=field((B,), jnp.int32),
+        ref_logps=field((B, 2), jnp.float32) if reference == "precomputed" else None)
     ref_params = jax.tree.map(  # the trainer's frozen reference: compute-dtype weights
         lambda x: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
                                        sharding=x.sharding), params)
-    consts = {"other": other, "ref_params": ref_params if reference == "frozen" else None}
-    step_cfg = train._step_config(c)
-    import dataclasses
-
-    step_cfg = dataclasses.replace(step_cfg, reference=reference)
-    fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
-                                   schedule=schedule, cfg=step_cfg),
-                 in_shardings=(state_sh, data_sh, jax.tree.map(lambda x: x.sharding, consts)),
-                 out_shardings=(state_sh, None), donate_argnums=0)
+    consts = train_step.StepConsts(other, ref_params if reference == "frozen" else None)
+    step_cfg = dataclasses.replace(train.step_config(c), reference=reference)
+    fn = _common.jit_train_step(
+        graphdef, tx, step_cfg, schedule,
+        in_shardings=(state_sh, data_sh, jax.tree.map(lambda x: x.sharding, consts)),
+        out_shardings=(state_sh, None))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = fn.lower(state, batch, consts).compile()
@@ -181,21 +187,21 @@ def main(argv=None):
     p.add_argument("--references", default="frozen,precomputed")
     p.add_argument("--remat", default="", help="override the config's remat policy")
     p.add_argument("--seq_len", type=int, default=0, help="override data.max_length")
-    p.add_argument("--out", default="", help="write the markdown table here")
-    p.add_argument("--json", default="")
+    p.add_argument("--out", default="", help="write the markdown table here (current results: "
+                   "docs/benchmarks/YYYY-MM-DD/aot_memory.md)")
+    p.add_argument("--json", default="", help="write the rows as JSON here")
     p.add_argument("--timeout", type=int, default=3000, help="seconds per mesh size")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hardware", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
     if a.worker:
         return _worker(a)
     rows = []
     for run in a.runs.split(","):
         hardware, n = run.split("@")
         n = int(n)
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--n={n}",
                f"--hardware={hardware}", f"--models={a.models}",
@@ -218,13 +224,16 @@ def main(argv=None):
     table = _table(rows)
     print("\n" + table)
     if a.out:
+        flags = [f"--{k}={v}" for k, v in (("runs", a.runs), ("models", a.models),
+                                            ("references", a.references), ("remat", a.remat),
+                                            ("seq_len", a.seq_len))
+                 if v and v != p.get_default(k)]
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as f:
             f.write("# AOT per-device memory of the train step (generated)\n\n"
-                    f"Command: `python benchmarks/aot_memory.py --runs={a.runs}"
-                    f"{' --remat=' + a.remat if a.remat else ''}`\n\n" + table + "\n")
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+                    f"Command: `python benchmarks/aot_memory.py {' '.join(flags)}`\n\n"
+                    + table + "\n")
+    _common.dump_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ reference are printed; the check passes when the fused kernel's error is within
 ``--factor`` times the written-out one's (plus a small floor), so it measures the
 kernel, not bfloat16 itself. Exits non-zero on a mismatch. cuDNN's kernel runs only on
 NVIDIA GPUs; elsewhere the script says so and exits 0 (``--dry_run`` sends the fused
-call through XLA to exercise the script off GPU).
+call, ``jax.nn.dot_product_attention(implementation="cudnn")``, through XLA instead, to
+exercise the script off GPU).
 
   python benchmarks/attention_check.py --model=smollm2_shape --pairs=4 --seq_len=512
 """
@@ -18,20 +19,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+if __package__:  # python -m benchmarks.attention_check
+    from . import _common
+else:  # python benchmarks/attention_check.py (this folder is sys.path[0])
+    import _common
+
+
+def _fused_attention_through_xla() -> None:
+    """Off GPU: every ``jax.nn.dot_product_attention(implementation="cudnn")`` call (what
+    ``model.attention="cudnn"`` runs) goes through XLA instead. mio_jax has no public
+    switch for this, so the jax function is wrapped; only ``--dry_run`` does it."""
+    import jax
+
+    fused = jax.nn.dot_product_attention
+
+    @functools.wraps(fused)
+    def through_xla(*args, implementation=None, **kwargs):
+        return fused(*args, implementation="xla" if implementation == "cudnn"
+                     else implementation, **kwargs)
+
+    jax.nn.dot_product_attention = through_xla
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="smollm2_shape", help=" | ".join(_common.SHAPES))
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--dtype", default="bfloat16")
+    _common.add_model_args(p, model="smollm2_shape", pairs=4, seq_len=512, dtype="bfloat16",
+                           param_dtype=False)
     p.add_argument("--factor", type=float, default=2.0)
     p.add_argument("--dry_run", action="store_true",
                    help="off GPU: send the fused call through XLA (checks this script only)")
@@ -46,14 +62,13 @@ def main(argv=None) -> int:
 
     print(f"machine: {_common.machine()}", flush=True)
     if a.dry_run:
-        from mio_jax.models import llama
-        llama._cudnn_attention = functools.partial(llama._cudnn_attention, implementation="xla")
+        _fused_attention_through_xla()
     elif jax.devices()[0].platform != "gpu":
         print("no GPU here: the cuDNN attention kernel cannot run; nothing checked")
         return 0
     _, params, other, mcfg = _common.build_model(a.model, dtype="float32", param_dtype="float32")
     unshared = _common.synthetic_pairs(a.pairs, a.seq_len, 0.5, mcfg.vocab_size)
-    layouts = {"unshared": unshared,
+    batches = {"unshared": unshared,
                "shared": shared_prompt.to_shared_prompt(unshared, multiple=16)}
     cfg = train_step.StepConfig(loss_name="sft", beta=0.1, reference="none", lengths=False)
     runs = {"float32 xla": ("float32", "xla"), f"{a.dtype} xla": (a.dtype, "xla"),
@@ -61,13 +76,13 @@ def main(argv=None) -> int:
 
     def logps_and_grad(graphdef, batch):
         def total(p):
-            seq, _ = train_step._forward_logps(graphdef, p, other, batch, cfg)
+            seq = train_step.policy_logps(graphdef, p, other, batch, cfg).logps
             return seq.sum(), seq
         (_, seq), g = jax.value_and_grad(total, has_aux=True)(params)
         return seq, g
 
     ok = True
-    for lay, batch in layouts.items():
+    for lay, batch in batches.items():
         batch = jax.device_put(batch)
         out = {}
         for name, (dtype, att) in runs.items():
@@ -76,7 +91,7 @@ def main(argv=None) -> int:
             flat = jnp.concatenate([x.ravel().astype(jnp.float32) for x in jax.tree.leaves(g)])
             out[name] = (np.asarray(seq, np.float64), np.asarray(flat, np.float64))
         ref_seq, ref_g = out["float32 xla"]
-        tokens = float(np.sum(np.asarray(unshared["loss_mask"]) != 0))
+        tokens = float(np.sum(np.asarray(unshared.loss_mask) != 0))
         errs = {}
         for name in list(runs)[1:]:
             seq, g = out[name]

@@ -4,7 +4,8 @@
 
 Prints: preparation (read + validate + chat template + tokenise) pairs/s, then
 batch assembly pairs/s (steady state, after the first batch) for each worker
-count, bucketed and packed, and the ratio to a CPU training step of SmolLM2-135M
+count and layout (bucketed ``[B, 2, L]``, packed rows, bucketed shared-prompt rows;
+``mio_jax.layouts``), and the ratio to a CPU training step of SmolLM2-135M
 (about 6 s per step of 2 pairs x 128 tokens on the 2-core machine, measured in
 docs/environment; pass --train_pairs_per_s to use another figure).
 """
@@ -14,8 +15,7 @@ import time
 
 import numpy as np
 
-from mio_jax.data import pipeline
-from mio_jax.data.config import default_data_config
+from mio_jax import data, models
 
 
 def _rate(it, batches: int, batch_size: int) -> tuple[float, float]:
@@ -43,26 +43,24 @@ def main():
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--train_pairs_per_s", type=float, default=2 / 6.0)
     args = parser.parse_args()
-    from mio_jax.models.embedded import smollm2_gguf_path
-    from mio_jax.models.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(smollm2_gguf_path())
-    config = default_data_config()
+    tokenizer = models.load_tokenizer(models.smollm2_gguf_path())
+    config = data.default_data_config()
     config.max_length = args.max_length
     t0 = time.perf_counter()
-    prepared = pipeline.prepare(config, tokenizer, split="train")
+    prepared = data.prepare(config, tokenizer, split="train")
     prep_s = time.perf_counter() - t0
     n = len(prepared.groups)
     print(prepared.summary.format_text())
     print(f"preparation: {n} pairs in {prep_s:.2f} s = {n / prep_s:.0f} pairs/s (one process)")
     rows = []
-    for layout in ("bucketed", "packed"):
+    for layout in ("bucketed", "packed", "shared"):
         for workers in [int(w) for w in args.workers.split(",")]:
-            c = default_data_config()
+            c = data.default_data_config()
             c.max_length = args.max_length
             c.packing = layout == "packed"
+            c.shared_prompt = layout == "shared"
             c.num_workers = workers
-            it = pipeline.make_pipeline(
+            it = data.make_pipeline(
                 c,
                 tokenizer,
                 batch_size=args.batch_size,

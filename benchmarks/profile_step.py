@@ -3,7 +3,8 @@
 Breakdown (each piece jitted on its own, all run alternating in one process, medians):
   trunk_fwd     decoder forward to the final hidden states  ``[B*2, L, D]``
   policy_fwd    trunk + chunked output projection + log-softmax -> ``[B, 2]`` log-probs
-  loss_fwd_bwd  ``value_and_grad`` of the step's loss (precomputed reference)
+  loss_fwd_bwd  ``value_and_grad`` of the step's weighted loss sum (policy_logps +
+                ``losses.compute_group``, precomputed reference; no metrics)
   adamw         the optimizer update alone (on gradient-shaped arrays)
   step_precomp  the trainer's whole step, precomputed reference
   step_frozen   the trainer's whole step, frozen reference (one more forward)
@@ -21,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+if __package__:  # python -m benchmarks.profile_step
+    from . import _common
+else:  # python benchmarks/profile_step.py (this folder is sys.path[0])
+    import _common
 
 
 _KINDS = (  # (kind, substrings of a device kernel's name), first match wins
@@ -97,12 +98,8 @@ def device_breakdown(trace_dir: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=128)
+    _common.add_model_args(p, model="smollm2", pairs=2, seq_len=128)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--dtype", default="float32", help="compute dtype")
-    p.add_argument("--param_dtype", default="float32")
     p.add_argument("--attention", default="xla", help="xla | cudnn")
     p.add_argument("--layers", default="scan", help="scan | unroll")
     p.add_argument("--top", type=int, default=15, help="events listed from the trace")
@@ -115,7 +112,7 @@ def main(argv=None):
     import optax
     from flax import nnx
 
-    from mio_jax import reference
+    from mio_jax import losses, reference
     from mio_jax import train_step as ts
 
     print(f"machine: {_common.machine()}", flush=True)
@@ -135,29 +132,34 @@ def main(argv=None):
 
     def trunk(params):
         m = nnx.merge(graphdef, params, other)
-        b, k, l = batch["input_ids"].shape
-        return m.hidden_states(batch["input_ids"].reshape(b * k, l),
-                               attention_mask=batch["attention_mask"].reshape(b * k, l),
-                               positions=batch["positions"].reshape(b * k, l))
+        b, k, l = batch.input_ids.shape
+        return m.hidden_states(batch.input_ids.reshape(b * k, l),
+                               attention_mask=batch.attention_mask.reshape(b * k, l),
+                               positions=batch.positions.reshape(b * k, l))
 
-    pol = jax.jit(lambda prm: ts._forward_logps(graphdef, prm, other, batch, cfg_f)[0])
-    bp = dict(batch, ref_logps=pol(ref))
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda prm: ts._weighted_sums(prm, graphdef, other, bp, None, cfg_p)[0]))
+    pol = jax.jit(lambda prm: ts.policy_logps(graphdef, prm, other, batch, cfg_f).logps)
+    bp = batch.replace(ref_logps=pol(ref))
+
+    def loss_sum(prm):  # the step's weighted loss sum, precomputed reference (no metrics)
+        seq = ts.policy_logps(graphdef, prm, other, bp, cfg_p).logps
+        losses_b, _ = losses.compute_group(cfg_p.loss_name, policy_logps=seq,
+                                           ref_logps=bp.ref_logps, beta=cfg_p.beta,
+                                           valid=bp.valid)
+        return jnp.sum(bp.weights * losses_b)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_sum))
     grads = grad_fn(params)[1]
     # The update and the steps donate their state, as the trainer does: without it every
     # call writes a fresh copy of the weights and Adam moments (on a CPU, fresh pages).
-    live = {"adam": (jax.tree.map(jnp.copy, params), tx.init(params)),
-            "state": jax.jit(functools.partial(ts.init_state, tx=tx, seed=0))(params)}
+    # The Adam inputs are committed like the others (uncommitted, the update recompiled
+    # in its first timed round, once its donated outputs came back committed).
+    live = {"adam": jax.device_put((jax.tree.map(jnp.copy, params), tx.init(params)), dev),
+            "state": _common.init_state(params, tx)}
     upd = jax.jit(lambda g, prm, s: (lambda u, s2: (optax.apply_updates(prm, u), s2))(
         *tx.update(g, s, prm)), donate_argnums=(1, 2))
-    step_p = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
-                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_p),
-                     donate_argnums=0)
-    step_f = jax.jit(functools.partial(ts.train_step, graphdef=graphdef, tx=tx,
-                                       schedule=optax.constant_schedule(1e-6), cfg=cfg_f),
-                     donate_argnums=0)
-    consts_p, consts_f = {"other": other, "ref_params": None}, {"other": other, "ref_params": ref}
+    step_p = _common.jit_train_step(graphdef, tx, cfg_p, 1e-6)
+    step_f = _common.jit_train_step(graphdef, tx, cfg_f, 1e-6)
+    consts_p, consts_f = ts.StepConsts(other), ts.StepConsts(other, ref)
 
     def run_adam():
         live["adam"] = upd(grads, *live["adam"])

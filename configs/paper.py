@@ -24,7 +24,7 @@ Launch commands (environment only in the scripts; hyper-parameters live here):
       --config=configs/paper.py:qwen2.5_7b,mio,h100x8 --workdir=/checkpoints/mio_qwen7b
 """
 
-from configs import common
+from mio_jax import config as mio_config
 
 MODELS = {
     "llama3_8b": "/data/models/Meta-Llama-3-8B-Instruct",
@@ -32,7 +32,7 @@ MODELS = {
     "qwen2.5_7b": "/data/models/Qwen2.5-7B-Instruct",
 }
 # mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy.
-# Sized with benchmarks/aot_memory.py (docs/benchmarks/aot_memory.md) for 2048-token pairs
+# Sized with benchmarks/aot_memory.py (docs/benchmarks/README.md section 3) for 2048-token pairs
 # of 7-8B models: v5p (95 GB) and H100 (80 GB) fit 2 and 1 pairs per device per
 # micro-batch with dots_with_no_batch_dims_saveable; v4 (32 GB) needs full remat at 1.
 # H100s run cuDNN's fused attention (the memory table was compiled with the written-out
@@ -58,7 +58,7 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
                          f"MODEL in {sorted(MODELS)}, LOSS in mio|dpo, HARDWARE in "
                          f"{sorted(HARDWARE)}")
     h = HARDWARE[hw]
-    c = common.base_config()
+    c = mio_config.base_config()
     c.seed = 0
     c.model.path = MODELS[model]
     c.model.dtype = "bfloat16"           # compute

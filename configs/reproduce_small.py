@@ -16,7 +16,13 @@ group (the correct sample and up to 3 incorrect ones: `kway_mode = "group"`), so
 the same prompts and positives in the same order, the group losses more negatives.
 """
 
-from configs import default
+import os
+
+from mio_jax import config as mio_config
+
+# The sibling experiment file, by path: this file runs from any working directory.
+default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "default.py"))
 
 BETA_MIO = 0.1
 # method -> (loss name, beta, kway_mode, extra loss hyper-parameters)

@@ -7,12 +7,12 @@ Tests pass the checkpoint and data they write themselves:
       --config.data.eval_path=E.jsonl
 """
 
-from configs import common
+from mio_jax import config as mio_config
 
 
 def get_config(arg=None):
     """Tiny config; ``arg`` "dpo" switches the loss (beta halved), "none" ref-free SimPO."""
-    c = common.base_config()
+    c = mio_config.base_config()
     c.model.path = "MISSING"             # set by the test
     c.model.scan_layers = True
     c.model.logps_chunk_size = 64

@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mio_jax.errors import ConfigError
+
 
 class _QuietOrbax:
     """Drops Orbax's per-save INFO chatter from the absl log (warnings stay)."""
@@ -181,3 +183,21 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def validate_checkpoint_config(cfg) -> None:
+    """Checks the ``checkpoint`` section: ``checkpoint.every_steps >= 1`` and
+    ``checkpoint.keep >= 1``.
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.checkpoint``).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    c = cfg.checkpoint
+    if c.every_steps < 1:
+        raise ConfigError(f"checkpoint.every_steps={c.every_steps} must be >= 1 "
+                          "(a run saves at the end in any case)")
+    if c.keep < 1:
+        raise ConfigError(f"checkpoint.keep={c.keep} must be >= 1")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mio_jax import verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
+from mio_jax.errors import ConfigError
 
 EVAL_SEED_BASE = 10**9
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
@@ -308,6 +309,43 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
+
+
+def reasoning_tasks(cfg) -> list[str]:
+    """``eval.reasoning_tasks`` as a list of reasoning-gym task names."""
+    return [t.strip() for t in cfg.eval.get("reasoning_tasks", "").split(",") if t.strip()]
+
+
+def validate_eval_config(cfg) -> None:
+    """Checks the ``eval`` section of a training config.
+
+    Rules: ``eval.every_steps >= 0``, ``eval.batch_size >= 1``; with
+    ``eval.reasoning_tasks`` set, ``eval.reasoning_examples`` and
+    ``eval.reasoning_max_new_tokens`` >= 1 and every task one that ``heldout_examples``
+    can build (reasoning-gym installed, the name known).
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.eval``).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    e = cfg.eval
+    if e.every_steps < 0:
+        raise ConfigError(f"eval.every_steps={e.every_steps} must be >= 0 (0 = never)")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be >= 1")
+    tasks = reasoning_tasks(cfg)
+    if not tasks:
+        return
+    if e.reasoning_examples < 1 or e.reasoning_max_new_tokens < 1:
+        raise ConfigError("eval.reasoning_examples and eval.reasoning_max_new_tokens "
+                          "must be >= 1")
+    for task in tasks:
+        try:
+            heldout_examples(task, 1, seed=0)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"eval.reasoning_tasks: {task!r}: {err}") from err
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ logits never exist, in the forward or the backward pass.
 Rows with no completion token (mask all zero) would give a log-prob of 0 and a
 DPO loss stuck at log 2. With concrete inputs every public function raises
 ``ValueError`` on them; under ``jax.jit`` inputs are tracers and cannot raise, so
-the trainer calls ``check_completion_tokens(batch["loss_mask"])`` on each host
+the trainer calls ``check_completion_tokens(batch.loss_mask)`` on each host
 batch before the jitted step (the data pipeline also guarantees it).
 
 WPO weights and LD-DPO log-probs follow TRL 1.16's ``DPOTrainer`` exactly

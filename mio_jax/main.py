@@ -1,9 +1,13 @@
 """Command-line entry point: ``python -m mio_jax.main --config=configs/default.py --workdir=DIR``.
 
-Config values are overridden on the command line, e.g.
-``--config.loss.name=dpo --config.loss.beta=0.05 --config.train.steps=200``.
-On several processes (TPU pod, SLURM), ``jax.distributed.initialize()`` runs
-first; its coordinator comes from the environment.
+``--config`` is an experiment file anywhere on disk whose ``get_config(arg=None)`` builds on
+``mio_jax.config.base_config()`` (``--config=FILE:ARG`` passes ARG). Config values are
+overridden on the command line, e.g.
+``--config.loss.name=dpo --config.loss.beta=0.05 --config.train.steps=200``. The resolved
+config (every key with the value the run uses) is logged at start; a file that does not
+load or a bad value stops the run with one line naming the file or key (exit status 2).
+On several processes (TPU pod, SLURM), ``jax.distributed.initialize()`` runs first; its
+coordinator comes from the environment.
 """
 
 import os
@@ -12,12 +16,32 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+config_flags.DEFINE_config_file("config", None, "Experiment file (configs/*.py or your own).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, export).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: auto "
                   "when SLURM/TPU multi-process variables are set).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing; an experiment file or override that fails is one line, exit 2."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))]
+    path = given[-1].split(":", 1)[0] if given else ""
+    if path and not os.path.isfile(path):
+        _fail(f"experiment file {path!r} not found")
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001  (anything the experiment file raises)
+        from mio_jax.config import describe_load_error
+
+        keys = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config.")]
+        _fail(describe_load_error(e, path, keys))
 
 
 def _multi_process() -> bool:
@@ -45,25 +69,29 @@ def main(argv):
     import optax
     import orbax.checkpoint as ocp
 
+    from mio_jax import config as mio_config
     from mio_jax import train
-    from mio_jax.config_validation import ConfigError
 
-    config = flags.FLAGS.config
+    try:
+        mio_config.validate(flags.FLAGS.config, num_devices=jax.device_count())
+        config = mio_config.resolve(flags.FLAGS.config)
+    except mio_config.ConfigError as e:
+        _fail(str(e))
     logging.info("versions: python %s, jax %s, flax %s, optax %s, orbax %s", sys.version.split()[0],
                  jax.__version__, flax.__version__, optax.__version__, ocp.__version__)
     logging.info("process %d/%d; devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
-    logging.info("config:\n%s", config)
+    logging.info("config (resolved: every key with the value this run uses):\n%s", config)
     try:
         result = train.train_and_evaluate(config, flags.FLAGS.workdir)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if not isinstance(e, ConfigError):  # where it came from, for bug reports
-            logging.exception("run failed")
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (mio_config.ConfigError, FileNotFoundError, ValueError) as e:
+        if isinstance(e, mio_config.ConfigError):
+            _fail(str(e))
+        logging.exception("run failed")  # where it came from, for bug reports
+        _fail(f"{type(e).__name__}: {e}")
     summary = {k: v for k, v in result.items() if k in ("step", "train", "eval", "export")}
     print(f"done: {summary}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

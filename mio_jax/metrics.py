@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+
+from mio_jax.errors import ConfigError
 
 # Dense (no sparsity) peak FLOP/s per device in bfloat16, from vendor sheets.
 PEAK_FLOPS = {
@@ -73,6 +76,20 @@ class FlopModel:
     def forward_flops_per_token(self, seq_len: int) -> float:
         """Forward-only FLOPs per token (reference model)."""
         return 2.0 * self.matmul_params + 2.0 * self.n_layers * self.attn_dim * seq_len
+
+
+def flop_model(model_cfg, params) -> FlopModel:
+    """``FlopModel`` of a decoder: N (matmul parameters), layers and attention width.
+
+    Args:
+      model_cfg: the decoder's ``ModelConfig``.
+      params: its parameters (arrays or ``ShapeDtypeStruct``s).
+    """
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    embed = model_cfg.vocab_size * model_cfg.hidden_size
+    n = total if model_cfg.tie_word_embeddings else total - embed
+    return FlopModel(n, model_cfg.num_hidden_layers,
+                     model_cfg.num_attention_heads * model_cfg.head_dim)
 
 
 def step_flops(flop_model: FlopModel, *, tokens: float, seq_len: int,
@@ -262,3 +279,21 @@ class Throughput:
                 out["mfu"] = self._flops / dt / (self.peak * self.n)
         self.reset()
         return out
+
+
+def validate_log_config(cfg) -> None:
+    """Checks the ``log`` section: ``log.every_steps >= 1`` and
+    ``log.peak_flops_per_device >= 0`` (0 = from ``PEAK_FLOPS``).
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.log``).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    log = cfg.log
+    if log.every_steps < 1:
+        raise ConfigError(f"log.every_steps={log.every_steps} must be >= 1")
+    if log.peak_flops_per_device < 0:
+        raise ConfigError(f"log.peak_flops_per_device={log.peak_flops_per_device} must be "
+                          ">= 0 (0 = from the table of known chips)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from mio_jax.errors import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -22,10 +24,9 @@ def make_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int =
     Returns:
       An optax schedule ``step -> lr``.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={schedule!r}: expected one of {SCHEDULES}")
-    if warmup_steps < 0 or total_steps <= 0:
-        raise ValueError(f"optim.warmup_steps={warmup_steps} / steps={total_steps} invalid")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps} must be > 0 (train.steps / train.epochs)")
+    check_schedule(schedule=schedule, warmup_steps=warmup_steps)
     end_value = learning_rate * final_lr_fraction
     decay_steps = max(total_steps - warmup_steps, 1)
     if schedule == "cosine":
@@ -80,3 +81,49 @@ def from_config(optim_cfg, total_steps: int):
         final_lr_fraction=optim_cfg.final_lr_fraction, weight_decay=optim_cfg.weight_decay,
         b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
         max_grad_norm=optim_cfg.max_grad_norm, mu_dtype=optim_cfg.mu_dtype or None)
+
+
+def check_schedule(*, schedule: str, warmup_steps: int, total_steps: int | None = None) -> None:
+    """The schedule rules, in one place: a known schedule, warmup in [0, total steps].
+
+    Args:
+      schedule: ``optim.schedule``.
+      warmup_steps: ``optim.warmup_steps``.
+      total_steps: optimizer steps of the run, when known (None: not checked against).
+
+    Raises:
+      ValueError: naming the config key.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={schedule!r}: expected one of {SCHEDULES}")
+    if warmup_steps < 0 or (total_steps is not None and warmup_steps > total_steps):
+        raise ValueError(f"optim.warmup_steps={warmup_steps} must be in "
+                         f"[0, train.steps={total_steps}]")
+
+
+def validate_optim_config(cfg) -> None:
+    """Checks the ``optim`` section of a training config.
+
+    Rules: ``check_schedule`` (warmup against ``train.steps`` unless ``train.epochs > 0``
+    sets the step count from the data); ``optim.learning_rate > 0``;
+    ``optim.final_lr_fraction`` in [0, 1]; ``optim.mu_dtype`` "" or a float dtype name.
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.optim`` and ``cfg.train``).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    o, t = cfg.optim, cfg.train
+    try:
+        check_schedule(schedule=o.schedule, warmup_steps=o.warmup_steps,
+                       total_steps=None if t.epochs > 0 else t.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if not o.learning_rate > 0:
+        raise ConfigError(f"optim.learning_rate={o.learning_rate} must be > 0")
+    if not 0.0 <= o.final_lr_fraction <= 1.0:
+        raise ConfigError(f"optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
+    if o.mu_dtype not in ("", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"optim.mu_dtype={o.mu_dtype!r}: expected '' (like the params), "
+                          "'float32', 'bfloat16' or 'float16'")

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mio_jax.errors import ConfigError
+
 DIGEST_BYTES = 16
 
 
@@ -211,22 +213,21 @@ class ReferenceTable:
         return out
 
 
-def _digests_of(batch: dict) -> np.ndarray:
-    return group_digests(batch["input_ids"], batch["targets"], batch["loss_mask"],
-                         batch["attention_mask"], batch.get("valid"))
+def _digests_of(batch) -> np.ndarray:
+    return group_digests(batch.input_ids, batch.targets, batch.loss_mask,
+                         batch.attention_mask, batch.valid)
 
 
-def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[dict]],
-                  ref_fn: Callable[[dict], np.ndarray], weights_fp: str,
+def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
+                  ref_fn: Callable[[Any], np.ndarray], weights_fp: str,
                   settings: dict) -> tuple[ReferenceTable, str, bool]:
     """Returns the reference log-probs of every group, computing them on a cache miss.
 
     Args:
       cache_dir: folder of cache files.
       batches: callable returning one unshuffled, unpacked pass over every
-        group (host dicts of numpy ``[B, K, L]`` arrays with ``weights``,
-        ``valid`` and ``example_id``); called at most twice (digests first,
-        then the forward pass on a miss).
+        group (host ``PreferenceBatch``es of numpy ``[B, K, L]`` arrays); called at
+        most twice (digests first, then the forward pass on a miss).
       ref_fn: host batch -> ``[B, K]`` reference log-prob sums (numpy).
       weights_fp: ``weights_fingerprint`` of the reference params.
       settings: other values the log-probs depend on (JSON-able).
@@ -237,10 +238,10 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[dict]],
     ids, digs = [], []
     k = 2
     for b in batches():
-        real = np.asarray(b["example_id"]) >= 0
-        ids.append(np.asarray(b["example_id"])[real])
+        real = np.asarray(b.example_id) >= 0
+        ids.append(np.asarray(b.example_id)[real])
         digs.append(_digests_of(b)[real])
-        k = b["input_ids"].shape[1]
+        k = b.input_ids.shape[1]
     ids = np.concatenate(ids) if ids else np.zeros((0,), np.int64)
     digs = np.concatenate(digs) if digs else np.zeros((0,), f"S{DIGEST_BYTES}")
     key = cache_key(np.unique(digs), weights_fp, settings)
@@ -268,7 +269,7 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[dict]],
                             cache_dir)
         keep_d, keep_l = [], []
         for b in batches():
-            real = np.asarray(b["example_id"]) >= 0
+            real = np.asarray(b.example_id) >= 0
             keep_d.append(_digests_of(b)[real])
             keep_l.append(np.asarray(ref_fn(b), np.float32)[real])
         cache = ReferenceCache(np.concatenate(keep_d) if keep_d else digs,
@@ -283,3 +284,26 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[dict]],
         logps[i] = cache.get(d)
         present[i] = True
     return ReferenceTable(logps, present), path, hit
+
+
+# Where the reference log-probs come from (``reference.mode``): a frozen copy of the
+# weights run in every step, one precompute pass cached on disk, or no reference.
+REFERENCE_MODES = ("frozen", "precomputed", "none")
+
+
+def validate_reference_config(cfg) -> None:
+    """Checks the ``reference`` section: a known ``reference.mode`` and
+    ``reference.batch_size >= 1`` (whether the loss needs a reference is the loss
+    section's rule, ``mio_jax.losses.config``).
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.reference``).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    r = cfg.reference
+    if r.mode not in REFERENCE_MODES:
+        raise ConfigError(f"reference.mode={r.mode!r}: expected one of {REFERENCE_MODES}")
+    if r.batch_size < 1:
+        raise ConfigError(f"reference.batch_size={r.batch_size} must be >= 1")

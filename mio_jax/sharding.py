@@ -1,23 +1,24 @@
-"""Device mesh, logical-axis rules and the shardings of train state and batches.
+"""Device mesh, logical-axis rules and the shardings of weights, train state and batches.
 
-Model weights carry logical axis names (``out_sharding`` metadata on their
-``nnx.Param`` variables, e.g. ``("embed", "mlp")``). A short rule table maps
-each logical name to zero, one or several mesh axes; this module turns names
-into ``PartitionSpec``/``NamedSharding`` objects. Batches are sharded along
-their leading (example) axis over every data-parallel mesh axis.
+The one module that maps names to mesh axes. Model weights carry logical axis names
+(``out_sharding`` metadata on their ``nnx.Param`` variables, e.g. ``("embed", "mlp")``) and
+activations are constrained by name inside the forward pass (``constrain``). A short rule
+table maps each logical name to zero, one or several mesh axes; a rule naming an axis the
+mesh lacks, or one that does not divide the dimension, falls back to replication for that
+dimension. Batches are sharded along their leading (example / row) axis over every
+data-parallel mesh axis.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from mio_jax.models import partitioning
 
 # Mesh axes over which examples are split (pure data parallelism and FSDP both
 # split the batch; FSDP additionally shards the weights).
@@ -25,8 +26,61 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Any]]
-DEFAULT_RULES = partitioning.DEFAULT_RULES
-logical_to_spec = partitioning.logical_to_spec
+
+# FSDP over the model width, tensor parallelism over heads / MLP / vocabulary, batch over
+# data x fsdp. "layers" (the scanned stack axis) stays unsharded.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("seq", None),
+    ("cache_seq", None),
+)
+
+
+def mesh_axis_sizes(shape: Sequence[int], axes: Sequence[str],
+                    num_devices: int) -> dict[str, int]:
+    """Sizes of each mesh axis for ``num_devices`` devices (the one rule for mesh arithmetic).
+
+    Args:
+      shape: ``mesh.shape``; at most one entry may be -1 ("all remaining devices").
+        Without -1, a product smaller than ``num_devices`` is allowed (a single-process run
+        then uses the first devices; ``make_mesh`` refuses it with several processes).
+      axes: ``mesh.axes``, distinct names among ``DEFAULT_AXES``, as many as ``shape``.
+      num_devices: devices of the run.
+
+    Returns:
+      ``{axis: size}`` in ``axes`` order.
+
+    Raises:
+      ValueError: naming ``mesh.shape`` / ``mesh.axes`` when they do not fit.
+    """
+    shape, axes = [int(s) for s in shape], tuple(axes)
+    if len(shape) != len(axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mesh.shape={tuple(shape)} and mesh.axes={axes} must have equal "
+                         "length and distinct names")
+    if not set(axes) <= set(DEFAULT_AXES):
+        raise ValueError(f"mesh.axes={axes}: only {DEFAULT_AXES} are known")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape={tuple(shape)}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape={tuple(shape)}: sizes must be positive (or one -1)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape={tuple(shape)} cannot fill {num_devices} devices "
+                             f"({num_devices} is not divisible by {known})")
+        shape[shape.index(-1)] = num_devices // known
+    elif known > num_devices:
+        raise ValueError(f"mesh.shape={tuple(shape)} needs {known} devices, but "
+                         f"{num_devices} are available")
+    return dict(zip(axes, shape))
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = DEFAULT_AXES,
@@ -34,8 +88,8 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = DEFAULT_AXES,
     """Builds a device mesh with classic (Auto) GSPMD axis types.
 
     Args:
-      shape: size of each mesh axis; at most one entry may be -1, meaning
-        "all remaining devices". Without -1, a mesh smaller than the device
+      shape: size of each mesh axis (``mesh_axis_sizes`` rules: one -1 at most,
+        meaning "all remaining devices"). Without -1, a mesh smaller than the device
         count uses the first devices (single-process runs only).
       axes: axis names, same length as ``shape``.
       devices: devices to use (default: all of ``jax.devices()``).
@@ -47,26 +101,65 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = DEFAULT_AXES,
       ValueError: naming ``mesh.shape``/``mesh.axes`` when they do not fit.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape, axes = list(shape), tuple(axes)
-    if len(shape) != len(axes):
-        raise ValueError(f"mesh.shape {tuple(shape)} and mesh.axes {axes} differ in length")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape {tuple(shape)}: at most one axis may be -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if known <= 0 or len(devices) % known:
-            raise ValueError(f"mesh.shape {tuple(shape)} cannot fill {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if -1 not in shape and math.prod(shape) < len(devices) and jax.process_count() == 1:
-        # A smaller explicit mesh (e.g. (1, 1, 1) to compare with one device)
-        # uses the first devices; multi-process runs must use them all.
-        devices = devices[: math.prod(shape)]
-    if math.prod(shape) != len(devices):
-        raise ValueError(
-            f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
-            f"but {len(devices)} are available")
-    return jax.make_mesh(tuple(shape), axes, devices=devices,
+    sizes = tuple(mesh_axis_sizes(shape, axes, len(devices)).values())
+    n = math.prod(sizes)
+    if n < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"mesh.shape={tuple(shape)} uses {n} of {len(devices)} devices; "
+                             "a multi-process run must use them all (use -1 for one axis)")
+        devices = devices[:n]  # e.g. (1, 1, 1) to compare with one device
+    return jax.make_mesh(sizes, tuple(axes), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules | None, mesh=None,
+                    shape: Sequence[int] | None = None) -> P:
+    """Translates logical axis names to a PartitionSpec.
+
+    Args:
+      names: one logical name (or None) per array dimension.
+      rules: (logical, mesh axes) pairs; the first match wins. None -> DEFAULT_RULES.
+      mesh: a Mesh / AbstractMesh; mesh axes it lacks are dropped. None keeps all.
+      shape: the array shape; a mesh axis that does not divide its dimension is dropped.
+
+    Returns:
+      PartitionSpec with one entry per dimension; a mesh axis is used at most once.
+    """
+    table = dict(reversed(list(DEFAULT_RULES if rules is None else rules)))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh is not None else None
+    used: set[str] = set()
+    out = []
+    for dim, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        size = 1
+        for ax in axes:
+            if ax in used or (sizes is not None and ax not in sizes):
+                continue
+            ax_size = sizes[ax] if sizes is not None else 1
+            if shape is not None and shape[dim] % (size * ax_size):
+                continue
+            kept.append(ax)
+            size *= ax_size
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None) -> jax.Array:
+    """``with_sharding_constraint`` by logical names under ``jax.set_mesh``; else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh, x.shape))
+
+
+def variable_names(variable) -> tuple[str | None, ...] | None:
+    """The logical names stored on an nnx Variable (its ``out_sharding`` metadata), or None."""
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = meta.get("out_sharding")
+    return tuple(names) if names is not None else None
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -74,26 +167,33 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
 
-def state_partition_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> dict:
-    """PartitionSpecs for an nnx state (concrete or abstract), as a pure dict.
+def _variable_spec(variable, rules: Rules | None, mesh) -> P:
+    value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+    names = variable_names(variable)
+    return P() if names is None else logical_to_spec(names, rules, mesh, np.shape(value))
+
+
+def state_partition_specs(state: nnx.State, rules: Rules | None = None,
+                          mesh: Mesh | None = None) -> Any:
+    """PartitionSpecs of an nnx state (concrete or abstract), from each Variable's names.
 
     Args:
       state: an ``nnx.State`` whose variables carry logical axis names.
-      rules: logical -> mesh rule table (None: the models' ``DEFAULT_RULES``).
+      rules: logical -> mesh rule table (None: ``DEFAULT_RULES``).
       mesh: optional mesh for the divisibility check.
 
     Returns:
       A nested dict shaped like ``nnx.to_pure_dict(state)`` of PartitionSpecs.
     """
-    def spec(variable):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        names = partitioning.variable_names(variable)
-        if names is None:
-            return P()
-        return partitioning.logical_to_spec(names, rules, mesh, np.shape(value))
-
-    specs = jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    specs = jax.tree.map(lambda v: _variable_spec(v, rules, mesh), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """NamedShardings of an (abstract) nnx state: the same State with a sharding per leaf."""
+    return jax.tree.map(lambda v: NamedSharding(mesh, _variable_spec(v, rules, mesh)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
@@ -113,32 +213,18 @@ def optimizer_state_specs(tx, abstract_opt_state: Any, param_specs: Any) -> Any:
     Returns:
       A tree like ``abstract_opt_state`` of PartitionSpecs (scalars replicated).
     """
-    import optax  # local: keeps this module importable without optimiser code paths
-
     return optax.tree_map_params(
         tx, lambda _leaf, spec: spec, abstract_opt_state, param_specs,
         transform_non_params=lambda _leaf: P(), is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_spec(ndim: int) -> P:
-    """Spec of a batch array: leading dimension over every batch mesh axis."""
-    return P(BATCH_AXES, *([None] * (ndim - 1))) if ndim else P()
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: its leading (group / row) axis over every batch mesh axis.
 
-
-def batch_shardings(mesh: Mesh, batch: Any) -> Any:
-    """NamedShardings for every array of a batch pytree (leading axis split)."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-
-    def one(x):
-        nd = np.ndim(x)
-        return NamedSharding(mesh, P(axes, *([None] * (nd - 1))) if nd else P())
-
-    return jax.tree.map(one, batch)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """A fully replicated sharding on ``mesh``."""
-    return NamedSharding(mesh, P())
+    Every field of a typed batch is placed with this spec on its axis 0
+    (``mio_jax.data.to_global_arrays``).
+    """
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape)))
 
 
 def spec_strings(specs: Any) -> dict:
@@ -152,16 +238,3 @@ def _key_str(key) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
-
-
-def check_divisible(name: str, value: int, parts: int) -> None:
-    """Raises ValueError naming config key ``name`` if ``value % parts``."""
-    if parts and value % parts:
-        raise ValueError(f"{name}={value} is not divisible by the data-parallel size {parts}")
-
-
-__all__: Iterable[str] = [
-    "make_mesh", "data_parallel_size", "logical_to_spec", "state_partition_specs", "named",
-    "optimizer_state_specs", "batch_spec", "batch_shardings", "replicated", "spec_strings",
-    "check_divisible", "BATCH_AXES", "DEFAULT_AXES", "DEFAULT_RULES",
-]

@@ -1,18 +1,17 @@
 """Training orchestration: the only module that touches files during training.
 
-Order of work (``train_and_evaluate``):
-  1. validate the config; build the mesh; load tokenizer and model (sharded);
-  2. prepare the train / eval splits;
-  3. optimizer; train state created sharded from abstract shapes;
-  4. resume from ``<workdir>/checkpoints`` if it holds a readable checkpoint
-     (params, optimizer state, step, RNG and data position), else start from
-     ``model.path``;
-  5. reference: frozen copy (in the compute dtype), precomputed table (cached on disk), or none;
-  6. step loop: metrics every ``log.every_steps``, eval every
-     ``eval.every_steps``, checkpoints every ``checkpoint.every_steps``,
-     SIGTERM -> checkpoint and ``Preempted``; NaN/Inf -> ``FloatingPointError``
-     with nothing saved after the bad step;
-  7. final checkpoint, final eval, Hugging Face export.
+``train_and_evaluate`` runs named stages, each a function returning a small typed value:
+
+  1. ``build_mesh``: validate the config, build the device mesh, write ``config.json``;
+  2. ``build_model``: tokenizer and sharded model of ``model.path`` (``Model``);
+  3. ``build_data``: the train pipeline and the eval split (``Data``);
+  4. ``init_or_restore``: optimizer and train state, created sharded from abstract shapes,
+     or restored with the data position from ``<workdir>/checkpoints`` (``Training``);
+  5. ``build_reference``: the frozen reference weights (compute dtype), a precomputed
+     table (cached on disk), or none (``Reference``);
+  6. ``train_loop``: steps, with the periodic work as small objects (``mio_jax.periodic``:
+     metrics window and NaN check, checkpoints, evals, preemption); then the final
+     checkpoint, the final eval and the Hugging Face export.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import functools
 import json
 import math
 import os
-import signal
 from typing import Any
 
 import jax
@@ -30,76 +28,99 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mio_jax import checkpoint as ckpt_lib
-from mio_jax import config_validation
+from mio_jax import config as mio_config
+from mio_jax import evaluate as evaluate_lib
+from mio_jax import layouts
 from mio_jax import logps as logps_lib
+from mio_jax import losses
 from mio_jax import metrics as metrics_lib
+from mio_jax import models
 from mio_jax import optim
+from mio_jax import periodic
 from mio_jax import reference as reference_lib
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
-
-_HOST_ONLY = ("example_id",)
-
-
-class Preempted(SystemExit):
-    """Raised after the SIGTERM checkpoint is on disk (exit status 143)."""
-
-    def __init__(self, step: int):
-        super().__init__(143)
-        self.step = step
+from mio_jax.data import pipeline as data_lib
+from mio_jax.periodic import Preempted  # noqa: F401  (public: raised by train_and_evaluate)
 
 
-@dataclasses.dataclass
-class _Run:
-    """What the loop needs; built once by ``_setup``."""
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The model, split for jit.
 
-    config: Any
-    workdir: str
-    mesh: Any
-    model_cfg: Any
-    tokenizer: Any
+    Attributes:
+      graphdef: the nnx GraphDef.
+      params: master weights (pure dict of sharded arrays); None once the state and the
+        reference are built, so no stale copy stays in memory.
+      other: non-trainable nnx state (pure dict).
+      config: the decoder's ``models.ModelConfig``.
+      tokenizer: its Hugging Face tokenizer.
+      param_specs: PartitionSpecs shaped like ``params``.
+    """
+
     graphdef: Any
+    params: Any
     other: Any
-    state: Any
-    state_sh: Any
-    ref_params: Any
-    train_it: Any
-    eval_prepared: Any
-    train_table: Any
-    eval_table: Any
-    step_cfg: step_lib.StepConfig
+    config: models.ModelConfig
+    tokenizer: Any
+    param_specs: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Attributes: train (the train ``PreferenceIterator``), eval_split (the prepared eval
+    split or None), total_steps, sharding (of every batch field, on its leading axis),
+    row_multiple (packed rows per process are a multiple of its data-parallel devices)."""
+
+    train: data_lib.PreferenceIterator
+    eval_split: data_lib.PreparedSplit | None
+    total_steps: int
+    sharding: jax.sharding.NamedSharding
+    row_multiple: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Attributes: state (the ``TrainState`` to continue from), shardings (of the state),
+    tx and schedule (optax), checkpointer."""
+
+    state: step_lib.TrainState
+    shardings: step_lib.TrainState
     tx: Any
     schedule: Any
-    total_steps: int
-    ckpt: ckpt_lib.Checkpointer
-    data_sh: Any
+    checkpointer: ckpt_lib.Checkpointer
 
 
-def resolve_model_path(path: str) -> str:
-    """``"smollm2"`` -> the embedded GGUF; otherwise the path, which must exist."""
-    if path == "smollm2":
-        from mio_jax.models import smollm2_gguf_path
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Attributes: consts (what the step reads: the frozen weights when mode is "frozen"),
+    train_table / eval_table (precomputed log-probs of each split, or None)."""
 
-        return smollm2_gguf_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model.path={path!r} does not exist")
-    return path
-
-
-def _batch_dict(batch) -> dict:
-    if isinstance(batch, dict):
-        return dict(batch)
-    return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    consts: step_lib.StepConsts
+    train_table: reference_lib.ReferenceTable | None = None
+    eval_table: reference_lib.ReferenceTable | None = None
 
 
-def _step_config(config) -> step_lib.StepConfig:
-    from mio_jax import losses
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything the loop and ``evaluate`` read; built once by ``train_and_evaluate``."""
 
-    names = config_validation.loss_names(config.loss.name)
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    model: Model
+    data: Data
+    reference: Reference
+    step_cfg: step_lib.StepConfig
+
+
+def step_config(config) -> step_lib.StepConfig:
+    """The train step's static settings from a resolved config."""
+    names = mio_config.loss_names(config.loss.name)
     used = set().union(*(losses.spec(n).hparams for n in names))
-    needs_len = any(losses.spec(n).needs_lengths != "none" for n in names)
     return step_lib.StepConfig(
         loss_name=names[0] if len(names) == 1 else tuple(names),
         beta=float(config.loss.beta),
@@ -109,7 +130,8 @@ def _step_config(config) -> step_lib.StepConfig:
                       else tuple(float(w) for w in config.loss.weights)),
         grad_accum_steps=int(config.train.grad_accum_steps),
         chunk_size=int(config.model.logps_chunk_size),
-        reference=config.reference.mode, lengths=needs_len,
+        reference=config.reference.mode,
+        lengths=any(losses.spec(n).needs_lengths != "none" for n in names),
         ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
         use_weighting=bool(config.loss.use_weighting),
         max_tokens_fraction=(None if config.model.completion_logits_fraction is None
@@ -117,207 +139,201 @@ def _step_config(config) -> step_lib.StepConfig:
         weight_norms=bool(config.log.weight_norms))
 
 
-def _full_projection(cfg: step_lib.StepConfig) -> step_lib.StepConfig:
-    """The same step settings with the output projection on every position."""
-    return dataclasses.replace(cfg, max_tokens_fraction=None)
+# --- stages -------------------------------------------------------------------------------
+
+def build_mesh(config, workdir: str) -> jax.sharding.Mesh:
+    """Validates the (resolved) config, builds the mesh and writes ``<workdir>/config.json``
+    (every key with its effective value)."""
+    mio_config.validate(config, num_devices=jax.device_count())
+    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # the run's resolved config, for readers of the workdir
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(mio_config.as_dict(config), f, indent=1, sort_keys=True)
+    return mesh
 
 
-def flop_model(model_cfg, params) -> metrics_lib.FlopModel:
-    """N (matmul parameters), layers and attention width of a decoder."""
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    embed = model_cfg.vocab_size * model_cfg.hidden_size
-    n = total if model_cfg.tie_word_embeddings else total - embed
-    return metrics_lib.FlopModel(n, model_cfg.num_hidden_layers,
-                                 model_cfg.num_attention_heads * model_cfg.head_dim)
-
-
-def _precompute(config, run_parts, prepared, split, params, workdir) -> Any:
-    """Reference table of one split (cached on disk)."""
-    from mio_jax.data.pipeline import make_pipeline
-
-    graphdef, other, mesh, data_sh, step_cfg, tokenizer = run_parts
-    dcfg = config.data.copy_and_resolve_references()
-    with dcfg.unlocked():
-        dcfg.packing = False
-    ref_fn_jit = jax.jit(functools.partial(step_lib.reference_logps, graphdef, cfg=step_cfg))
-
-    def batches():
-        return make_pipeline(dcfg, tokenizer, split="eval", batch_size=config.reference.batch_size,
-                             prepared=prepared)
-
-    def ref_fn(host_batch):
-        dev = {k: v for k, v in _batch_dict(host_batch).items() if k not in _HOST_ONLY}
-        out = ref_fn_jit(params, other, _to_global(dev, data_sh))
-        if jax.process_count() > 1:  # this process's rows, matching its host batch
-            from jax.experimental import multihost_utils
-
-            out = multihost_utils.global_array_to_host_local_array(out, mesh, data_sh.spec)
-        return np.asarray(jax.device_get(out))
-
-    settings = {"dtype": config.model.dtype, "ld_alpha": config.loss.ld_alpha, "split": split,
-                "K": prepared.K}
-    cache_dir = config.reference.cache_dir or os.path.join(workdir, "reference_cache")
-    table, path, hit = reference_lib.build_or_load(
-        cache_dir=cache_dir, batches=lambda: (_batch_dict(b) for b in batches()), ref_fn=ref_fn,
-        weights_fp=reference_lib.weights_fingerprint(params), settings=settings)
-    logging.info("reference log-probs (%s): %s %s", split, "cache hit" if hit else "computed", path)
-    return table
-
-
-def _to_global(batch: dict, data_sh) -> dict:
-    from mio_jax.data.pipeline import to_global_arrays
-
-    return to_global_arrays(batch, data_sh)
-
-
-def load_model(config, mesh):
+def build_model(config, mesh) -> Model:
     """Tokenizer and sharded model of ``model.path``.
 
-    Called outside ``jax.set_mesh``: nnx's abstract init would read the
-    logical axis names as mesh axes inside a mesh context.
+    Called outside ``jax.set_mesh``: nnx's abstract init would read the logical axis
+    names as mesh axes inside a mesh context.
     """
-    from mio_jax import models
-
-    model_path = resolve_model_path(config.model.path)
+    model_path = models.resolve_model_path(config.model.path)
     tokenizer = models.load_tokenizer(
-        resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path
+        models.resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path
         else model_path)
     model = models.load_pretrained(
         model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh,
-        rules=models.DEFAULT_RULES, remat_policy=config.model.remat_policy,
+        rules=sharding_lib.DEFAULT_RULES, remat_policy=config.model.remat_policy,
         scan_layers=config.model.scan_layers, attention=config.model.attention)
-    return tokenizer, model
-
-
-def _setup(config, workdir: str, mesh, tokenizer, model) -> _Run:
-    from mio_jax import models
-    from mio_jax.data.pipeline import make_pipeline, prepare
-
-    rules = models.DEFAULT_RULES
-    model_path = config.model.path
     graphdef, params_state, other_state = nnx.split(model, nnx.Param, ...)
-    param_specs = sharding_lib.state_partition_specs(params_state, rules, mesh)
-    params = nnx.to_pure_dict(params_state)
-    other = nnx.to_pure_dict(other_state)
-    model_cfg = model.cfg
-    del model, params_state
+    return Model(graphdef=graphdef, params=nnx.to_pure_dict(params_state),
+                 other=nnx.to_pure_dict(other_state), config=model.cfg, tokenizer=tokenizer,
+                 param_specs=sharding_lib.state_partition_specs(
+                     params_state, sharding_lib.DEFAULT_RULES, mesh))
 
-    dp = sharding_lib.data_parallel_size(mesh)
-    data_sh = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(tuple(a for a in sharding_lib.BATCH_AXES
-                                               if a in mesh.shape)))
-    train_prepared = prepare(config.data, tokenizer, split="train")
-    logging.info("train data: %s", train_prepared.summary)
-    eval_prepared = None
+
+def build_data(config, tokenizer, mesh) -> Data:
+    """The train pipeline (this process's share of each global batch) and the eval split."""
+    train_split = data_lib.prepare(config.data, tokenizer, split="train")
+    logging.info("train data: %s", train_split.summary)
+    eval_split = None
     if config.eval.max_batches >= 0 and config.data.eval_path:
-        eval_prepared = prepare(config.data, tokenizer, split="eval")
-        logging.info("eval data: %s", eval_prepared.summary)
-    steps_per_epoch = len(train_prepared.groups) // config.train.batch_size
+        eval_split = data_lib.prepare(config.data, tokenizer, split="eval")
+        logging.info("eval data: %s", eval_split.summary)
+    steps_per_epoch = len(train_split.groups) // config.train.batch_size
     total_steps = (math.ceil(config.train.epochs * steps_per_epoch) if config.train.epochs > 0
                    else int(config.train.steps))
-    train_it = make_pipeline(config.data, tokenizer, split="train",
-                             batch_size=config.train.batch_size, seed=config.seed,
-                             prepared=train_prepared,
-                             row_multiple=max(dp // jax.process_count(), 1))
+    row_multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
+    train = data_lib.make_pipeline(config.data, tokenizer, split="train",
+                                   batch_size=config.train.batch_size, seed=config.seed,
+                                   prepared=train_split, row_multiple=row_multiple)
+    return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), row_multiple)
 
-    tx, schedule = optim.from_config(config.optim, total_steps)
-    init = functools.partial(step_lib.init_state, tx=tx, seed=config.seed)
-    abstract = jax.eval_shape(init, params)
-    state_specs = step_lib.TrainState(
-        step=jax.sharding.PartitionSpec(), params=param_specs,
-        opt_state=sharding_lib.optimizer_state_specs(tx, abstract.opt_state, param_specs),
-        rng=jax.sharding.PartitionSpec())
-    state_sh = sharding_lib.named(mesh, state_specs)
+
+def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Training:
+    """The optimizer and the train state: restored from the newest readable checkpoint
+    (with the data position), else initialised from the model's weights."""
+    tx, schedule = optim.from_config(config.optim, data.total_steps)
+    shardings = sharding_lib.named(mesh, step_lib.state_specs(tx, model.params,
+                                                              model.param_specs))
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                               abstract, state_sh)
-    restored = ckpt.restore(abstract_sh)
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), model.params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    restored = ckpt.restore(abstract)
     if restored is not None:
         step0, state, data_state, _ = restored
-        train_it.set_state(data_state)
+        data.train.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, step0)
     else:
-        state = jax.jit(init, out_shardings=state_sh)(params)
-        logging.info("initialised from %s", model_path)
+        state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(
+            model.params)
+        logging.info("initialised from %s", config.model.path)
+    return Training(state, shardings, tx, schedule, ckpt)
 
-    step_cfg = _step_config(config)
+
+def build_reference(config, workdir: str, model: Model, data: Data,
+                    step_cfg: step_lib.StepConfig, mesh) -> Reference:
+    """The reference the loss compares with: the initial weights, frozen (in the compute
+    dtype), or their log-probs precomputed once per split (cached on disk), or none."""
     mode = config.reference.mode
-    parts = (graphdef, other, mesh, data_sh, _full_projection(step_cfg), tokenizer)
-    train_table = eval_table = None
-    if mode == "precomputed":
-        train_table = _precompute(config, parts, train_prepared, "train", params, workdir)
-        if eval_prepared is not None:
-            eval_table = _precompute(config, parts, eval_prepared, "eval", params, workdir)
-    ref_params = reference_lib.frozen_params(params, model_cfg.dtype) if mode == "frozen" else None
-    del params  # precomputed / none: no reference weights stay in memory
-    return _Run(config, workdir, mesh, model_cfg, tokenizer, graphdef, other, state, state_sh,
-                ref_params, train_it, eval_prepared, train_table, eval_table, step_cfg, tx,
-                schedule, total_steps, ckpt, data_sh)
+    if mode == "frozen":
+        return Reference(step_lib.StepConsts(
+            model.other, reference_lib.frozen_params(model.params, model.config.dtype)))
+    consts = step_lib.StepConsts(model.other)
+    if mode == "none":
+        return Reference(consts)
+    full = step_cfg.full_projection()
+    train_table = _precompute(config, workdir, model, data, full, mesh, data.train.prepared,
+                              "train")
+    eval_table = (None if data.eval_split is None else
+                  _precompute(config, workdir, model, data, full, mesh, data.eval_split, "eval"))
+    return Reference(consts, train_table, eval_table)
 
 
-def _device_batch(run: _Run, host, table) -> tuple[dict, dict]:
-    """Host batch -> (global device batch, host-only fields)."""
-    batch = _batch_dict(host)
-    if "segment_ids" not in batch:
-        valid = np.asarray(batch["valid"], bool)
-        logps_lib.check_completion_tokens(np.asarray(batch["loss_mask"])[valid],
+def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepConfig, mesh,
+                split: data_lib.PreparedSplit, name: str) -> reference_lib.ReferenceTable:
+    """Reference table of one split: one unshuffled, unshared pass (cached on disk)."""
+    dcfg = config.data.copy_and_resolve_references()
+    with dcfg.unlocked():  # the reference pass reads every group in the [B, K, L] layout
+        dcfg.packing = False
+        dcfg.shared_prompt = False
+    ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg))
+
+    def batches():
+        return data_lib.make_pipeline(dcfg, model.tokenizer, split="eval",
+                                      batch_size=config.reference.batch_size, prepared=split)
+
+    def logps_of(host) -> np.ndarray:
+        out = ref_fn(model.params, model.other, data_lib.to_global_arrays(host, data.sharding))
+        if jax.process_count() > 1:  # this process's rows, matching its host batch
+            out = multihost_utils.global_array_to_host_local_array(out, mesh,
+                                                                   data.sharding.spec)
+        return np.asarray(jax.device_get(out))
+
+    settings = {"dtype": config.model.dtype, "ld_alpha": config.loss.ld_alpha, "split": name,
+                "K": split.K}
+    table, path, hit = reference_lib.build_or_load(
+        cache_dir=config.reference.cache_dir or os.path.join(workdir, "reference_cache"),
+        batches=batches, ref_fn=logps_of,
+        weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings)
+    logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
+    return table
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+def device_batch(run: Run, host: layouts.Batch,
+                 table: reference_lib.ReferenceTable | None) -> layouts.Batch:
+    """A host batch -> the global device batch (precomputed reference log-probs filled in).
+
+    Raises:
+      ValueError: a valid completion slot of an unshared batch has no completion token.
+    """
+    if isinstance(host, layouts.PreferenceBatch):
+        valid = np.asarray(host.valid, bool)
+        logps_lib.check_completion_tokens(np.asarray(host.loss_mask)[valid],
                                           name="loss_mask (valid completions)")
     if table is not None:
-        batch["ref_logps"] = table.lookup(batch["example_id"], batch["weights"])
-    extra = {k: batch.pop(k) for k in _HOST_ONLY if k in batch}
-    # FLOPs are counted on the unshared layout, whatever layout the step runs
-    extra["tokens"] = float(np.sum(np.asarray(batch["attention_mask"]) != 0)) * jax.process_count()
-    extra["seq_len"] = int(np.shape(batch["input_ids"])[-1])
-    if run.config.data.shared_prompt:
-        from mio_jax.data.shared_prompt import to_shared_prompt
-
-        batch = to_shared_prompt(batch, multiple=max(run.config.data.pad_to_multiple_of, 1),
-                                 pad_id=run.config.data.pad_id)
-    extra["projection_fits"] = _projection_fits(run.step_cfg, batch["loss_mask"])
-    return _to_global(batch, run.data_sh), extra
+        host = host.replace(ref_logps=table.lookup(host.example_id, host.weights))
+    return data_lib.to_global_arrays(host, run.data.sharding)
 
 
-def _projection_fits(cfg: step_lib.StepConfig, local_mask) -> bool:
-    """Whether the global batch's completion tokens fit the completion-only projection
-    block (``model.completion_logits_fraction``); the same answer on every process."""
-    if cfg.max_tokens_fraction is None:
-        return True
-    local_mask = np.asarray(local_mask)
-    counts = (local_mask != 0).reshape(local_mask.shape[0], -1).sum(axis=1)
-    if jax.process_count() > 1:  # processes hold consecutive row blocks of the batch
-        from jax.experimental import multihost_utils
-
-        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1)
-    return step_lib.projection_fits(cfg, (counts.shape[0], *local_mask.shape[1:]), counts)
+@functools.lru_cache(maxsize=8)
+def _eval_fn(graphdef, cfg: step_lib.StepConfig):
+    return jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef,
+                                     cfg=cfg.full_projection()))
 
 
-def evaluate(run: _Run, params, eval_fn, step: int) -> dict[str, float]:
-    """Eval metrics at ``step``: preference metrics and, if configured, reasoning accuracy."""
-    out = _preference_eval(run, params, eval_fn)
+def evaluate(run: Run, params, step: int) -> dict[str, float]:
+    """Eval metrics of ``params`` at ``step``: weighted means of the preference metrics
+    over the eval split and, with ``eval.reasoning_tasks``, held-out reasoning accuracy."""
+    out = _preference_eval(run, params)
     out.update(_reasoning_eval(run, params, step))
     return out
 
 
-def _reasoning_eval(run: _Run, params, step: int) -> dict[str, float]:
-    """Greedy accuracy on held-out reasoning-gym problems (``eval.reasoning_tasks``).
+def _preference_eval(run: Run, params) -> dict[str, float]:
+    if run.data.eval_split is None:
+        return {}
+    it = data_lib.make_pipeline(run.config.data, run.model.tokenizer, split="eval",
+                                batch_size=run.config.eval.batch_size,
+                                prepared=run.data.eval_split,
+                                row_multiple=run.data.row_multiple)
+    eval_fn = _eval_fn(run.model.graphdef, run.step_cfg)
+    sums, counts, denom = {}, {}, 0.0
+    for i, host in enumerate(it):
+        if 0 < run.config.eval.max_batches <= i:
+            break
+        batch = device_batch(run, host, run.reference.eval_table)
+        s, c, d = jax.device_get(eval_fn(params, batch, run.reference.consts))
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0.0) + float(v)
+        denom += float(d)
+    out = {k: v / max(denom, 1e-30) for k, v in sums.items()}
+    out.update(counts)
+    return out
 
-    The completions and per-task results go to ``<workdir>/reasoning_eval/step_<N>.json``.
-    """
-    from mio_jax import evaluate as evaluate_lib
-    from mio_jax import models
 
-    tasks = config_validation.reasoning_tasks(run.config)
+def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
+    """Greedy accuracy on held-out reasoning-gym problems (``eval.reasoning_tasks``); the
+    completions and per-task results go to ``<workdir>/reasoning_eval/step_<N>.json``."""
+    tasks = mio_config.reasoning_tasks(run.config)
     if not tasks:
         return {}
     ecfg = run.config.eval
     examples = [ex for t in tasks for ex in
                 evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, seed=0)]
-    model = nnx.merge(run.graphdef, params, run.other)
+    model = nnx.merge(run.model.graphdef, params, run.model.other)
 
     def sampler(prompts):
-        return list(models.generate(model, run.tokenizer, list(prompts), temperature=0.0,
+        return list(models.generate(model, run.model.tokenizer, list(prompts), temperature=0.0,
                                     max_new_tokens=ecfg.reasoning_max_new_tokens,
                                     batch_size=min(len(prompts), 16)).texts)
 
@@ -334,190 +350,126 @@ def _reasoning_eval(run: _Run, params, step: int) -> dict[str, float]:
     return out
 
 
-def _preference_eval(run: _Run, params, eval_fn) -> dict[str, float]:
-    """Weighted means of the preference metrics over the eval split (no updates)."""
-    from mio_jax.data.pipeline import make_pipeline
-
-    if run.eval_prepared is None:
-        return {}
-    it = make_pipeline(run.config.data, run.tokenizer, split="eval",
-                       batch_size=run.config.eval.batch_size, prepared=run.eval_prepared)
-    sums, counts, denom = {}, {}, 0.0
-    consts = {"other": run.other, "ref_params": run.ref_params}
-    for i, host in enumerate(it):
-        if 0 < run.config.eval.max_batches <= i:
-            break
-        batch, _ = _device_batch(run, host, run.eval_table)
-        s, c, d = jax.device_get(eval_fn(params, batch, consts))
-        for k, v in s.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0.0) + float(v)
-        denom += float(d)
-    out = {k: v / max(denom, 1e-30) for k, v in sums.items()}
-    out.update(counts)
-    return out
-
-
-def _export(run: _Run, state) -> str:
-    from mio_jax import models
-
+def export(run: Run, params) -> str:
+    """Writes ``<workdir>/hf_export`` (every process takes part; process 0 writes)."""
     path = os.path.join(run.workdir, "hf_export")
-    params = state.params
-    if jax.process_count() > 1:  # every process takes part; process 0 writes
-        from jax.experimental import multihost_utils
-
+    if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
-    model = nnx.merge(run.graphdef, params, run.other)
+    model = nnx.merge(run.model.graphdef, params, run.model.other)
     if jax.process_index() == 0:
-        models.save_pretrained(model, run.tokenizer, path)
+        models.save_pretrained(model, run.model.tokenizer, path)
     logging.info("exported Hugging Face model to %s", path)
     return path
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+class _Steps:
+    """The jitted train step, and its full-projection twin for the batches whose completion
+    tokens overflow the completion-only block (compiled on first need; same results)."""
+
+    def __init__(self, run: Run, training: Training):
+        self.run, self.training = run, training
+        self.fast = self._jit(run.step_cfg)
+        self.full = self.fast if run.step_cfg.max_tokens_fraction is None else None
+
+    def _jit(self, cfg: step_lib.StepConfig):
+        t, consts = self.training, self.run.reference.consts
+        return jax.jit(
+            functools.partial(step_lib.train_step, graphdef=self.run.model.graphdef, tx=t.tx,
+                              schedule=t.schedule, cfg=cfg),
+            in_shardings=(t.shardings, self.run.data.sharding,
+                          jax.tree.map(lambda x: x.sharding, consts)),
+            out_shardings=(t.shardings, None), donate_argnums=0)
+
+    def __call__(self, state, batch, info: data_lib.BatchInfo, step: int):
+        consts = self.run.reference.consts
+        if step_lib.projection_fits(self.run.step_cfg, info.mask_shape, info.completion_tokens):
+            return self.fast(state, batch, consts)
+        logging.warning("step %d: the batch has more completion tokens than "
+                        "model.completion_logits_fraction=%s of its slots; running the full "
+                        "output projection for it", step + 1,
+                        self.run.config.model.completion_logits_fraction)
+        self.full = self.full or self._jit(self.run.step_cfg.full_projection())
+        return self.full(state, batch, consts)
+
+
+def train_loop(run: Run, training: Training) -> dict[str, Any]:
+    """Steps from the state's step to ``total_steps``, then the final checkpoint, eval and
+    export. Returns what ``train_and_evaluate`` returns."""
+    config, total = run.config, run.data.total_steps
+    state = training.state
+    step = int(jax.device_get(state.step))
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.make_writers(run.workdir, enabled=is_main,
+                                      resume_step=step if step > 0 else None)
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                             config.log.peak_flops_per_device)
+    throughput = metrics_lib.Throughput(metrics_lib.flop_model(run.model.config, state.params),
+                                        peak, jax.device_count(),
+                                        reference_runs=config.reference.mode == "frozen")
+    progress = metrics_lib.Progress(total, step, enabled=is_main and config.log.progress_bar)
+    window = periodic.MetricsWindow(writer, progress, throughput, every=config.log.every_steps,
+                                    total_steps=total)
+    checkpoints = periodic.Checkpoints(training.checkpointer,
+                                       every=config.checkpoint.every_steps,
+                                       data_iterator=run.data.train,
+                                       config=mio_config.as_dict(config), window=window)
+    evals = periodic.Evals(functools.partial(evaluate, run), every=config.eval.every_steps,
+                           total_steps=total, writer=writer, window=window)
+    steps = _Steps(run, training)
+    try:
+        with periodic.Preemption(checkpoints) as preemption:
+            if config.eval.at_start and step == 0:
+                evals.run(0, state.params)
+            while step < total:
+                preemption.check(step, state)
+                host, info = run.data.train.next_with_info()
+                state, metrics = steps(state, device_batch(run, host, run.reference.train_table),
+                                       info, step)
+                step += 1
+                window.add(step, metrics, info, host.example_id)
+                checkpoints(step, state)
+                evals(step, state.params)
+            window.flush()
+            checkpoints.finish(step, state)
+        final_eval = evals.run(step, state.params, "final eval")
+        exported = export(run, state.params) if config.checkpoint.export_hf else None
+    finally:
+        progress.close()
+        writer.close()
+        training.checkpointer.close()
+    return {"step": step, "train": window.last, "eval": final_eval, "export": exported,
+            "state": state}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
     Args:
-      config: a resolved experiment config (see ``configs/common.py``).
+      config: a resolved experiment config (``mio_jax.config.base_config()`` and overrides).
       workdir: output folder: config.json, checkpoints/, metrics.jsonl, tb/, hf_export/
         (and reasoning_eval/ when eval.reasoning_tasks is set).
 
     Returns:
-      ``{"step": final step, "train": last logged train metrics,
-      "eval": final eval metrics, "export": HF folder or None,
-      "state": the final TrainState}``.
+      ``{"step": final step, "train": last logged train metrics, "eval": final eval
+      metrics, "export": HF folder or None, "state": the final TrainState}``.
 
     Raises:
-      config_validation.ConfigError: bad config (message names the key).
+      mio_config.ConfigError: bad config (message names the key).
       FloatingPointError: NaN/Inf loss (step, batch example ids, metrics).
       Preempted: after SIGTERM, once its checkpoint is on disk.
     """
     workdir = os.path.abspath(workdir)
-    config_validation.validate(config, num_devices=jax.device_count())
-    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # the run's resolved config, for readers of the workdir
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config_validation.as_dict(config), f, indent=1, sort_keys=True)
-    tokenizer, model = load_model(config, mesh)
+    config = mio_config.resolve(config)
+    mesh = build_mesh(config, workdir)
+    model = build_model(config, mesh)
     with jax.set_mesh(mesh):
-        return _loop(_setup(config, workdir, mesh, tokenizer, model))
-
-
-def _loop(run: _Run) -> dict[str, Any]:
-    config = run.config
-    consts = {"other": run.other, "ref_params": run.ref_params}
-    consts_sh = jax.tree.map(lambda x: x.sharding, consts)
-
-    def jit_step(cfg):
-        return jax.jit(
-            functools.partial(step_lib.train_step, graphdef=run.graphdef, tx=run.tx,
-                              schedule=run.schedule, cfg=cfg),
-            in_shardings=(run.state_sh, run.data_sh, consts_sh),
-            out_shardings=(run.state_sh, None), donate_argnums=0)
-
-    step_fn = jit_step(run.step_cfg)
-    # Batches whose completion tokens overflow the completion-only projection block run
-    # the full projection (compiled on first need); results are the same.
-    full_step_fn = step_fn if run.step_cfg.max_tokens_fraction is None else None
-    full_cfg = _full_projection(run.step_cfg)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, cfg=full_cfg))
-    is_main = jax.process_index() == 0
-    state = run.state
-    step = int(jax.device_get(state.step))
-    writer = metrics_lib.make_writers(run.workdir, enabled=is_main,
-                                      resume_step=step if step > 0 else None)
-    fm = flop_model(run.model_cfg, run.state.params)
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
-                                             config.log.peak_flops_per_device)
-    thr = metrics_lib.Throughput(fm, peak, jax.device_count(),
-                                 reference_runs=config.reference.mode == "frozen")
-    progress = metrics_lib.Progress(run.total_steps, step,
-                                    enabled=is_main and config.log.progress_bar)
-    sigterm = {"hit": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(hit=True))
-    pending: list[tuple[int, Any, dict]] = []
-    window: list[dict] = []
-    last_train: dict = {}
-    cfg_dict = config_validation.as_dict(config)
-
-    def flush():
-        """Fetches pending step metrics, checks them, logs the window means."""
-        nonlocal last_train
-        for s, m, extra in pending:
-            host = {k: float(v) for k, v in jax.device_get(m).items()}
-            metrics_lib.check_finite(host, step=s, batch_indices=extra.get("example_id"))
-            thr.add(extra["tokens"], extra["seq_len"])
-            window.append(host)
-            if s % config.log.every_steps == 0 or s == run.total_steps:
-                mean = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
-                mean.update(thr.report())
-                writer.write(s, mean, "train")
-                progress.update(s, mean)
-                logging.info("step %d: %s", s, _fmt(mean))
-                last_train = mean
-                window.clear()
-        pending.clear()
-
-    def save(s):
-        flush()
-        run.ckpt.save(s, state, data_state=run.train_it.get_state(), config=cfg_dict)
-
-    def run_eval(s, label) -> dict:
-        ev = evaluate(run, state.params, eval_fn, s)
-        if ev:
-            writer.write(s, ev, "eval")
-            logging.info("%s at step %d: %s", label, s, _fmt(ev))
-        return ev
-
-    try:
-        if config.eval.at_start and step == 0:
-            run_eval(0, "eval")
-        while step < run.total_steps:
-            if sigterm["hit"]:
-                save(step)
-                run.ckpt.wait()
-                logging.warning("SIGTERM: checkpoint at step %d written; exiting", step)
-                raise Preempted(step)
-            host = next(run.train_it)
-            batch, extra = _device_batch(run, host, run.train_table)
-            if extra["projection_fits"]:
-                state, m = step_fn(state, batch, consts)
-            else:
-                logging.warning(
-                    "step %d: the batch has more completion tokens than "
-                    "model.completion_logits_fraction=%s of its slots; running the full "
-                    "output projection for it", step + 1, config.model.completion_logits_fraction)
-                full_step_fn = full_step_fn or jit_step(full_cfg)
-                state, m = full_step_fn(state, batch, consts)
-            step += 1
-            if pending:  # check the previous step while this one runs
-                flush()
-            pending.append((step, m, extra))
-            if step % config.checkpoint.every_steps == 0:
-                save(step)
-            if config.eval.every_steps and step % config.eval.every_steps == 0 \
-                    and step < run.total_steps:
-                flush()
-                run_eval(step, "eval")
-        flush()
-        if step not in run.ckpt.steps():
-            save(step)
-        run.ckpt.wait()
-        final_eval = run_eval(step, "final eval")
-        export = _export(run, state) if config.checkpoint.export_hf else None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        progress.close()
-        writer.close()
-        run.ckpt.close()
-    return {"step": step, "train": last_train, "eval": final_eval, "export": export,
-            "state": state}
-
-
-def _fmt(metrics: dict) -> str:
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-            "rewards/rejected", "logps/chosen", "grad_norm", "learning_rate",
-            "tokens_per_sec", "mfu")
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+        data = build_data(config, model.tokenizer, mesh)
+        training = init_or_restore(config, workdir, model, data, mesh)
+        cfg = step_config(config)
+        reference = build_reference(config, workdir, model, data, cfg, mesh)
+        # Precomputed / no reference: the initial weights are not kept beside the state.
+        model = dataclasses.replace(model, params=None)
+        run = Run(config, workdir, mesh, model, data, reference, cfg)
+        return train_loop(run, training)

@@ -65,9 +65,10 @@ def convert(venv_python, src, dst, exporter):
 
 
 def has_exporter(venv_python):
-    code = "from mio_jax.convert import _exporter; print(_exporter() is not None)"
-    r = subprocess.run([venv_python, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    return r.returncode == 0 and r.stdout.strip().endswith("True")
+    """True when convert offers `--exporter=mio_jax` (load_pretrained + save_pretrained)."""
+    r = subprocess.run([venv_python, "-m", "mio_jax.convert", "--help"], cwd=ROOT,
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "mio_jax" in r.stdout and "--exporter" in r.stdout
 
 
 def load_folder(folder):

@@ -38,3 +38,47 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+# ---- shared helpers of the trainer, CLI and model tests (tiny real artefacts) ----
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``(model_dir, train.jsonl, eval.jsonl)``: a tiny random Llama and data, per module."""
+    from mio_jax import testing
+
+    return testing.tiny_setup(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _tiny_config(model_dir, train, ev, arg=None, **overrides):
+    from configs import tiny_test
+
+    c = tiny_test.get_config(arg)
+    c.model.path, c.data.train_path, c.data.eval_path = model_dir, train, ev
+    for key, value in overrides.items():
+        node = c
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory: ``configs/tiny_test.py`` with the given paths; overrides as "a.b" -> value:
+    ``tiny_config(model_dir, train, eval, arg=None, **{"loss.beta": 0.2})``."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    """Environment for ``python -m mio_jax.*`` subprocesses of the tests (8 CPU devices,
+    no hub, the checkout importable for ``configs``)."""
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=REPO)
+    return env

@@ -154,11 +154,11 @@ def test_evaluate_with_a_sampler_and_jsonl(tmp_path):
 
 def test_cli_with_a_real_tiny_model(tmp_path):
     """The CLI end to end: a random 2-layer Llama written by the models exporter, sampled."""
-    import trainer_fixtures
+    from mio_jax import testing
 
     from mio_jax import verifiers
 
-    model = trainer_fixtures.write_tiny_model(str(tmp_path / "model"), max_position_embeddings=256)
+    model = testing.write_tiny_model(str(tmp_path / "model"), max_position_embeddings=256)
     data = tmp_path / "q.jsonl"
     data.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+5=", "answer": "7"}\n')
     out = tmp_path / "eval.json"

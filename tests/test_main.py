@@ -7,10 +7,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import trainer_fixtures  # noqa: E402
-
-ROOT = trainer_fixtures.subprocess_env()["PYTHONPATH"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_TRAIN_KEYS = {
     "loss", "loss/mio", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
     "rewards/margins", "logps/chosen", "logps/rejected", "mi/dv", "mi/js", "grad_norm",
@@ -18,15 +15,15 @@ EXPECTED_TRAIN_KEYS = {
     "num_tokens", "mfu", "tflops_per_sec_per_device"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return trainer_fixtures.tiny_setup(str(tmp_path_factory.mktemp("tiny_cli")))
-
-
-def _main(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mio_jax.main", *args], cwd=ROOT,
-                          env=trainer_fixtures.subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture
+def run_main(subprocess_env):
+    def run(args, timeout=300, cwd=ROOT, checkout_on_path=True):
+        env = dict(subprocess_env)
+        if not checkout_on_path:  # as for a user's own folder: `configs` is not importable
+            env.pop("PYTHONPATH", None)
+        return subprocess.run([sys.executable, "-m", "mio_jax.main", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
 
 
 def _args(tiny, workdir, *extra):
@@ -35,14 +32,27 @@ def _args(tiny, workdir, *extra):
             f"--config.data.train_path={t}", f"--config.data.eval_path={e}", *extra]
 
 
-def test_cli_tiny_run_writes_everything(tiny, tmp_path):
+def _one_line_error(r, *needles):
+    """Exit status 2, the reason on one ``error:`` line naming ``needles``, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_cli_tiny_run_writes_everything(tiny, tmp_path, run_main):
     work = tmp_path / "run"
-    r = _main(_args(tiny, work, "--config.train.steps=4", "--config.eval.every_steps=2",
+    r = run_main(_args(tiny, work, "--config.train.steps=4", "--config.eval.every_steps=2",
                     "--config.eval.at_start=True", "--config.log.weight_norms=True",
                     "--config.loss.name=dpo", "--config.loss.beta=0.05"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "done:" in r.stdout
     assert "  name: dpo" in r.stderr and "  beta: 0.05" in r.stderr  # resolved config logged
+    # ... with the effective value of each hyper-parameter dpo reads (its defaults)
+    assert "  label_smoothing: 0.0" in r.stderr and "  f_divergence_type: reverse_kl" in r.stderr
     assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
     rows = [json.loads(x) for x in open(work / "metrics.jsonl")]
     train_rows = [x for x in rows if x["split"] == "train"]
@@ -57,6 +67,9 @@ def test_cli_tiny_run_writes_everything(tiny, tmp_path):
     saved = json.load(open(work / "checkpoints" / "4" / "config" / "metadata"))
     assert saved["loss"]["name"] == "dpo" and saved["train"]["steps"] == 4
     assert json.load(open(work / "config.json")) == saved  # the run's config, beside its outputs
+    assert (saved["loss"]["label_smoothing"], saved["loss"]["f_divergence_type"],
+            saved["loss"]["f_alpha_divergence_coef"]) == (0.0, "reverse_kl", 0.5)
+    assert saved["loss"]["simpo_gamma"] is None  # not a hyper-parameter of dpo
 
     # the exported folder loads with the models API and gives finite logits
     import jax.numpy as jnp
@@ -87,26 +100,46 @@ def test_cli_tiny_run_writes_everything(tiny, tmp_path):
         tok("q: 1+2=")["input_ids"]
 
 
-def test_unknown_config_key_fails_naming_it(tiny, tmp_path):
-    r = _main(_args(tiny, tmp_path, "--config.loss.bta=0.1"))
-    assert r.returncode != 0 and "bta" in r.stderr
+def test_unknown_config_key_fails_naming_it(tiny, tmp_path, run_main):
+    _one_line_error(run_main(_args(tiny, tmp_path, "--config.loss.bta=0.1")),
+                    "unknown config key 'loss.bta'")
 
 
-def test_bad_value_fails_naming_the_key(tiny, tmp_path):
-    r = _main(_args(tiny, tmp_path, "--config.reference.mode=cached"))
-    assert r.returncode == 2 and "reference.mode='cached'" in r.stderr
+def test_bad_value_fails_naming_the_key(tiny, tmp_path, run_main):
+    _one_line_error(run_main(_args(tiny, tmp_path, "--config.reference.mode=cached")),
+                    "reference.mode='cached'")
 
 
-def test_missing_model_path_fails_clearly(tiny, tmp_path):
-    r = _main(_args(tiny, tmp_path, f"--config.model.path={tmp_path}/nope"))
+def test_missing_model_path_fails_clearly(tiny, tmp_path, run_main):
+    r = run_main(_args(tiny, tmp_path, f"--config.model.path={tmp_path}/nope"))
     assert r.returncode == 2 and f"model.path='{tmp_path}/nope' does not exist" in r.stderr
 
 
-def test_unreadable_data_file_fails_naming_it(tiny, tmp_path):
+def test_unreadable_data_file_fails_naming_it(tiny, tmp_path, run_main):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": oops\n')
-    r = _main(_args(tiny, tmp_path / "w", f"--config.data.train_path={bad}"))
+    r = run_main(_args(tiny, tmp_path / "w", f"--config.data.train_path={bad}"))
     assert r.returncode == 2 and "bad.jsonl" in r.stderr
     missing = tmp_path / "missing.jsonl"
-    r = _main(_args(tiny, tmp_path / "w2", f"--config.data.train_path={missing}"))
+    r = run_main(_args(tiny, tmp_path / "w2", f"--config.data.train_path={missing}"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr
+
+
+@pytest.mark.parametrize("body,needles", [
+    # an experiment file of the old layout, run outside the checkout
+    ("from configs import common\n\n\ndef get_config(arg=None):\n    return common.base_config()\n",
+     ["exp.py, line 1: ModuleNotFoundError: No module named 'configs'"]),
+    ("X = 1\n", ["exp.py has no get_config(arg=None) function"]),
+    ("def get_config(arg=None):\n    raise ValueError('no such arm: ' + str(arg))\n",
+     ["exp.py, line 2: ValueError: no such arm: big"]),
+])
+def test_experiment_file_that_does_not_load_fails_in_one_line(tmp_path, run_main, body, needles):
+    (tmp_path / "exp.py").write_text(body)
+    _one_line_error(run_main(["--config=exp.py:big", f"--workdir={tmp_path}/w",
+                              "--config.train.steps=2"], cwd=tmp_path, checkout_on_path=False),
+                    *needles)
+
+
+def test_missing_experiment_file_fails_in_one_line(tmp_path, run_main):
+    _one_line_error(run_main(["--config=nope.py", f"--workdir={tmp_path}/w"], cwd=tmp_path),
+                    "experiment file 'nope.py' not found")

@@ -146,9 +146,9 @@ def test_bad_settings(tmp_path, examples):
 
 def test_cli_with_a_real_tiny_model(tmp_path):
     """`python -m mio_jax.pairs` end to end with the real sampler on a random tiny Llama."""
-    import trainer_fixtures
+    from mio_jax import testing
 
-    model = trainer_fixtures.write_tiny_model(str(tmp_path / "model"), max_position_embeddings=256)
+    model = testing.write_tiny_model(str(tmp_path / "model"), max_position_embeddings=256)
     data = tmp_path / "q.jsonl"
     data.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+5=", "answer": "7"}\n')
     out = tmp_path / "pairs.jsonl"

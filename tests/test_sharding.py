@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -10,10 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(__file__))
-import trainer_fixtures  # noqa: E402
-
-from mio_jax import models, optim, sharding, train_step  # noqa: E402
+from mio_jax import models, optim, sharding, testing, train_step
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "golden", "state_partition_specs.json")
 
@@ -28,22 +24,23 @@ def test_make_mesh_fills_minus_one_and_names_errors():
         sharding.make_mesh((4, 4, 1))
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         sharding.make_mesh((-1, -1, 1))
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ValueError, match="equal length"):
         sharding.make_mesh((8,), ("data", "fsdp"))
+    with pytest.raises(ValueError, match="cannot fill 8 devices"):
+        sharding.make_mesh((3, -1, 1))
+    assert sharding.mesh_axis_sizes((2, -1, 2), ("data", "fsdp", "tensor"), 16) == {
+        "data": 2, "fsdp": 4, "tensor": 2}
 
 
 def _tiny_state(mesh, vocab=96):
-    cfg = trainer_fixtures.tiny_model_config(vocab_size=vocab)
+    cfg = testing.tiny_model_config(vocab_size=vocab)
     abstract = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)))
     _, params_state, _ = nnx.split(abstract, nnx.Param, ...)
     param_specs = sharding.state_partition_specs(params_state, None, mesh)
     tx, _ = optim.make_optimizer(learning_rate=1e-3, total_steps=10)
     params = nnx.to_pure_dict(params_state)
-    abstract_state = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
-    return train_step.TrainState(
-        step=P(), params=param_specs,
-        opt_state=sharding.optimizer_state_specs(tx, abstract_state.opt_state, param_specs),
-        rng=P()), abstract_state
+    abstract_state = jax.eval_shape(lambda p: train_step.init_state(p, tx), params)
+    return train_step.state_specs(tx, params, param_specs), abstract_state
 
 
 def test_state_partition_specs_match_snapshot():
@@ -84,11 +81,17 @@ def test_indivisible_dims_fall_back_to_replication():
     assert sharding.spec_strings(specs)["params/embed"] == str(P(None, "fsdp"))
 
 
-def test_batch_shardings_split_leading_axis():
+def test_batch_sharding_splits_the_leading_axis_of_every_field():
+    from mio_jax.data import batching, to_global_arrays
+    from mio_jax.data.tokenize import TokenizedGroup
+
     mesh = sharding.make_mesh((2, 2, 2))
-    batch = {"input_ids": np.zeros((8, 2, 16), np.int32), "weights": np.zeros((8,), np.float32)}
-    sh = sharding.batch_shardings(mesh, batch)
-    assert sh["input_ids"].spec == P(("data", "fsdp"), None, None)
-    assert sh["weights"].spec == P(("data", "fsdp"))
-    arr = jax.device_put(batch["input_ids"], sh["input_ids"])
-    assert arr.addressable_shards[0].data.shape == (2, 2, 16)
+    groups = [TokenizedGroup(row_id=str(i), prompt_ids=np.array([5, 6], np.int32),
+                             completion_ids=(np.array([7], np.int32), np.array([8], np.int32)))
+              for i in range(8)]
+    batch = to_global_arrays(batching.collate(groups, np.arange(8), K=2, L=16),
+                             sharding.batch_sharding(mesh))
+    assert batch.input_ids.sharding.spec == P(("data", "fsdp"))
+    assert batch.input_ids.addressable_shards[0].data.shape == (2, 2, 16)
+    assert batch.weights.addressable_shards[0].data.shape == (2,)
+    assert batch.ref_logps is None

@@ -11,95 +11,21 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import trainer_fixtures  # noqa: E402
-
-from mio_jax import config_validation, train  # noqa: E402
+from mio_jax import config as mio_config
+from mio_jax import metrics, testing, train
 
 TIMING_KEYS = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return trainer_fixtures.tiny_setup(str(tmp_path_factory.mktemp("tiny")))
+# ---- the config as the trainer reads it (the rules themselves: tests/test_config.py) ----
 
-
-# ---- config validation --------------------------------------------------------------
-
-@pytest.mark.parametrize("override,message", [
-    ({"loss.name": "dpoo"}, "loss.name='dpoo' is not a registered loss"),
-    ({"loss.beta": 0.0}, "loss.beta=0.0 must be > 0"),
-    ({"loss.simpo_gamma": 0.3}, "loss.simpo_gamma=0.3 is set but loss.name='mio' does not use it"),
-    ({"loss.name": "dpo", "reference.mode": "none"}, "needs a reference model"),
-    ({"loss.name": "simpo"}, "is reference-free; set reference.mode='none'"),
-    ({"reference.mode": "cached"}, "reference.mode='cached'"),
-    ({"train.batch_size": 6}, "train.batch_size=6 / train.grad_accum_steps=1 = 6 groups per "
-                              "micro-batch is not divisible by the data-parallel size 4"),
-    ({"train.grad_accum_steps": 3}, "train.batch_size=8 is not divisible by train.grad_accum_steps=3"),
-    ({"loss.name": "aot", "data.packing": True}, "data.packing=True cannot be used with loss.name='aot'"),
-    ({"data.packing": True, "train.grad_accum_steps": 2}, "data.packing=True needs train.grad_accum_steps=1"),
-    ({"data.packing": True, "loss.use_weighting": True}, "cannot be combined with loss.ld_alpha"),
-    ({"optim.schedule": "step"}, "optim.schedule='step'"),
-    ({"mesh.shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) does not fit 8 devices"),
-    ({"model.dtype": "float8"}, "model.dtype='float8'"),
-    ({"model.attention": "flash"}, "model.attention='flash'"),
-    ({"model.completion_logits_fraction": 1.5}, "model.completion_logits_fraction=1.5"),
-    ({"model.attention": "cudnn"}, "model.attention='cudnn' needs model.dtype bfloat16"),
-    ({"model.attention": "cudnn", "model.dtype": "bfloat16"}, "model.attention='cudnn' needs NVIDIA"),
-    ({"data.on_bad_row": "ignore"}, "on_bad_row"),
-    ({"data.shared_prompt": True, "data.packing": True}, "cannot be combined with data.packing"),
-    ({"data.shared_prompt": True, "loss.ld_alpha": 0.5}, "shared_prompt=True cannot be combined"),
-    ({"loss.weights": (1.0, 0.5)}, r"loss.weights=\(1.0, 0.5\) needs one weight per loss"),
-    ({"loss.name": "dpo+sft", "loss.weights": (1.0, -1.0)}, "must be non-negative"),
-])
-def test_validation_names_the_key(tiny, override, message):
-    cfg = trainer_fixtures.tiny_config(*tiny, **{"mesh.shape": (2, -1, 2), **override})
-    with pytest.raises(config_validation.ConfigError, match=message):
-        config_validation.validate(cfg, num_devices=8)
-
-
-def test_loss_mix_weights_reach_the_step(tiny):
-    cfg = trainer_fixtures.tiny_config(*tiny, **{"loss.name": "dpo+sft",
+def test_loss_mix_weights_reach_the_step(tiny, tiny_config):
+    cfg = tiny_config(*tiny, **{"loss.name": "dpo+sft",
                                                  "loss.weights": (0.8, 0.2)})
-    config_validation.validate(cfg, num_devices=8)
-    step_cfg = train._step_config(cfg)
+    mio_config.validate(cfg, num_devices=8)
+    step_cfg = train.step_config(cfg)
     assert step_cfg.loss_name == ("dpo", "sft")
     assert step_cfg.loss_weights == (0.8, 0.2)
-
-
-def test_validation_rejects_unknown_keys_and_types(tiny):
-    cfg = trainer_fixtures.tiny_config(*tiny)
-    config_validation.validate(cfg, num_devices=8)  # the tiny config itself is valid
-    with cfg.train.unlocked():
-        cfg.train.stpes = 10
-    with pytest.raises(config_validation.ConfigError, match="unknown config key 'train.stpes'"):
-        config_validation.validate(cfg, num_devices=8)
-    cfg = trainer_fixtures.tiny_config(*tiny)
-    with cfg.train.unlocked():
-        del cfg.train["steps"]
-        cfg.train.steps = "ten"
-    with pytest.raises(config_validation.ConfigError, match="'train.steps' = 'ten' has type str"):
-        config_validation.validate(cfg, num_devices=8)
-
-
-def test_shipped_configs_are_valid_and_dpo_beta_is_gradient_matched():
-    from configs import default, dpo_default, paper
-
-    mio, dpo = default.get_config(), dpo_default.get_config()
-    config_validation.validate(mio, num_devices=1)
-    config_validation.validate(dpo, num_devices=1)
-    assert (mio.loss.name, dpo.loss.name) == ("mio", "dpo")
-    assert dpo.loss.beta == mio.loss.beta / 2
-    for arg, devices, backend in (("llama3_8b,mio,v5p-64", 32, "tpu"),
-                                  ("qwen2.5_7b,dpo,h100x8", 8, "gpu"),
-                                  ("mistral_7b,mio,v4-64", 32, "tpu")):
-        config_validation.validate(paper.get_config(arg), num_devices=devices, backend=backend)
-    with pytest.raises(config_validation.ConfigError, match="model.attention='cudnn' needs NVIDIA"):
-        config_validation.validate(paper.get_config("qwen2.5_7b,dpo,h100x8"), num_devices=8)
-    from configs import reproduce_small
-
-    for method in reproduce_small.METHODS:
-        config_validation.validate(reproduce_small.get_config(method), num_devices=1)
 
 
 def test_flop_model_counts_tied_embedding_once():
@@ -108,18 +34,18 @@ def test_flop_model_counts_tied_embedding_once():
     from mio_jax import models
 
     for tied in (True, False):
-        cfg = trainer_fixtures.tiny_model_config(tie_word_embeddings=tied)
+        cfg = testing.tiny_model_config(tie_word_embeddings=tied)
         params = nnx.to_pure_dict(nnx.state(models.init_model(cfg), nnx.Param))
         total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-        fm = train.flop_model(cfg, params)
+        fm = metrics.flop_model(cfg, params)
         assert fm.matmul_params == (total if tied else total - 96 * 32)
         assert (fm.n_layers, fm.attn_dim) == (2, 32)
 
 
 # ---- loop behaviour -----------------------------------------------------------------
 
-def test_nan_loss_stops_with_step_and_batch_and_saves_nothing_broken(tiny, tmp_path):
-    cfg = trainer_fixtures.tiny_config(*tiny, **{
+def test_nan_loss_stops_with_step_and_batch_and_saves_nothing_broken(tiny, tmp_path, tiny_config):
+    cfg = tiny_config(*tiny, **{
         "optim.learning_rate": 1e15, "optim.warmup_steps": 0, "optim.schedule": "constant",
         "checkpoint.every_steps": 1, "eval.every_steps": 0, "train.steps": 5})
     with pytest.raises(FloatingPointError,
@@ -135,6 +61,7 @@ def _rows(path):
 
 
 def _cli(tiny, workdir, *extra):
+    """The ``python -m mio_jax.main`` command of the tiny config (run from the checkout)."""
     m, t, e = tiny
     return [sys.executable, "-m", "mio_jax.main", "--config=configs/tiny_test.py",
             f"--workdir={workdir}", f"--config.model.path={m}", f"--config.data.train_path={t}",
@@ -153,14 +80,14 @@ def _wait_for(predicate, proc, timeout=240):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tmp_path, tiny_config, subprocess_env):
     steps = ["--config.train.steps=24", "--config.checkpoint.every_steps=2"]
-    cfg = trainer_fixtures.tiny_config(*tiny, **{"train.steps": 24, "checkpoint.every_steps": 2,
+    cfg = tiny_config(*tiny, **{"train.steps": 24, "checkpoint.every_steps": 2,
                                                  "eval.every_steps": 0})
     whole = train.train_and_evaluate(cfg, str(tmp_path / "whole"))
     work = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tiny, work, *steps), env=trainer_fixtures.subprocess_env(),
-                            cwd=trainer_fixtures.subprocess_env()["PYTHONPATH"],
+    proc = subprocess.Popen(_cli(tiny, work, *steps), env=subprocess_env,
+                            cwd=subprocess_env["PYTHONPATH"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(lambda: os.path.isdir(work / "checkpoints" / "4"), proc)
     proc.send_signal(signal.SIGKILL)
@@ -180,12 +107,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny, tmp_path):
     assert resumed["eval"] == whole["eval"]
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_143(tiny, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_143(tiny, tmp_path, subprocess_env):
     work = tmp_path / "term"
     proc = subprocess.Popen(
         _cli(tiny, work, "--config.train.steps=100000", "--config.checkpoint.every_steps=100000",
              "--config.optim.warmup_steps=1"),
-        env=trainer_fixtures.subprocess_env(), cwd=trainer_fixtures.subprocess_env()["PYTHONPATH"],
+        env=subprocess_env, cwd=subprocess_env["PYTHONPATH"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = work / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
@@ -197,10 +124,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_whole_run_on_mesh_2x2x2_equals_one_device(tiny, tmp_path):
+def test_whole_run_on_mesh_2x2x2_equals_one_device(tiny, tmp_path, tiny_config):
     runs = {}
     for shape in ((2, 2, 2), (1, 1, 1)):
-        cfg = trainer_fixtures.tiny_config(*tiny, **{"mesh.shape": shape, "train.steps": 3,
+        cfg = tiny_config(*tiny, **{"mesh.shape": shape, "train.steps": 3,
                                                      "eval.every_steps": 0,
                                                      "checkpoint.export_hf": False})
         runs[shape] = train.train_and_evaluate(cfg, str(tmp_path / str(len(runs))))
@@ -214,16 +141,26 @@ def test_whole_run_on_mesh_2x2x2_equals_one_device(tiny, tmp_path):
             assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k
 
 
-def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def unshared_run(tiny, tmp_path_factory, tiny_config):
+    """3 steps of the tiny config in the unshared [B, K, L] layout; eval at 0 and at the end."""
+    cfg = tiny_config(*tiny, **{"train.steps": 3, "eval.every_steps": 0, "eval.at_start": True,
+                                "checkpoint.export_hf": False})
+    work = tmp_path_factory.mktemp("unshared")
+    return train.train_and_evaluate(cfg, str(work)), work
+
+
+def _eval_rows(workdir) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows if r["split"] == "eval"}
+
+
+def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path, unshared_run, tiny_config):
     """data.shared_prompt computes each prompt once; the run's results stay the same."""
-    runs = {}
-    for shared in (False, True):
-        cfg = trainer_fixtures.tiny_config(*tiny, **{"data.shared_prompt": shared,
-                                                     "train.steps": 3, "eval.every_steps": 0,
-                                                     "checkpoint.export_hf": False})
-        config_validation.validate(cfg, num_devices=8)
-        runs[shared] = train.train_and_evaluate(cfg, str(tmp_path / str(shared)))
-    a, b = runs[True], runs[False]
+    cfg = tiny_config(*tiny, **{"data.shared_prompt": True, "train.steps": 3,
+                                "eval.every_steps": 0, "checkpoint.export_hf": False})
+    mio_config.validate(cfg, num_devices=8)
+    a, b = train.train_and_evaluate(cfg, str(tmp_path)), unshared_run[0]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
                  jax.device_get(a["state"].params), jax.device_get(b["state"].params))
     for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm",
@@ -234,15 +171,30 @@ def test_shared_prompt_run_equals_unshared_run(tiny, tmp_path):
         assert a["eval"][k] == pytest.approx(b["eval"][k], rel=2e-5, abs=2e-5), k
 
 
-def test_completion_logits_fraction_run_equals_full_projection_run(tiny, tmp_path, caplog):
+def test_packed_run_evaluates_like_the_unshared_layout(tiny, tmp_path, unshared_run, tiny_config):
+    """data.packing balances lengths across batches (other batches than the unshared run's),
+    so the runs differ; evaluating the same initial weights over the whole eval split in
+    packed rows (rounded to the 8 data-parallel devices) gives the unshared numbers."""
+    cfg = tiny_config(*tiny, **{"data.packing": True, "train.steps": 3, "eval.every_steps": 0,
+                                "eval.at_start": True, "checkpoint.export_hf": False})
+    out = train.train_and_evaluate(cfg, str(tmp_path))
+    packed, unshared = _eval_rows(tmp_path)[0], _eval_rows(unshared_run[1])[0]
+    for k in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "num_groups",
+              "completion_tokens"):
+        assert packed[k] == pytest.approx(unshared[k], rel=2e-5, abs=2e-5), k
+    assert packed["num_tokens"] == unshared["num_tokens"]  # no padding counted either way
+    assert np.isfinite(out["train"]["loss"]) and out["train"]["loss"] != unshared["loss"]
+
+
+def test_completion_logits_fraction_run_equals_full_projection_run(tiny, tmp_path, caplog, tiny_config):
     """model.completion_logits_fraction projects completion positions only; a batch that
     overflows the block falls back to the full projection. Either way the run is the same."""
     runs = {}
     for frac in (None, 0.9, 0.02):
-        cfg = trainer_fixtures.tiny_config(*tiny, **{"model.completion_logits_fraction": frac,
+        cfg = tiny_config(*tiny, **{"model.completion_logits_fraction": frac,
                                                      "train.steps": 3, "eval.every_steps": 0,
                                                      "checkpoint.export_hf": False})
-        config_validation.validate(cfg, num_devices=8)
+        mio_config.validate(cfg, num_devices=8)
         caplog.clear()
         runs[frac] = train.train_and_evaluate(cfg, str(tmp_path / str(frac)))
         runs[frac]["fallbacks"] = sum("running the full output projection" in r.getMessage()
@@ -258,15 +210,15 @@ def test_completion_logits_fraction_run_equals_full_projection_run(tiny, tmp_pat
         assert runs[frac]["eval"]["loss"] == pytest.approx(base["eval"]["loss"], rel=2e-5)
 
 
-def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_path):
+def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_path, tiny_config):
     """eval.reasoning_tasks: greedy held-out accuracy at each eval, same as mio_jax.evaluate
     on the exported model."""
     from mio_jax import evaluate as evaluate_lib
 
-    cfg = trainer_fixtures.tiny_config(*tiny, **{
+    cfg = tiny_config(*tiny, **{
         "train.steps": 2, "eval.every_steps": 0, "eval.reasoning_tasks": "basic_arithmetic",
         "eval.reasoning_examples": 3, "eval.reasoning_max_new_tokens": 6})
-    config_validation.validate(cfg, num_devices=8)
+    mio_config.validate(cfg, num_devices=8)
     work = tmp_path / "run"
     out = train.train_and_evaluate(cfg, str(work))
     saved = json.load(open(work / "reasoning_eval" / "step_2.json"))
@@ -280,9 +232,3 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_p
     assert [c["completions"] for c in saved["completions"]] == \
         [c["completions"] for c in again["completions"]]
     assert again["overall"]["accuracy"] == saved["overall"]["accuracy"]
-
-
-def test_unknown_reasoning_task_is_rejected(tiny):
-    cfg = trainer_fixtures.tiny_config(*tiny, **{"eval.reasoning_tasks": "basic_arithmetic,nope"})
-    with pytest.raises(config_validation.ConfigError, match="eval.reasoning_tasks: 'nope'"):
-        config_validation.validate(cfg, num_devices=8)

@@ -5,26 +5,19 @@ The model is the real tiny Decoder; steps run on the same three batches so that
 each compiled program is reused across tests (module-scoped fixtures).
 """
 
-import dataclasses
 import functools
 import math
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(__file__))
-import trainer_fixtures  # noqa: E402
+from mio_jax import layouts, logps, losses, models, optim, sharding, testing, train_step
+from mio_jax.data import batching
+from mio_jax.data.tokenize import TokenizedGroup
 
-from mio_jax import logps, losses, models, optim, sharding, train_step  # noqa: E402
-from mio_jax.data import batching  # noqa: E402
-from mio_jax.data.tokenize import TokenizedGroup  # noqa: E402
-
-VOCAB = trainer_fixtures.VOCAB
+VOCAB = testing.VOCAB
 
 
 def _groups(n, seed=0, k=2):
@@ -39,12 +32,11 @@ def _groups(n, seed=0, k=2):
 
 
 def _batch(groups, L=16, K=2):
-    b = batching.collate(list(groups), np.arange(len(groups)), K=K, L=L)
-    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
+    return batching.collate(list(groups), np.arange(len(groups)), K=K, L=L)
 
 
 def _model(seed=0):
-    model = models.init_model(trainer_fixtures.tiny_model_config(), seed=seed)
+    model = models.init_model(testing.tiny_model_config(), seed=seed)
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o), p
 
@@ -65,22 +57,18 @@ def _run(cfg, batches, *, mesh=None, lr=1e-2):
                                      schedule="constant", max_grad_norm=1.0)
     fn = functools.partial(train_step.train_step, graphdef=graphdef, tx=tx, schedule=sched,
                            cfg=cfg)
-    consts = {"other": other, "ref_params": params if cfg.reference == "frozen" else None}
+    consts = train_step.StepConsts(other, params if cfg.reference == "frozen" else None)
     if mesh is None:
-        state = train_step.init_state(params, tx, 0)
+        state = train_step.init_state(params, tx)
         step = jax.jit(fn)
         ctx = _Null()
     else:
         pspecs = sharding.state_partition_specs(pstate, None, mesh)
-        abstract = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
-        specs = train_step.TrainState(
-            step=P(), params=pspecs, rng=P(),
-            opt_state=sharding.optimizer_state_specs(tx, abstract.opt_state, pspecs))
-        state_sh = sharding.named(mesh, specs)
-        consts = {"other": other, "ref_params": jax.device_put(params, state_sh.params)}
-        state = jax.jit(lambda p: train_step.init_state(p, tx, 0),
-                        out_shardings=state_sh)(consts["ref_params"])
-        batch_sh = sharding.batch_shardings(mesh, batches[0])
+        state_sh = sharding.named(mesh, train_step.state_specs(tx, params, pspecs))
+        consts = train_step.StepConsts(other, jax.device_put(params, state_sh.params))
+        state = jax.jit(lambda p: train_step.init_state(p, tx),
+                        out_shardings=state_sh)(consts.ref_params)
+        batch_sh = sharding.batch_sharding(mesh)
         step = jax.jit(fn, in_shardings=(state_sh, batch_sh, None),
                        out_shardings=(state_sh, None), donate_argnums=0)
         batches = [jax.device_put(b, batch_sh) for b in batches]
@@ -125,7 +113,7 @@ def test_first_step_loss_is_ln4_when_policy_equals_reference():
     assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert m["grad_norm"] > 0 and "update_norm" not in m and "param_norm" not in m  # opt-in
     assert m["learning_rate"] == pytest.approx(1e-2)
-    assert m["num_groups"] == 8 and m["completion_tokens"] == BATCHES[0]["loss_mask"].sum()
+    assert m["num_groups"] == 8 and m["completion_tokens"] == BATCHES[0].loss_mask.sum()
     # later steps see a policy that moved away from the reference
     assert abs(hist[2]["loss"] - math.log(4)) > 1e-4
     assert abs(hist[1]["rewards/chosen"]) > 1e-5
@@ -165,7 +153,7 @@ def test_precomputed_reference_equals_frozen():
     graphdef, ref, other, _ = _model(0)
     cfg_p = _cfg(reference="precomputed")
     ref_fn = jax.jit(functools.partial(train_step.reference_logps, graphdef, cfg=cfg_p))
-    with_ref = [dict(b, ref_logps=np.asarray(ref_fn(ref, other, b))) for b in BATCHES]
+    with_ref = [b.replace(ref_logps=np.asarray(ref_fn(ref, other, b))) for b in BATCHES]
     p_f, h_f = _baseline()
     p_p, h_p = _run(cfg_p, with_ref)
     _close_history(h_f, h_p)
@@ -178,7 +166,7 @@ def _eval(cfg, batch, params_seed=4, ref_seed=0):
     graphdef, params, other, _ = _model(params_seed)
     ref = _model(ref_seed)[1]
     fn = jax.jit(functools.partial(train_step.eval_step, graphdef=graphdef, cfg=cfg))
-    sums, counts, denom = jax.device_get(fn(params, batch, {"other": other, "ref_params": ref}))
+    sums, counts, denom = jax.device_get(fn(params, batch, train_step.StepConsts(other, ref)))
     out = {k: float(v) / float(denom) for k, v in sums.items()}
     out.update({k: float(v) for k, v in counts.items()})
     return out, (graphdef, params, ref, other)
@@ -191,7 +179,7 @@ def test_eval_loss_equals_registry_on_full_logits():
 
     def full(p):
         model = nnx.merge(graphdef, p, other)
-        flat = {k: batch[k].reshape(16, 16) for k in ("input_ids", "attention_mask", "positions",
+        flat = {k: getattr(batch, k).reshape(16, 16) for k in ("input_ids", "attention_mask", "positions",
                                                       "targets", "loss_mask")}
         lg = model(flat["input_ids"], attention_mask=flat["attention_mask"],
                    positions=flat["positions"])
@@ -208,7 +196,7 @@ def test_eval_loss_equals_registry_on_full_logits():
 def test_padding_groups_change_nothing():
     real = _groups(6, seed=14)
     b8 = _batch(real + [None, None])
-    assert (b8["weights"][6:] == 0).all()
+    assert (b8.weights[6:] == 0).all()
     got8, _ = _eval(_cfg(), b8)
     got6, _ = _eval(_cfg(), _batch(real))
     for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "num_groups",
@@ -219,8 +207,6 @@ def test_padding_groups_change_nothing():
 def test_packed_rows_equal_padded_batch():
     groups = _groups(8, seed=1)  # the groups of BATCHES[0]
     packed = batching.pack(groups, np.arange(8), K=2, R=4, L=32)
-    packed = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)
-              if f.name != "example_id"}
     got_p, _ = _eval(_cfg(), packed)
     got_u, _ = _eval(_cfg(), BATCHES[0])
     for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "completion_tokens"):
@@ -233,24 +219,24 @@ def test_reference_free_simpo_matches_registry():
     batch = BATCHES[1]
     got, (graphdef, params, _, other) = _eval(cfg, batch)
     model = nnx.merge(graphdef, params, other)
-    hidden = model.hidden_states(batch["input_ids"].reshape(16, 16),
-                                 attention_mask=batch["attention_mask"].reshape(16, 16),
-                                 positions=batch["positions"].reshape(16, 16))
+    hidden = model.hidden_states(batch.input_ids.reshape(16, 16),
+                                 attention_mask=batch.attention_mask.reshape(16, 16),
+                                 positions=batch.positions.reshape(16, 16))
     lp = logps.sequence_logps_from_hidden(hidden, model.output_matrix(),
-                                          batch["targets"].reshape(16, 16),
-                                          batch["loss_mask"].reshape(16, 16)).reshape(8, 2)
+                                          batch.targets.reshape(16, 16),
+                                          batch.loss_mask.reshape(16, 16)).reshape(8, 2)
     want, _ = losses.compute_group("simpo", policy_logps=lp, ref_logps=None, beta=2.0,
-                                   lengths=batch["loss_mask"].sum(-1), simpo_gamma=0.5)
+                                   lengths=batch.loss_mask.sum(-1), simpo_gamma=0.5)
     assert got["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
 
 
 def _full_token_stats(graphdef, p, other, batch, with_sq=False):
-    b, k, l = batch["input_ids"].shape
+    b, k, l = batch.input_ids.shape
     model = nnx.merge(graphdef, p, other)
-    lg = model(batch["input_ids"].reshape(b * k, l),
-               attention_mask=batch["attention_mask"].reshape(b * k, l),
-               positions=batch["positions"].reshape(b * k, l))
-    st = logps.token_stats(lg.reshape(b, k, l, -1), batch["targets"], batch["loss_mask"],
+    lg = model(batch.input_ids.reshape(b * k, l),
+               attention_mask=batch.attention_mask.reshape(b * k, l),
+               positions=batch.positions.reshape(b * k, l))
+    st = logps.token_stats(lg.reshape(b, k, l, -1), batch.targets, batch.loss_mask,
                            with_log_sum_sq=with_sq)
     return st
 
@@ -286,9 +272,9 @@ def test_ld_dpo_and_wpo_weighting_follow_the_logps_library():
     got, (graphdef, params, ref, other) = _eval(cfg, batch)
     pst = _full_token_stats(graphdef, params, other, batch, with_sq=True)
     rst = _full_token_stats(graphdef, ref, other, batch)
-    pol = logps.ld_sequence_logps(pst.logps_bt, batch["loss_mask"], 0.5)
-    rf = logps.ld_sequence_logps(rst.logps_bt, batch["loss_mask"], 0.5)
-    w = logps.wpo_weights(pst.logps_bt, pst.log_sum_sq_probs_bt, batch["loss_mask"])
+    pol = logps.ld_sequence_logps(pst.logps_bt, batch.loss_mask, 0.5)
+    rf = logps.ld_sequence_logps(rst.logps_bt, batch.loss_mask, 0.5)
+    w = logps.wpo_weights(pst.logps_bt, pst.log_sum_sq_probs_bt, batch.loss_mask)
     per, _ = losses.compute_group("dpo", policy_logps=pol, ref_logps=rf, beta=0.1)
     assert got["loss"] == pytest.approx(float((w * per).mean()), rel=1e-5)
     plain, _ = _eval(_cfg(loss_name="dpo"), batch)
@@ -300,7 +286,7 @@ def test_projection_fits_counts_each_micro_batch():
     cfg = train_step.StepConfig(loss_name="dpo", beta=0.1, grad_accum_steps=2,
                                 max_tokens_fraction=0.25)
     shape = (4, 2, 16)  # micro-batch mask [2, 2, 16]: 64 slots, block 16
-    assert train_step.completion_block(cfg, (2, 2, 16)) == 16
+    assert layouts.completion_block(cfg.max_tokens_fraction, (2, 2, 16)) == 16
     assert train_step.projection_fits(cfg, shape, np.array([8, 8, 8, 8]))  # 16 and 16
     assert not train_step.projection_fits(cfg, shape, np.array([9, 0, 8, 0]))  # 17 and 0
     assert train_step.projection_fits(cfg, shape, np.array([9, 0, 7, 0]))
@@ -318,17 +304,17 @@ def test_bf16_compute_step_has_no_float32_matmul(untied):
 
     import optax
 
-    cfg = trainer_fixtures.tiny_model_config(dtype="bfloat16", param_dtype="float32",
+    cfg = testing.tiny_model_config(dtype="bfloat16", param_dtype="float32",
                                              tie_word_embeddings=not untied)
     model = models.init_model(cfg, seed=0)
     assert model.output_matrix().dtype == jax.numpy.bfloat16
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
     params, other = nnx.to_pure_dict(p), nnx.to_pure_dict(o)
     tx = optax.adamw(1e-3)
-    state = train_step.init_state(params, tx, 0)
+    state = train_step.init_state(params, tx)
     step = functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
                              schedule=optax.constant_schedule(1e-3), cfg=_cfg())
-    text = jax.jit(step).lower(state, BATCHES[0], {"other": other, "ref_params": params}).as_text()
+    text = jax.jit(step).lower(state, BATCHES[0], train_step.StepConsts(other, params)).as_text()
     dots = re.findall(r"stablehlo\.dot_general[^\n]*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
     assert len(dots) > 20
     f32 = [d for d in dots if "f32>" in d[0] or "f32>" in d[1]]

@@ -2,10 +2,7 @@
 projection (``StepConfig.max_tokens_fraction``) equals the full projection, an
 undersized bound gives NaN (never silently dropped tokens), bad settings raise."""
 
-import dataclasses
 import functools
-import os
-import sys
 
 import jax
 import numpy as np
@@ -13,14 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(__file__))
-import trainer_fixtures  # noqa: E402
+from mio_jax import models, testing, train_step
+from mio_jax.data import batching, shared_prompt
+from mio_jax.data.tokenize import TokenizedGroup
 
-from mio_jax import models, train_step  # noqa: E402
-from mio_jax.data import batching, shared_prompt  # noqa: E402
-from mio_jax.data.tokenize import TokenizedGroup  # noqa: E402
-
-VOCAB = trainer_fixtures.VOCAB
+VOCAB = testing.VOCAB
 
 
 def _batch(n=6, L=24, seed=0):
@@ -30,13 +24,12 @@ def _batch(n=6, L=24, seed=0):
 
     groups = [TokenizedGroup(row_id=str(i), prompt_ids=ids(6, 12),
                              completion_ids=(ids(2, 8), ids(2, 8))) for i in range(n)]
-    b = batching.collate(groups, np.arange(n), K=2, L=L)
-    return {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "example_id"}
+    return batching.collate(groups, np.arange(n), K=2, L=L)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = models.init_model(trainer_fixtures.tiny_model_config(), seed=0)
+    model = models.init_model(testing.tiny_model_config(), seed=0)
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o)
 
@@ -48,13 +41,13 @@ def _step(setup, batch, **kw):
     fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
                                    schedule=lambda s: 1.0, cfg=cfg))
     ref = jax.tree.map(lambda x: x * 1.01, params)
-    state, m = fn(train_step.init_state(params, tx, 0), batch, {"other": other, "ref_params": ref})
+    state, m = fn(train_step.init_state(params, tx), batch, train_step.StepConsts(other, ref))
     return jax.device_get(state.params), {k: float(v) for k, v in m.items()}
 
 
 def test_completion_only_projection_equals_full_projection(setup):
     batch = _batch()
-    frac = (batch["loss_mask"] != 0).mean()
+    frac = (batch.loss_mask != 0).mean()
     p_full, m_full = _step(setup, batch)
     p_mt, m_mt = _step(setup, batch, max_tokens_fraction=float(frac) + 0.01)
     assert abs(m_full["loss"] - np.log(4.0)) > 1e-4  # reference != policy: a real value
@@ -66,7 +59,7 @@ def test_completion_only_projection_equals_full_projection(setup):
 
 def test_too_small_bound_gives_nan_not_dropped_tokens(setup):
     batch = _batch()
-    frac = (batch["loss_mask"] != 0).mean()
+    frac = (batch.loss_mask != 0).mean()
     _, m = _step(setup, batch, max_tokens_fraction=float(frac) / 2)
     assert np.isnan(m["loss"])
 

@@ -7,12 +7,13 @@ Public API (see docs/architecture.md for the batch contract):
                 process_index=..., process_count=...) -> PreferenceIterator
                 (host-local batches; get_state()/set_state(); grain CheckpointSave works)
   to_global_arrays(batch, sharding) -> the batch as global jax.Arrays
-  PreferenceBatch [B, K, L] / PackedBatch [R, L] containers
+  PreferenceBatch [B, K, L] / PackedBatch [R, L] / SharedPromptBatch [B, T]
+                                   the typed layouts (defined in mio_jax.layouts)
   unpack_sequence_sums(token_values[R, L], packed_batch) -> [B, K]
   BadRowError, DataSummary
 """
 
-from mio_jax.data.batching import PackedBatch, PreferenceBatch, collate, pack, unpack_sequence_sums
+from mio_jax.data.batching import collate, pack, unpack_sequence_sums
 from mio_jax.data.config import default_data_config, validate_data_config
 from mio_jax.data.pipeline import (
     BatchPlan,
@@ -23,6 +24,7 @@ from mio_jax.data.pipeline import (
     to_global_arrays,
 )
 from mio_jax.data.report import BadRowError, DataSummary
+from mio_jax.layouts import PackedBatch, PreferenceBatch, SharedPromptBatch
 
 __all__ = [
     "BadRowError",
@@ -32,6 +34,7 @@ __all__ = [
     "PreferenceBatch",
     "PreferenceIterator",
     "PreparedSplit",
+    "SharedPromptBatch",
     "collate",
     "default_data_config",
     "make_pipeline",

@@ -1,4 +1,6 @@
-"""Batch containers, collation to [B, K, L], packing, and the unpacking helper.
+"""Collation to [B, K, L], packing into [R, L] rows, and the unpacking helper.
+
+The batch types themselves live in `mio_jax.layouts` (re-exported by `mio_jax.data`).
 
 Token convention (docs/architecture.md): `targets[..., t]` is the token after
 `input_ids[..., t]`; `loss_mask[..., t]` is 1 where `targets[..., t]` is a
@@ -12,75 +14,9 @@ target.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from mio_jax.data.tokenize import TokenizedGroup
-
-
-@struct.dataclass
-class PreferenceBatch:
-    """A batch of B groups of K sequences padded to L tokens.
-
-    K = 2 for pairs (0 chosen, 1 rejected); for K-way groups slot 0 is the
-    positive and the rest negatives. Numpy on the host, jax.Array after
-    `to_global_arrays`.
-
-    Attributes:
-      input_ids: [B, K, L] int32; pad_id at padding.
-      targets: [B, K, L] int32; token after input_ids[t]; pad_id where none.
-      loss_mask: [B, K, L] int32 {0, 1}; 1 where targets[t] is a completion token.
-      positions: [B, K, L] int32; 0..n-1 on real tokens, 0 at padding.
-      attention_mask: [B, K, L] int32 {0, 1}; 1 = real token.
-      weights: [B] float32; group weight, 0 for padding groups.
-      valid: [B, K] bool; slot k holds a sequence (False for missing K-way
-        negatives and padding groups).
-      example_id: [B] int32; index of the group in the prepared split
-        (`PreparedSplit.groups`, whose `row_id` names the source row), -1 for
-        padding groups.
-    """
-
-    input_ids: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    positions: np.ndarray
-    attention_mask: np.ndarray
-    weights: np.ndarray
-    valid: np.ndarray
-    example_id: np.ndarray
-
-
-@struct.dataclass
-class PackedBatch:
-    """B groups of K sequences packed into R rows of L tokens (padding-free).
-
-    Each sequence (group b, slot k) is one segment of one row; segments never
-    attend to each other (the model's `segment_ids` argument) and positions
-    restart at 0 in each segment. Per-sequence sums come back as [B, K] with
-    `unpack_sequence_sums`.
-
-    Attributes:
-      input_ids, targets, loss_mask, positions, attention_mask: [R, L] int32,
-        as in PreferenceBatch but per segment (a segment's last token has
-        target pad_id and mask 0; targets never cross segments).
-      segment_ids: [R, L] int32; 1, 2, ... per segment within a row, 0 = pad.
-      group_index: [R, L] int32; the token's group b in [0, B) of the GLOBAL
-        batch, -1 at padding.
-      slot_index: [R, L] int32; the token's slot k in [0, K), -1 at padding.
-      weights: [B] float32; valid: [B, K] bool; example_id: [B] int32 (as in
-        PreferenceBatch).
-    """
-
-    input_ids: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    positions: np.ndarray
-    attention_mask: np.ndarray
-    segment_ids: np.ndarray
-    group_index: np.ndarray
-    slot_index: np.ndarray
-    weights: np.ndarray
-    valid: np.ndarray
-    example_id: np.ndarray
+from mio_jax.layouts import PackedBatch, PreferenceBatch
 
 
 class PackingOverflow(ValueError):

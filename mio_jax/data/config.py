@@ -92,7 +92,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     known = set(default_data_config().keys())
     unknown = sorted(set(config.keys()) - known)
     if unknown:
-        raise ValueError(f"data config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        raise ValueError(f"data: unknown key(s) {unknown}; known keys: {sorted(known)}")
     choices = {
         "format": FORMATS,
         "truncation_mode": TRUNCATION_MODES,
@@ -101,10 +101,28 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     }
     for key, allowed in choices.items():
         if config.get(key, None) is not None and config[key] not in allowed:
-            raise ValueError(f"data config: {key}={config[key]!r}, expected one of {allowed}")
+            raise ValueError(f"data.{key}={config[key]!r}: expected one of {allowed}")
     if config.get("max_length", 2) < 2:
-        raise ValueError(f"data config: max_length={config.max_length} must be >= 2")
+        raise ValueError(f"data.max_length={config.max_length} must be >= 2")
     if config.get("max_prompt_length", 0) < 0:
-        raise ValueError("data config: max_prompt_length must be >= 0")
+        raise ValueError("data.max_prompt_length must be >= 0")
     if config.get("num_negatives", 1) < 1:
-        raise ValueError("data config: num_negatives must be >= 1")
+        raise ValueError("data.num_negatives must be >= 1")
+
+
+def validate_data_layout(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key when the batch layouts asked for do not combine.
+
+    ``shared_prompt`` lays out pairs only and is not packed (rules of the data section
+    alone; rules that tie the layout to the loss or to gradient accumulation live with
+    those: ``mio_jax.losses.config``, ``mio_jax.config``).
+
+    Args:
+      config: a ConfigDict shaped like `default_data_config()`.
+    """
+    if config.shared_prompt:
+        if config.packing:
+            raise ValueError("data.shared_prompt=True cannot be combined with data.packing=True")
+        if config.kway_mode == "group":
+            raise ValueError("data.shared_prompt=True needs pairs; data.kway_mode='group' makes "
+                             "K-way groups")

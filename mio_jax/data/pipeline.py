@@ -10,7 +10,9 @@ Order of work:
      as lists of group indices (seeded shuffle; length bucketing, or length
      balancing when packing).
   3. grain `MapDataset.range(steps).map(assemble)`: step s -> this process's
-     slice of global batch s, collated or packed. Process p materialises only
+     slice of global batch s, in its layout (collated, packed or shared-prompt
+     rows; padded lengths and row counts come from the GLOBAL batch, so every
+     process builds arrays of one global shape). Process p materialises only
      rows [p*B/P, (p+1)*B/P) of each global batch. `num_workers` > 0 runs the
      assembly in grain worker processes.
   4. `to_global_arrays`: `jax.make_array_from_process_local_data` per field.
@@ -24,13 +26,14 @@ import collections
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import grain
 import jax
 import numpy as np
 from absl import flags
 
-from mio_jax.data import batching, formats, report, sources, tokenize
+from mio_jax.data import batching, formats, report, shared_prompt, sources, tokenize
 from mio_jax.data.config import validate_data_config
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -228,6 +231,25 @@ class BatchPlan:
         return self.epoch_batches(e)[s]
 
 
+class BatchInfo(NamedTuple):
+    """Facts of one GLOBAL batch, computed from the plan by every process alike (no
+    communication), whatever its layout.
+
+    Attributes:
+      tokens: real tokens of the global batch counted in the unshared ``[B, K, L]``
+        layout (the FLOP convention: every layout is credited with the unshared work).
+      seq_len: ``L`` of the unshared layout (attention FLOPs per token).
+      completion_tokens: ``[B]`` completion tokens of each global group, in row order
+        (0 for padding groups): the host-side check of the completion-only projection.
+      mask_shape: shape of the global batch's ``loss_mask``.
+    """
+
+    tokens: int
+    seq_len: int
+    completion_tokens: np.ndarray
+    mask_shape: tuple
+
+
 @dataclasses.dataclass(frozen=True)
 class Assembler:
     """Builds this process's share of global batch `step` (picklable for workers)."""
@@ -241,6 +263,8 @@ class Assembler:
     pad_to_multiple_of: int = 0
     packing: bool = False
     pack_rows_local: int = 0
+    shared_prompt: bool = False
+    shared_multiple: int = 1
     pad_id: int = 0
 
     def local_share(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -260,7 +284,33 @@ class Assembler:
         m = self.pad_to_multiple_of
         return min(self.max_length, -(-longest // m) * m)
 
+    def shared_length(self, ids: np.ndarray) -> int:
+        """Row length T of a global batch in the shared-prompt layout (the same on every
+        process): its longest ``[prompt | chosen | rejected]`` row, rounded up."""
+        longest = max(shared_prompt.shared_row_length(self.groups[i].seq_lengths,
+                                                      len(self.groups[i].prompt_ids))
+                      for i in ids if i >= 0)
+        return shared_prompt.row_length(longest, self.shared_multiple)
+
+    def info(self, ids: np.ndarray, local_mask_shape: tuple) -> BatchInfo:
+        """The global batch's ``BatchInfo`` (same on every process)."""
+        real = [self.groups[i] for i in ids if i >= 0]
+        completions = np.array([sum(len(c) for c in self.groups[i].completion_ids) if i >= 0
+                                else 0 for i in ids], np.int64)
+        return BatchInfo(
+            tokens=int(sum(sum(g.seq_lengths) for g in real)),
+            seq_len=self.max_length if self.packing else self.length(ids),
+            completion_tokens=completions,
+            mask_shape=(local_mask_shape[0] * self.process_count, *local_mask_shape[1:]))
+
     def __call__(self, step: int):
+        """``(batch, info)``: this process's share of global batch ``step``, and its facts."""
+        ids, _, _ = self.local_share(int(step))
+        batch = self.build(int(step))
+        return batch, self.info(ids, np.shape(batch.loss_mask))
+
+    def build(self, step: int):
+        """This process's share of global batch ``step`` in its layout."""
         ids, local, offset = self.local_share(int(step))
         groups = [self.groups[i] if i >= 0 else None for i in local]
         if self.packing:
@@ -273,7 +323,11 @@ class Assembler:
                 group_offset=offset,
                 pad_id=self.pad_id,
             )
-        return batching.collate(groups, local, K=self.K, L=self.length(ids), pad_id=self.pad_id)
+        batch = batching.collate(groups, local, K=self.K, L=self.length(ids), pad_id=self.pad_id)
+        if self.shared_prompt:
+            return shared_prompt.to_shared_prompt(batch, length=self.shared_length(ids),
+                                                  pad_id=self.pad_id)
+        return batch
 
 
 def auto_pack_rows(assembler: Assembler, steps: int, margin: float = 0.0) -> int:
@@ -359,6 +413,11 @@ class PreferenceIterator(grain.DatasetIterator):
         )
 
     def __next__(self):
+        """This process's share of the next global batch (typed by layout)."""
+        return self.next_with_info()[0]
+
+    def next_with_info(self):
+        """``(batch, BatchInfo)`` of the next global batch."""
         return next(self._it)
 
     def get_state(self) -> dict:
@@ -404,8 +463,10 @@ def make_pipeline(
         (the number of local data-parallel devices).
 
     Returns:
-      PreferenceIterator yielding this process's PreferenceBatch
-      ([B/P, K, L]) or PackedBatch ([R/P, L] rows, [B/P] groups).
+      PreferenceIterator yielding this process's share of each global batch, typed by
+      layout (`mio_jax.layouts`): PreferenceBatch ([B/P, K, L]), PackedBatch
+      (`data.packing`: [R/P, L] rows, [B/P] groups) or SharedPromptBatch
+      (`data.shared_prompt`: [B/P, T] rows, T from the global batch).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -438,6 +499,8 @@ def make_pipeline(
         process_count=process_count,
         pad_to_multiple_of=data_config.pad_to_multiple_of if data_config.bucketing else 0,
         packing=bool(data_config.packing),
+        shared_prompt=bool(data_config.shared_prompt),
+        shared_multiple=max(int(data_config.pad_to_multiple_of), 1),
         pad_id=data_config.pad_id,
     )
     if data_config.packing:
@@ -464,7 +527,7 @@ def to_global_arrays(batch, sharding: jax.sharding.NamedSharding):
     """Turns host-local batches into global jax arrays sharded on the batch axis.
 
     Args:
-      batch: PreferenceBatch or PackedBatch of this process's numpy arrays.
+      batch: a typed batch (`mio_jax.layouts`) of this process's numpy arrays.
       sharding: NamedSharding whose first PartitionSpec entry shards the
         leading (batch / row) axis; each field gets that entry on its axis 0.
 

@@ -10,7 +10,7 @@ prompt token on. The last prompt token is written twice because it predicts the
 first completion token, whose target differs per branch: the copy at the head
 of the rejected segment carries the rejected target. A ``[B, T, T]`` boolean
 attention mask (built on device from ``shared_code`` by
-``shared_attention_mask``) lets
+``mio_jax.layouts.shared_attention_mask``) lets
 
 * prompt tokens see the prompt (causally),
 * chosen tokens see the prompt and earlier chosen tokens,
@@ -30,18 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# shared_code values (per token).
-PAD, PROMPT, LAST_PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3, 4
-# _VISIBLE[q, k]: may a query of code q attend a key of code k (causality is
-# added by the model, slot order: prompt < chosen < rejected).
-_VISIBLE = np.zeros((5, 5), bool)
-_VISIBLE[PROMPT, [PROMPT, LAST_PROMPT]] = True
-_VISIBLE[LAST_PROMPT, [PROMPT, LAST_PROMPT]] = True
-_VISIBLE[CHOSEN, [PROMPT, LAST_PROMPT, CHOSEN]] = True
-_VISIBLE[REJECTED, [PROMPT, REJECTED]] = True
-
-SHARED_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "attention_mask",
-                 "shared_code", "slot_index")
+from mio_jax.layouts import (CHOSEN, LAST_PROMPT, PROMPT, REJECTED, TOKEN_FIELDS,
+                             PreferenceBatch, SharedPromptBatch)
 
 
 def _prompt_length(mask_l: np.ndarray, where: str) -> int:
@@ -53,55 +43,61 @@ def _prompt_length(mask_l: np.ndarray, where: str) -> int:
     return int(nz[0]) + 1
 
 
-def shared_row_length(batch: dict) -> int:
-    """Longest shared row ``n0 + n1 - P + 1`` of an unshared ``[B, 2, L]`` batch."""
-    att = np.asarray(batch["attention_mask"]) != 0
-    mask = np.asarray(batch["loss_mask"]) != 0
+def shared_row_length(seq_lengths, prompt_len: int) -> int:
+    """Tokens of one pair's shared row, ``n0 + n1 - P + 1``, from its two sequence lengths
+    ``n0, n1`` (prompt included) and the prompt's ``P`` tokens."""
+    n0, n1 = seq_lengths
+    return int(n0) + int(n1) - max(int(prompt_len), 1) + 1
+
+
+def row_length(longest: int, multiple: int = 1) -> int:
+    """Row length ``T`` of a batch whose longest shared row has ``longest`` tokens:
+    rounded up to ``multiple`` (fewer compiles), at least ``multiple``."""
+    multiple = max(int(multiple), 1)
+    return max(-(-int(longest) // multiple) * multiple, multiple)
+
+
+def _longest_row(batch: PreferenceBatch) -> int:
+    att = np.asarray(batch.attention_mask) != 0
+    mask = np.asarray(batch.loss_mask) != 0
     best = 0
     for b in range(att.shape[0]):
-        if not mask[b].any():
-            continue
-        p = _prompt_length(mask[b, 0], f"loss_mask[{b}, 0]")
-        best = max(best, int(att[b, 0].sum() + att[b, 1].sum()) - p + 1)
+        if mask[b].any():
+            p = _prompt_length(mask[b, 0], f"loss_mask[{b}, 0]")
+            best = max(best, shared_row_length(att[b].sum(axis=-1), p))
     return best
 
 
-def to_shared_prompt(batch: dict, *, length: int | None = None, multiple: int = 1,
-                     pad_id: int = 0) -> dict:
+def to_shared_prompt(batch: PreferenceBatch, *, length: int | None = None, multiple: int = 1,
+                     pad_id: int = 0) -> SharedPromptBatch:
     """Converts an unshared pair batch ``[B, 2, L]`` to the shared-prompt layout ``[B, T]``.
 
     Args:
-      batch: host (numpy) ``PreferenceBatch`` fields as a dict: ``input_ids,
-        targets, loss_mask, positions, attention_mask [B, 2, L]``, ``weights [B]``,
-        ``valid [B, 2]`` (other keys, e.g. ``example_id``/``ref_logps``, are
-        passed through). Sequences are right-padded, index 0 chosen, 1 rejected,
-        sharing the same prompt tokens (same ``P``).
-      length: row length ``T`` (default: the longest row rounded up to ``multiple``).
-      multiple: round the default ``T`` up to a multiple of this (fewer compiles).
+      batch: a host (numpy) ``PreferenceBatch`` of pairs: right-padded sequences, index 0
+        chosen, 1 rejected, sharing the same prompt tokens (same ``P``).
+      length: row length ``T``. The data pipeline passes the length its plan gives the
+        GLOBAL batch, so every process builds the same shape; default: this batch's
+        longest row rounded up to ``multiple``.
+      multiple: rounding of the default ``T``.
       pad_id: token id written at padding.
 
     Returns:
-      dict with ``input_ids, targets, loss_mask, positions, attention_mask,
-      shared_code, slot_index`` ``[B, T]`` int32 (``shared_code``: 0 pad,
-      1 prompt, 2 last prompt token, 3 chosen, 4 rejected segment;
-      ``slot_index``: 0/1 where the token's target counts for chosen/rejected,
-      -1 elsewhere) plus the pass-through keys.
+      ``SharedPromptBatch`` (numpy; group fields passed through).
 
     Raises:
-      ValueError: naming the row when K != 2, the two prompts differ, a mask is
-        not one contiguous span, or ``length`` is too short.
+      ValueError: naming the row when K != 2, the two prompts differ, a mask is not one
+        contiguous span, or ``length`` is shorter than the longest row.
     """
-    ids = np.asarray(batch["input_ids"])
+    ids = np.asarray(batch.input_ids)
     if ids.ndim != 3 or ids.shape[1] != 2:
         raise ValueError(f"input_ids must be [B, 2, L] pairs, got shape {ids.shape}")
     B = ids.shape[0]
-    need = shared_row_length(batch)
-    T = length if length is not None else max(-(-need // multiple) * multiple, multiple, 1)
+    need = _longest_row(batch)
+    T = length if length is not None else row_length(need, multiple)
     if T < need:
         raise ValueError(f"length={T} < longest shared row {need}")
-    src = {f: np.asarray(batch[f]) for f in ("input_ids", "targets", "loss_mask", "positions",
-                                              "attention_mask")}
-    out = {f: np.zeros((B, T), np.int32) for f in SHARED_FIELDS}
+    src = {f: np.asarray(getattr(batch, f)) for f in TOKEN_FIELDS}
+    out = {f: np.zeros((B, T), np.int32) for f in (*TOKEN_FIELDS, "shared_code", "slot_index")}
     out["input_ids"][:] = pad_id
     out["targets"][:] = pad_id
     out["slot_index"][:] = -1
@@ -115,11 +111,10 @@ def to_shared_prompt(batch: dict, *, length: int | None = None, multiple: int = 
             raise ValueError(f"row {b}: chosen and rejected do not share one prompt "
                              f"(prompt lengths {p0} and {p1} or different prompt tokens)")
         n0, n1 = (int((src["attention_mask"][b, k] != 0).sum()) for k in (0, 1))
-        segs = ((0, 0, n0), (1, p0 - 1, n1))  # (slot, first source index, end)
         t = 0
-        for slot, lo, hi in segs:
+        for slot, lo, hi in ((0, 0, n0), (1, p0 - 1, n1)):  # (slot, first source index, end)
             n = hi - lo
-            for f in ("input_ids", "targets", "loss_mask", "positions", "attention_mask"):
+            for f in TOKEN_FIELDS:
                 out[f][b, t:t + n] = src[f][b, slot, lo:hi]
             counts = src["loss_mask"][b, slot, lo:hi] != 0
             out["slot_index"][b, t:t + n] = np.where(counts, slot, -1)
@@ -130,25 +125,5 @@ def to_shared_prompt(batch: dict, *, length: int | None = None, multiple: int = 
             else:
                 out["shared_code"][b, t:t + n] = REJECTED
             t += n
-    for k, v in batch.items():
-        if k not in out and k not in src:
-            out[k] = v
-    return out
-
-
-def shared_attention_mask(shared_code_bt):
-    """Boolean ``[B, T, T]`` mask (True = query t may see key s) of the shared layout.
-
-    Causality is not included (the model adds it in slot order).
-
-    Args:
-      shared_code_bt: int ``[B, T]`` codes from ``to_shared_prompt`` (numpy or jax).
-
-    Returns:
-      bool ``[B, T, T]`` (jax array).
-    """
-    import jax.numpy as jnp
-
-    table = jnp.asarray(_VISIBLE)
-    code = jnp.asarray(shared_code_bt)
-    return table[code[:, :, None], code[:, None, :]]
+    return SharedPromptBatch(**out, weights=batch.weights, valid=batch.valid,
+                             example_id=batch.example_id, ref_logps=batch.ref_logps)

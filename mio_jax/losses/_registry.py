@@ -28,6 +28,9 @@ class LossSpec:
       critic: how the metrics' critic T is formed ("logratio" or "avg_logp").
       summary: one-line formula.
       core: internal function `(group, **hparams) -> (losses[B], extra_metrics)`.
+      couples_batch: True if a group's loss depends on the other groups of the batch
+        (e.g. it sorts over the batch axis): such a loss changes value under packing
+        or gradient accumulation, which split the batch.
     """
 
     name: str
@@ -39,6 +42,7 @@ class LossSpec:
     critic: str
     summary: str
     core: Callable[..., Any] = dataclasses.field(repr=False, compare=False)
+    couples_batch: bool = False
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -54,6 +58,7 @@ def register(
     trl_name: str | None = None,
     critic: str = CRITIC_LOGRATIO,
     summary: str = "",
+    couples_batch: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a core loss function under `name`."""
     if needs_lengths not in ("none", "chosen", "both"):
@@ -74,6 +79,7 @@ def register(
             critic=critic,
             summary=summary,
             core=core,
+            couples_batch=couples_batch,
         )
         return core
 

@@ -173,6 +173,7 @@ def _sppo_hard(g: Group) -> Out:
     "aot",
     trl_name="aot",
     hparams={"label_smoothing": 0.0},
+    couples_batch=True,  # sorts over the batch axis
     summary="d = sort_B(pi_w - pi_l) - sort_B(ref_w - ref_l); cDPO(b d)  (AOT paired)",
 )
 def _aot(g: Group, *, label_smoothing: Any) -> Out:
@@ -186,6 +187,7 @@ def _aot(g: Group, *, label_smoothing: Any) -> Out:
     "aot_unpaired",
     trl_name="aot_unpaired",
     hparams={"label_smoothing": 0.0},
+    couples_batch=True,  # sorts over the batch axis
     summary="d = sort_B(z_w) - sort_B(z_l); cDPO(b d)  (AOT unpaired)",
 )
 def _aot_unpaired(g: Group, *, label_smoothing: Any) -> Out:

@@ -6,6 +6,9 @@ import dataclasses
 import math
 from typing import Any
 
+from mio_jax.errors import ConfigError
+from mio_jax.layouts import check_completion_fraction
+
 # model_type -> (attention projections carry q/k/v bias, o_proj bias, per-head q/k RMSNorm)
 _FAMILIES = {
     "llama": "llama",
@@ -68,16 +71,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} {getattr(self, name)!r} not in {DTYPES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
-        if self.attention == "cudnn" and self.dtype == "float32":
-            raise ValueError("attention 'cudnn' needs a bfloat16 or float16 compute dtype "
-                             "(dtype is float32); use attention 'xla' for float32")
+        check_compute_settings(dtype=self.dtype, param_dtype=self.param_dtype,
+                               attention=self.attention, remat_policy=self.remat_policy)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -225,3 +220,67 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
+                           remat_policy: str, prefix: str = "") -> None:
+    """The rules on a decoder's numerics and attention, in one place.
+
+    Args:
+      dtype, param_dtype, attention, remat_policy: as the ``ModelConfig`` fields.
+      prefix: prepended to each field name in messages ("model." for the training config).
+
+    Raises:
+      ValueError: naming ``{prefix}{field}``.
+    """
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{prefix}{name}={value!r}: expected one of {DTYPES}")
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"{prefix}remat_policy={remat_policy!r}: expected one of "
+                         f"{REMAT_POLICIES}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"{prefix}attention={attention!r}: expected one of {ATTENTION_IMPLS}")
+    if attention == "cudnn" and dtype == "float32":
+        raise ValueError(f"{prefix}attention='cudnn' needs {prefix}dtype bfloat16 or float16 "
+                         f"(got float32; use {prefix}attention='xla' for float32)")
+
+
+def validate_model_config(cfg, *, backend: str | None = None) -> None:
+    """Checks the ``model`` section of a training config.
+
+    Rules: ``check_compute_settings``; ``model.path`` set; ``model.logps_chunk_size >= 1``;
+    ``model.completion_logits_fraction`` in (0, 1] or None; ``model.attention='cudnn'``
+    only on the "gpu" backend.
+
+    Args:
+      cfg: the whole experiment config (reads ``cfg.model``).
+      backend: the run's JAX backend; default ``jax.default_backend()`` (read only for
+        cudnn attention).
+
+    Raises:
+      mio_jax.config.ConfigError: naming the key.
+    """
+    m = cfg.model
+    try:
+        check_compute_settings(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention,
+                               remat_policy=m.remat_policy, prefix="model.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if not m.path:
+        raise ConfigError("model.path is empty")
+    if m.logps_chunk_size < 1:
+        raise ConfigError(f"model.logps_chunk_size={m.logps_chunk_size} must be >= 1")
+    try:
+        check_completion_fraction(m.completion_logits_fraction)
+    except ValueError as e:
+        raise ConfigError(f"model.completion_logits_fraction={m.completion_logits_fraction}: "
+                          f"{e}") from e
+    if m.attention == "cudnn":
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        if backend != "gpu":
+            raise ConfigError("model.attention='cudnn' needs NVIDIA GPUs; this run's backend "
+                              f"is {backend!r} (use model.attention='xla')")

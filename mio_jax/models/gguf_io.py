@@ -3,27 +3,31 @@
 `read_gguf(path)` returns what an HF folder would hold: the `config.json` dict and
 an iterator of `(hf_name, float32 array)` in HF names and HF layout (`[out, in]`
 for linear weights), dequantised one tensor at a time so a whole model never has
-to sit in memory dequantised. The weight loader (`mio_jax.models.hf_io`) maps HF
-names to the nnx model, so GGUF and safetensors share one loader.
+to sit in memory dequantised; `GGUFTensors` gives the same tensors by name, for the
+weight loader (`mio_jax.models.hf_io`), which maps HF names to the nnx model, so GGUF
+and safetensors share one loader. GGUF names, expected shapes and which rows
+llama.cpp permutes all come from the weight table (`mio_jax.models.weights`).
 
 Two llama.cpp conventions are undone here:
 - GGUF lists dims in ggml `ne` order (fastest first); the numpy shape is the
   reverse, which for a linear weight is already HF's `[out, in]`.
 - `convert_hf_to_gguf.py` permutes the rows of the Llama q and k projections
-  (interleaved rotary halves -> per-head pairs); `_unpermute_rows` inverts it.
+  (interleaved rotary halves -> per-head pairs); `unpermute_rows` inverts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 import gguf
 import numpy as np
+
+from mio_jax.models.config import ModelConfig
+from mio_jax.models.weights import check_tensors, gguf_lookup, gguf_shapes, hf_name_of_gguf
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -43,26 +47,6 @@ _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
 }
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
-
 
 @dataclasses.dataclass(frozen=True)
 class GGUFTensorInfo:
@@ -208,11 +192,18 @@ def gguf_metadata(file: GGUFFile) -> dict[str, Any]:
     return dict(file.metadata)
 
 
-def _unpermute_rows(w_oi: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverts llama.cpp's q/k row permutation.
+def unpermute_rows(w_oi: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverts llama.cpp's q/k row permutation (GGUF layout -> HF layout).
 
     convert_hf_to_gguf writes `w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`;
     reading back swaps the same axes of the `(n_head, d/2, 2, ...)` view.
+
+    Args:
+      w_oi: `[n_head * head_dim, in]` weight or `[n_head * head_dim]` bias as stored.
+      n_head: number of heads in this projection (KV heads for k).
+
+    Returns:
+      The rows in HF order (a new contiguous array).
     """
     rows = w_oi.shape[0]
     if rows % (2 * n_head):
@@ -238,14 +229,12 @@ def permute_rows(w_oi: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_name(gguf_name: str) -> str:
     """The HF tensor name of a GGUF tensor name (`blk.3.attn_q.weight` ->
-    `model.layers.3.self_attn.q_proj.weight`); KeyError if unknown."""
-    m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    m = _GLOBAL_RE.match(gguf_name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-    raise KeyError(gguf_name)
+    `model.layers.3.self_attn.q_proj.weight`), from the weight table.
+
+    Raises:
+      KeyError: a name the table does not know.
+    """
+    return hf_name_of_gguf(gguf_name)
 
 
 def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, list[int]], path: str) -> dict[str, Any]:
@@ -333,32 +322,6 @@ def _rope_scaling(get, path: str) -> dict[str, Any] | None:
     raise ValueError(f"{path}: unsupported RoPE scaling type {kind!r}")
 
 
-def _required_names(config: dict[str, Any]) -> list[str]:
-    names = ["token_embd.weight", "output_norm.weight"]
-    for i in range(config["num_hidden_layers"]):
-        names += [f"blk.{i}.{n}.weight" for n in _BLOCK_NAMES]
-    biased = "qkv" if config["model_type"] == "qwen2" else ("q", "k", "v", "output")
-    if config["model_type"] == "qwen2" or config.get("attention_bias"):  # HF llama: bias on q, k, v and o
-        names += [f"blk.{i}.attn_{p}.bias" for i in range(config["num_hidden_layers"]) for p in biased]
-    return names
-
-
-def _expected_shape(name: str, config: dict[str, Any]) -> tuple[int, ...]:
-    """HF shape of an HF-named tensor of this config."""
-    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-    leaf = name.split(".")[-2] if name.startswith("model.layers.") else name.rsplit(".", 1)[0]
-    is_bias = name.endswith(".bias")
-    table = {
-        "model.embed_tokens": (v, d), "lm_head": (v, d), "model.norm": (d,),
-        "input_layernorm": (d,), "post_attention_layernorm": (d,),
-        "q_proj": (q,) if is_bias else (q, d), "k_proj": (kv,) if is_bias else (kv, d),
-        "v_proj": (kv,) if is_bias else (kv, d), "o_proj": (d,) if is_bias else (d, q),
-        "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
-    }
-    return table[leaf]
-
-
 def dequantize_tensor(file: GGUFFile, tensor: GGUFTensorInfo) -> np.ndarray:
     """Dequantises one GGUF tensor to float32 in numpy (reversed-`ne`) shape.
 
@@ -377,14 +340,14 @@ def dequantize_tensor(file: GGUFFile, tensor: GGUFTensorInfo) -> np.ndarray:
         )
     raw = file.data[tensor.offset:tensor.offset + tensor.n_bytes]
     if kind == _T.F32:
-        values = raw.view(np.float32)
+        values = np.array(raw.view(np.float32))  # a copy, not a view of the file
     elif kind == _T.F16:
-        values = raw.view(np.float16)
-    else:  # quantised: gguf.quants wants rows of whole blocks as bytes
+        values = raw.view(np.float16).astype(np.float32)
+    else:  # quantised: gguf.quants wants rows of whole blocks as bytes (and returns a new array)
         block, type_size = gguf.GGML_QUANT_SIZES[kind]
         row = tensor.shape[-1] if tensor.shape else 1
         values = gguf.quants.dequantize(np.asarray(raw).reshape(-1, row // block * type_size), kind)
-    return np.array(values, dtype=np.float32).reshape(tensor.shape)  # a copy, not a view of the file
+    return np.asarray(values, dtype=np.float32).reshape(tensor.shape)
 
 
 def _config_of(file: GGUFFile, path: str) -> dict[str, Any]:
@@ -396,6 +359,81 @@ def gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The HF `config.json` dict of a Llama-family GGUF file, from its header only."""
     path = os.fspath(path)
     return _config_of(open_gguf(path), path)
+
+
+def _table_config(config: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig whose weight-table rows a GGUF file must hold.
+
+    Only sizes and flags matter to the table, so RoPE scaling (which the decoder may
+    not run, e.g. YaRN) is left out: it must not stop a GGUF -> HF conversion.
+    """
+    return ModelConfig.from_hf(dict(config, rope_scaling=None))
+
+
+class GGUFTensors:
+    """The tensors of a Llama-family GGUF file under their HF names, decoded on request.
+
+    The file's structure is checked when this is built (architecture, every tensor the
+    table expects present and none else, supported types, shapes, truncation); `get`
+    then dequantises one tensor into HF layout, so a caller that uses and drops each
+    array in turn holds one dequantised tensor at a time.
+
+    Args:
+      path: a `.gguf` file (general.architecture "llama" or "qwen2").
+
+    Raises:
+      FileNotFoundError / ValueError naming the file and, where relevant, the tensor or key.
+    """
+
+    # `get` decodes the whole tensor however little of it is wanted, so a reader should
+    # take each tensor once (not once per device shard).
+    whole_tensor_reads = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.file = open_gguf(self.path)
+        self.config = _config_of(self.file, self.path)
+        cfg = _table_config(self.config)
+        for t in self.file.tensors:
+            if t.name == "rope_freqs.weight":
+                raise ValueError(f"{self.path}: tensor 'rope_freqs.weight' (Llama-3.1-style RoPE "
+                                 "frequency factors) is not supported")
+            if t.ggml_type not in SUPPORTED_TYPES:
+                raise ValueError(
+                    f"{self.path}: tensor {t.name!r} has unsupported type {t.ggml_type.name} "
+                    f"(supported: {sorted(x.name for x in SUPPORTED_TYPES)})")
+        check_tensors(gguf_shapes(cfg), {t.name: t.shape for t in self.file.tensors},
+                      origin=self.path, model_type=cfg.model_type,
+                      implied_by="the file's metadata")
+        permuted = _ARCHITECTURES[self.file.metadata["general.architecture"]][2]
+        heads = {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads}
+        # HF name -> (tensor entry, heads whose rows llama.cpp interleaved, or None)
+        self._entries: dict[str, tuple[GGUFTensorInfo, int | None]] = {}
+        for t in self.file.tensors:
+            spec, _ = gguf_lookup(t.name)
+            n_head = heads[spec.gguf_rows_per] if permuted and spec.gguf_rows_per else None
+            self._entries[hf_name_of_gguf(t.name)] = (t, n_head)
+
+    def keys(self):
+        """HF names, in the file's order."""
+        return self._entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][0].shape
+
+    def describe(self, name: str) -> str:
+        return f"{self.path}: tensor {self._entries[name][0].name!r} ({name})"
+
+    def get(self, name: str) -> np.ndarray:
+        """HF tensor `name` dequantised to float32 in HF layout (a new array)."""
+        info, n_head = self._entries[name]
+        array = dequantize_tensor(self.file, info)
+        return array if n_head is None else unpermute_rows(array, n_head)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """`(hf_name, array)` pairs in file order, each decoded when the iterator reaches it."""
+        for name in self.keys():
+            yield name, self.get(name)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
@@ -417,40 +455,5 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], Iterator[tuple[s
     Raises:
       FileNotFoundError / ValueError naming the file and, where relevant, the tensor or key.
     """
-    path = os.fspath(path)
-    file = open_gguf(path)
-    by_name = {t.name: t for t in file.tensors}
-    config = _config_of(file, path)
-    for name in _required_names(config):
-        if name not in by_name:
-            raise ValueError(f"{path}: missing tensor {name!r}")
-    for t in file.tensors:
-        try:
-            hf_name(t.name)
-        except KeyError:
-            if t.name == "rope_freqs.weight":
-                raise ValueError(f"{path}: tensor 'rope_freqs.weight' (Llama-3.1-style RoPE frequency "
-                                 "factors) is not supported") from None
-            raise ValueError(f"{path}: unexpected tensor {t.name!r} "
-                             f"(not part of a {config['model_type']} model)") from None
-        if t.ggml_type not in SUPPORTED_TYPES:
-            raise ValueError(
-                f"{path}: tensor {t.name!r} has unsupported type {t.ggml_type.name} "
-                f"(supported: {sorted(x.name for x in SUPPORTED_TYPES)})"
-            )
-        want = _expected_shape(hf_name(t.name), config)
-        if t.shape != want:
-            raise ValueError(f"{path}: tensor {t.name!r} has shape {list(t.shape)}, expected {list(want)} "
-                             "from the file's metadata")
-    permuted = _ARCHITECTURES[file.metadata["general.architecture"]][2]
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for t in file.tensors:
-            array = dequantize_tensor(file, t)
-            m = _BLOCK_RE.match(t.name)
-            if permuted and m and m.group(2) in heads:
-                array = _unpermute_rows(array, heads[m.group(2)])
-            yield hf_name(t.name), array
-
-    return config, tensors()
+    tensors = GGUFTensors(path)
+    return tensors.config, tensors.items()

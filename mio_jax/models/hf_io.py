@@ -1,92 +1,54 @@
 """Hugging Face checkpoints <-> Decoder: safetensors folders (and GGUF via gguf_io) in, out.
 
-One loading path consumes `(config.json dict, tensor source)` whatever the file format.
-With a mesh the model is built abstractly and every parameter is created already sharded
-by `jax.make_array_from_callback`; each device's callback reads only the layer tensors it
-needs from the memory-mapped file, so the checkpoint never sits whole in host memory.
+One loading path consumes `(config.json dict, tensor source)` whatever the file format;
+the weight table (`mio_jax.models.weights`) says which tensors a config implies, their
+shapes and how each maps onto a parameter. The model is built abstractly and every
+parameter is created already placed (sharded with a mesh) by
+`jax.make_array_from_callback`. From safetensors each device's callback reads only the
+slices it needs from the memory-mapped file, so the checkpoint never sits whole in host
+memory; GGUF tensors, which must be decoded whole, are dequantised one at a time into
+one parameter's host buffer, which is dropped once placed.
+
+One writer, `write_hf_folder`, streams HF-named tensors into safetensors shards plus
+config, generation config and tokenizer; `save_pretrained` feeds it a model's weights
+and `mio_jax.convert` a GGUF file's.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
-from typing import Any, Iterable
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.llama import Decoder
-from mio_jax.models.partitioning import Rules, state_shardings
+from mio_jax.sharding import Rules, state_shardings
 from mio_jax.models.safetensors_file import SafetensorsFile, write_safetensors
+from mio_jax.models.weights import WeightSpec, check_tensors, hf_shapes, weight_specs
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-# ---- name and layout mapping --------------------------------------------------------------
-def _layer_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:
-    """Our stacked name -> (HF suffix under model.layers.N., HF shape, HF is [out, in])."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    t = {
-        "attn_norm": ("input_layernorm.weight", (D,), False),
-        "q": ("self_attn.q_proj.weight", (H * hd, D), True),
-        "k": ("self_attn.k_proj.weight", (KV * hd, D), True),
-        "v": ("self_attn.v_proj.weight", (KV * hd, D), True),
-        "o": ("self_attn.o_proj.weight", (D, H * hd), True),
-        "mlp_norm": ("post_attention_layernorm.weight", (D,), False),
-        "gate": ("mlp.gate_proj.weight", (F, D), True),
-        "up": ("mlp.up_proj.weight", (F, D), True),
-        "down": ("mlp.down_proj.weight", (D, F), True),
-        "q_bias": ("self_attn.q_proj.bias", (H * hd,), False),
-        "k_bias": ("self_attn.k_proj.bias", (KV * hd,), False),
-        "v_bias": ("self_attn.v_proj.bias", (KV * hd,), False),
-        "o_bias": ("self_attn.o_proj.bias", (D,), False),
-        "gate_bias": ("mlp.gate_proj.bias", (F,), False),
-        "up_bias": ("mlp.up_proj.bias", (F,), False),
-        "down_bias": ("mlp.down_proj.bias", (D,), False),
-        "q_norm": ("self_attn.q_norm.weight", (hd,), False),
-        "k_norm": ("self_attn.k_norm.weight", (hd,), False),
-    }
-    return t
-
-
-def hf_tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], list[tuple[str, tuple, bool]]]:
-    """Our parameter path -> per-layer list of (HF name, HF shape, transposed) (one entry if
-    the parameter is not stacked)."""
-    V, D = cfg.vocab_size, cfg.hidden_size
-    from mio_jax.models.llama import layer_param_specs
-
-    table = _layer_table(cfg)
-    out: dict[tuple[str, ...], list] = {
-        ("embed",): [("model.embed_tokens.weight", (V, D), False)],
-        ("final_norm",): [("model.norm.weight", (D,), False)],
-    }
-    if not cfg.tie_word_embeddings:
-        out[("lm_head",)] = [("lm_head.weight", (V, D), False)]
-    for name in layer_param_specs(cfg):
-        suffix, shape, transposed = table[name]
-        out[("layers", name)] = [(f"model.layers.{i}.{suffix}", shape, transposed)
-                                 for i in range(cfg.num_hidden_layers)]
-    return out
-
-
-def _to_ours(arr: np.ndarray, transposed: bool, shape: tuple[int, ...]) -> np.ndarray:
-    return (arr.T if transposed else arr).reshape(shape)
-
-
-def _to_hf(arr: np.ndarray, transposed: bool, hf_shape: tuple[int, ...]) -> np.ndarray:
-    if transposed:
-        return arr.reshape(hf_shape[1], hf_shape[0]).T
-    return arr.reshape(hf_shape)
-
-
 # ---- tensor sources -------------------------------------------------------------------------
+# A tensor source maps HF names to arrays in HF layout: `keys()`, `shape(name)`,
+# `describe(name)` ("file: tensor 'name'", for errors), `get(name)`, and
+# `whole_tensor_reads` (True when `get` decodes a whole tensor however little of it is
+# used, as for GGUF). `gguf_io.GGUFTensors` is the other one.
 class _SafetensorsSource:
     """Names -> lazily read arrays over the safetensors files of an HF folder."""
+
+    # get() returns a memory-map view: slicing it reads only the bytes of the slice.
+    whole_tensor_reads = False
 
     def __init__(self, folder: str):
         index = os.path.join(folder, "model.safetensors.index.json")
@@ -126,29 +88,6 @@ class _SafetensorsSource:
         return self.where[name].get(name)
 
 
-class _DictSource:
-    """Names -> arrays already in memory (e.g. dequantised GGUF tensors)."""
-
-    def __init__(self, tensors: Iterable[tuple[str, np.ndarray]], origin: str):
-        self.tensors = dict(tensors)
-        self.origin = origin
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def describe(self, name: str) -> str:
-        return f"{self.origin}: tensor {name!r}"
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(np.shape(self.tensors[name]))
-
-    def get(self, name: str) -> np.ndarray:
-        arr = np.asarray(self.tensors[name])
-        if arr.dtype.kind != "f":
-            raise ValueError(f"{self.describe(name)} has unsupported dtype {arr.dtype}")
-        return arr
-
-
 def _is_gguf(path: str) -> bool:
     """True for a `.gguf` file, False for a folder; pickle files and missing GGUFs raise."""
     if path.endswith(_PICKLE_SUFFIXES):
@@ -161,14 +100,23 @@ def _is_gguf(path: str) -> bool:
     return False
 
 
+def _local_path(path) -> str:
+    """`path` as a string, with "smollm2" standing for the embedded GGUF."""
+    path = os.fspath(path)
+    if path == "smollm2":
+        from mio_jax.models.embedded import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return path
+
+
 def _open(path: str):
     """-> (config dict, tensor source) for an HF folder or a .gguf file."""
-    path = os.fspath(path)
     if _is_gguf(path):
-        from mio_jax.models.gguf_io import read_gguf  # lazy: optional reader
+        from mio_jax.models.gguf_io import GGUFTensors  # lazy: the gguf package
 
-        hf_cfg, tensors = read_gguf(path)
-        return hf_cfg, _DictSource(tensors, path)
+        tensors = GGUFTensors(path)
+        return tensors.config, tensors
     return _folder_config(path), _SafetensorsSource(path)
 
 
@@ -208,8 +156,12 @@ def read_model_config(path: str, **overrides) -> ModelConfig:
     Args:
       path: as for `load_pretrained`.
       **overrides: ModelConfig fields (dtype, param_dtype, remat_policy, ...).
+
+    Returns:
+      The ModelConfig; `Decoder(cfg)` then has the parameters the weight table lists
+      for it, which is what a checkpoint of this model holds.
     """
-    path = os.fspath(path)
+    path = _local_path(path)
     if _is_gguf(path):
         from mio_jax.models.gguf_io import gguf_config
 
@@ -218,38 +170,45 @@ def read_model_config(path: str, **overrides) -> ModelConfig:
 
 
 # ---- load ---------------------------------------------------------------------------------
-def _check_names(tmap, source, cfg: ModelConfig, origin: str) -> None:
-    expected = {hf for entries in tmap.values() for hf, _, _ in entries}
-    present = set(source.keys())
-    missing = sorted(expected - present)
-    if missing:
-        raise ValueError(f"{origin}: missing tensor(s) {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
-    allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(n for n in present - expected - allowed_extra
-                        if not n.endswith(_IGNORED_SUFFIXES))
-    if unexpected:
-        raise ValueError(f"{origin}: unexpected tensor(s) {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} for model_type "
-                         f"{cfg.model_type!r} ({len(unexpected)} in all)")
-    for entries in tmap.values():
-        for hf, shape, _ in entries:
-            got = tuple(source.shape(hf))
-            if got != tuple(shape):
-                raise ValueError(f"{source.describe(hf)} has shape {got}, but config.json "
-                                 f"implies {tuple(shape)}")
+def _check_source(cfg: ModelConfig, source, origin: str) -> None:
+    """The source holds exactly the tensors the table lists for `cfg`, in their shapes."""
+    ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: often saved
+    check_tensors(hf_shapes(cfg), {n: tuple(source.shape(n)) for n in source.keys()},
+                  origin=origin, model_type=cfg.model_type, implied_by="config.json",
+                  describe=source.describe,
+                  may_skip=lambda n: n in ignored or n.endswith(_IGNORED_SUFFIXES))
 
 
-def _make_param(entries, source, shape, dtype, sharding, stacked: bool) -> jax.Array:
-    def read(i):
-        hf, hf_shape, transposed = entries[i]
-        return _to_ours(source.get(hf), transposed, shape[1:] if stacked else shape)
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack_l, value, i):
+    """`stack_l` with layer `i` replaced by `value`, written in place (donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stack_l, value, i, 0)
 
-    def callback(index):
-        if not stacked:
-            return np.asarray(read(0)[index], dtype=dtype)
-        layers = range(shape[0])[index[0]]
-        return np.stack([np.asarray(read(i)[index[1:]], dtype=dtype) for i in layers])
+
+def _place(spec: WeightSpec, cfg: ModelConfig, source, shape, dtype, sharding) -> jax.Array:
+    """Parameter `spec` read from `source` (HF layout) and created with `sharding`."""
+    names = spec.hf_names(cfg)
+
+    def layer(i: int) -> np.ndarray:  # one HF tensor in our layout (a view where possible)
+        return spec.from_hf(source.get(names[i]), cfg)
+
+    if source.whole_tensor_reads:
+        # Decode each tensor once (per-device callbacks would decode it once per device)
+        # and put it on the device before decoding the next; a stacked parameter is
+        # filled in place, layer by layer, so no host copy of it is ever built.
+        if not spec.stacked:
+            value = np.asarray(layer(0), dtype=dtype)
+            return jax.make_array_from_callback(shape, sharding, lambda index: value[index])
+        stack = jax.numpy.zeros(shape, dtype, device=sharding)
+        for i in range(len(names)):
+            stack = _set_layer(stack, np.asarray(layer(i), dtype=dtype), i)
+        return stack
+
+    def callback(index):  # only this device's slice is read from the memory map
+        if not spec.stacked:
+            return np.asarray(layer(0)[index], dtype=dtype)
+        rows = range(shape[0])[index[0]]
+        return np.stack([np.asarray(layer(i)[index[1:]], dtype=dtype) for i in rows])
 
     return jax.make_array_from_callback(shape, sharding, callback)
 
@@ -259,7 +218,8 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
     """Loads a Decoder from an HF folder (config.json + *.safetensors [+ index]) or `.gguf`.
 
     Args:
-      path: folder or `.gguf` file. Pickle checkpoints (`.bin`, `.pt`) are refused.
+      path: folder, `.gguf` file, or "smollm2" (the embedded SmolLM2 GGUF). Pickle
+        checkpoints (`.bin`, `.pt`) are refused.
       dtype: compute dtype ("float32" | "bfloat16"); also the parameter dtype unless
         `param_dtype` is given.
       mesh: optional jax.sharding.Mesh; parameters are created sharded on it by `rules`.
@@ -269,12 +229,11 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
     Returns:
       Decoder with the checkpoint's weights. Errors name the file and tensor.
     """
+    path = _local_path(path)
     hf_cfg, source = _open(path)
-    origin = os.fspath(path)
     cfg = ModelConfig.from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype or dtype,
                               **config_overrides)
-    tmap = hf_tensor_map(cfg)
-    _check_names(tmap, source, cfg, origin)
+    _check_source(cfg, source, path)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
     graphdef, state = nnx.split(abstract)
     if mesh is not None:
@@ -283,89 +242,169 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: single, state)
     flat_sh = dict(nnx.to_flat_state(shardings))
-    flat = nnx.to_flat_state(state)
+    flat = dict(nnx.to_flat_state(state))
     np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    for key, var in flat:
-        entries = tmap[tuple(key)]
+    for spec in weight_specs(cfg):
+        var = flat[spec.path]
         shape = var.get_value().shape
-        sharding = flat_sh[key]
+        if shape != spec.shape(cfg):  # the Decoder is built from the same table
+            raise AssertionError(f"{spec.path}: model has {shape}, table {spec.shape(cfg)}")
+        sharding = flat_sh[spec.path]
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        var.set_value(_make_param(entries, source, shape, np_dtype, sharding,
-                                  stacked=key[0] == "layers"))
+        var.set_value(_place(spec, cfg, source, shape, np_dtype, sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 # ---- save ---------------------------------------------------------------------------------
-def _parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_STORE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
 
 
-def hf_state_dict(model: Decoder) -> Iterable[tuple[str, np.ndarray]]:
-    """Yields (HF name, numpy array) for every weight, in HF layout and the params' dtype."""
+def parse_size(size: str | int) -> int:
+    """Bytes in a size: an int, or a string such as "2GB", "500MiB", "1.5 GB", "1000000".
+
+    KB/MB/GB/TB are powers of 10 and KiB/MiB/GiB/TiB powers of 2 (transformers'
+    convention for `max_shard_size`); case does not matter.
+
+    Args:
+      size: int bytes, or a number with an optional unit (B, KB, ..., TiB).
+
+    Returns:
+      The size in bytes (> 0).
+
+    Raises:
+      ValueError: unreadable or not positive.
+    """
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"cannot read size {size!r} (e.g. 2GB, 500MiB, 1000000)")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def hf_state_dict(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, numpy array) for every weight, in HF layout and the params' dtype.
+
+    One parameter is fetched to the host at a time, in weight-table order.
+    """
     cfg = model.cfg
-    tmap = hf_tensor_map(cfg)
-    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        entries = tmap[tuple(key)]
-        arr = np.asarray(jax.device_get(var.get_value()))
-        if key[0] == "layers":
-            for i, (hf, hf_shape, transposed) in enumerate(entries):
-                yield hf, _to_hf(arr[i], transposed, hf_shape)
-        else:
-            hf, hf_shape, transposed = entries[0]
-            yield hf, _to_hf(arr, transposed, hf_shape)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for spec in weight_specs(cfg):
+        arr = np.asarray(jax.device_get(params[spec.path].get_value()))
+        for i, name in enumerate(spec.hf_names(cfg)):
+            yield name, spec.to_hf(arr[i] if spec.stacked else arr)
 
 
-def save_pretrained(model: Decoder, tokenizer, path: str, *, max_shard_size="2GB") -> None:
-    """Writes an HF folder: safetensors (sharded above `max_shard_size`, with
-    model.safetensors.index.json), config.json, generation_config.json and, when
-    `tokenizer` is given, its files (chat template included).
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _write_json(path: str, value: dict, **kwargs) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, **kwargs)
+
+
+def write_hf_folder(config: dict[str, Any], tensors: Iterable[tuple[str, np.ndarray]], tokenizer,
+                    dst: str, *, dtype: str | None = None, max_shard_size: str | int = "2GB"
+                    ) -> list[str]:
+    """Writes an HF model folder from a config dict and a stream of HF-named tensors.
+
+    Each shard is written as soon as it is full, so at most one shard's tensors are held.
+    The folder gets `*.safetensors` (one `model.safetensors`, or
+    `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` above
+    `max_shard_size`), `config.json`, `generation_config.json` and, with a tokenizer,
+    its files (chat template included). Model files already in `dst` are replaced.
+
+    Args:
+      config: HF `config.json` dict (`ModelConfig.to_hf()`, or `read_gguf`'s).
+      tensors: iterable of `(hf_name, array)`, e.g. `hf_state_dict(model)`.
+      tokenizer: a transformers tokenizer (its `save_pretrained` is called), or None.
+      dst: output folder (created).
+      dtype: "float32" | "bfloat16" | "float16" to store every tensor in (and record as
+        `torch_dtype`); None keeps each array's dtype and the config's `torch_dtype`.
+      max_shard_size: largest shard, int bytes or a string such as "2GB" / "500MiB".
+
+    Returns:
+      The names of the safetensors files written.
+    """
+    if dtype is not None and dtype not in _STORE_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not in {sorted(_STORE_DTYPES)}")
+    limit = parse_size(max_shard_size)
+    os.makedirs(dst, exist_ok=True)
+    temp: list[str] = []  # shards under temporary names until all are written
+    shard: list[tuple[str, np.ndarray]] = []
+    shard_of: dict[str, int] = {}
+    size = total = 0
+
+    def flush():
+        name = f"model-shard-{len(temp):05d}.tmp.safetensors"
+        write_safetensors(os.path.join(dst, name), shard, metadata={"format": "pt"})
+        temp.append(name)
+        shard.clear()
+
+    for name, array in tensors:
+        array = np.asarray(array)
+        if dtype is not None:
+            array = array.astype(_STORE_DTYPES[dtype], copy=False)
+        if name in shard_of:
+            raise ValueError(f"tensor {name!r} given twice")
+        if shard and size + array.nbytes > limit:
+            flush()
+            size = 0
+        shard.append((name, array))
+        shard_of[name] = len(temp)
+        size += array.nbytes
+        total += array.nbytes
+    if not shard_of:
+        raise ValueError("no tensors to write")
+    flush()
+    final = _shard_names(len(temp))
+    for old in os.listdir(dst):
+        stale = old.startswith("model") and old.endswith(".safetensors") and old not in temp
+        if stale or old == "model.safetensors.index.json":
+            os.remove(os.path.join(dst, old))
+    for tmp, name in zip(temp, final):
+        os.replace(os.path.join(dst, tmp), os.path.join(dst, name))
+    if len(final) > 1:
+        weight_map = {n: final[k] for n, k in sorted(shard_of.items())}
+        _write_json(os.path.join(dst, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = dict(config)
+    if dtype is not None:
+        config["torch_dtype"] = dtype
+        if "dtype" in config:  # transformers 5 reads this key
+            config["dtype"] = dtype
+    _write_json(os.path.join(dst, "config.json"), config, sort_keys=True)
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if config.get(k) is not None}
+    _write_json(os.path.join(dst, "generation_config.json"), generation)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
+    return final
+
+
+def save_pretrained(model: Decoder, tokenizer, path: str, *, max_shard_size: str | int = "2GB",
+                    dtype: str | None = None) -> list[str]:
+    """Writes a model as an HF folder that transformers and `load_pretrained` read back.
 
     Args:
       model: Decoder.
       tokenizer: transformers tokenizer or None.
       path: output folder (created).
-      max_shard_size: int bytes or a string such as "2GB" / "500MB".
+      max_shard_size: int bytes or a string such as "2GB" / "500MiB" (see `parse_size`).
+      dtype: stored dtype ("float32" | "bfloat16" | "float16"); None = the params' dtype.
+
+    Returns:
+      The names of the safetensors files written.
     """
-    os.makedirs(path, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
-    total = 0
-    for name, arr in hf_state_dict(model):
-        if shards[-1] and size + arr.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, arr))
-        size += arr.nbytes
-        total += arr.nbytes
-    for stale in glob.glob(os.path.join(path, "model*.safetensors")):
-        os.remove(stale)
-    if len(shards) == 1:
-        write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            os.remove(index_path)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(os.path.join(path, fname), shard)
-            weight_map.update({n: fname for n, _ in shard})
-        with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    cfg = model.cfg
-    hf = cfg.to_hf()
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2)
-    gen = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
-           "pad_token_id": hf["pad_token_id"]}
-    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    return write_hf_folder(model.cfg.to_hf(), hf_state_dict(model), tokenizer, path,
+                           dtype=dtype, max_shard_size=max_shard_size)

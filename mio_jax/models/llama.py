@@ -2,9 +2,11 @@
 
 The per-layer weights are stored stacked on a leading "layers" axis, so one parameter
 layout serves both execution modes: `jax.lax.scan` over the stack (`scan_layers=True`)
-or a Python loop that indexes it. Weight layout (HF's [out, in] transposed to [in, out]):
-q `[L, D, H, hd]`, k/v `[L, D, KV, hd]`, o `[L, H, hd, D]`, gate/up `[L, D, F]`, down
-`[L, F, D]`, embedding and untied lm_head `[V, D]`.
+or a Python loop that indexes it. Which parameters exist, their shapes, logical axes
+and initialisers come from the family's weight table (`mio_jax.models.weights`); the
+layout (HF's [out, in] transposed to [in, out]): q `[L, D, H, hd]`, k/v `[L, D, KV, hd]`,
+o `[L, H, hd, D]`, gate/up `[L, D, F]`, down `[L, F, D]`, embedding and untied lm_head
+`[V, D]`.
 """
 
 from __future__ import annotations
@@ -14,59 +16,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mio_jax.models.config import ModelConfig
-from mio_jax.models.partitioning import DEFAULT_RULES, Rules, constrain
+from mio_jax.sharding import DEFAULT_RULES, Rules, constrain
+from mio_jax.models.weights import WeightSpec, weight_specs
 
 _NEG = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
 
 
-def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
-    """Logical names, shapes and init kind of every stacked layer parameter for `cfg`."""
-    L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    specs = {
-        "attn_norm": (("layers", "norm"), (L, D), "ones"),
-        "q": (("layers", "embed", "heads", "head_dim"), (L, D, H, hd), "normal"),
-        "k": (("layers", "embed", "kv_heads", "head_dim"), (L, D, KV, hd), "normal"),
-        "v": (("layers", "embed", "kv_heads", "head_dim"), (L, D, KV, hd), "normal"),
-        "o": (("layers", "heads", "head_dim", "embed"), (L, H, hd, D), "normal"),
-        "mlp_norm": (("layers", "norm"), (L, D), "ones"),
-        "gate": (("layers", "embed", "mlp"), (L, D, F), "normal"),
-        "up": (("layers", "embed", "mlp"), (L, D, F), "normal"),
-        "down": (("layers", "mlp", "embed"), (L, F, D), "normal"),
-    }
-    if cfg.qkv_bias:
-        specs["q_bias"] = (("layers", "heads", "head_dim"), (L, H, hd), "zeros")
-        specs["k_bias"] = (("layers", "kv_heads", "head_dim"), (L, KV, hd), "zeros")
-        specs["v_bias"] = (("layers", "kv_heads", "head_dim"), (L, KV, hd), "zeros")
-    if cfg.o_bias:
-        specs["o_bias"] = (("layers", "embed"), (L, D), "zeros")
-    if cfg.mlp_bias:
-        specs["gate_bias"] = (("layers", "mlp"), (L, F), "zeros")
-        specs["up_bias"] = (("layers", "mlp"), (L, F), "zeros")
-        specs["down_bias"] = (("layers", "embed"), (L, D), "zeros")
-    if cfg.qk_norm:
-        specs["q_norm"] = (("layers", "head_dim"), (L, hd), "ones")
-        specs["k_norm"] = (("layers", "head_dim"), (L, hd), "ones")
-    return specs
-
-
-def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype) -> nnx.Param:
-    if kind == "ones":
+def _param(rngs: nnx.Rngs, spec: WeightSpec, cfg: ModelConfig) -> nnx.Param:
+    """A parameter initialised as its table row says, carrying the row's logical axes."""
+    shape, dtype = spec.shape(cfg), cfg.param_dtype
+    if spec.init == "ones":
         value = jnp.ones(shape, dtype)
-    elif kind == "zeros":
+    elif spec.init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
-        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+        std = 1.0 if spec.init == "unit_normal" else 0.02
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=spec.logical_axes, eager_sharding=False)
 
 
 class LayerStack(nnx.Module):
-    """All decoder layers' weights, stacked on a leading `layers` axis."""
+    """All decoder layers' weights, stacked on a leading `layers` axis (filled by Decoder)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        for name, (names, shape, kind) in layer_param_specs(cfg).items():
-            setattr(self, name, _param(rngs, kind, shape, names, cfg.param_dtype))
-        self.names = tuple(layer_param_specs(cfg))
+    def __init__(self):
+        self.names: tuple[str, ...] = ()
 
     def arrays(self) -> dict[str, jax.Array]:
         return {n: getattr(self, n)[...] for n in self.names}
@@ -85,7 +58,7 @@ def _rms_norm(x, weight, eps):
 _rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2,))
 
 
-def _mlp_in_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
+def _swiglu_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
     gate = jnp.einsum("btd,df->btf", h_btd, w_gate_df)
     up = jnp.einsum("btd,df->btf", h_btd, w_up_df)
     if b_gate_f is not None:
@@ -94,9 +67,9 @@ def _mlp_in_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
 
 
 @jax.custom_vjp
-def _mlp_in(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
-    """`silu(h @ W_gate + b_gate) * (h @ W_up + b_up)` with a hand-written backward
-    (biases may be None).
+def swiglu(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
+    """SwiGLU input of the MLP, `silu(h @ W_gate + b_gate) * (h @ W_up + b_up)`, with a
+    hand-written backward.
 
     Autodiff would keep six `[tokens, intermediate]` arrays per layer for this; the
     backward here keeps only the two projections and recomputes the SiLU (elementwise, in
@@ -104,11 +77,19 @@ def _mlp_in(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
     first: left to itself, XLA:CPU transposes both `[tokens, intermediate]` gradients
     instead, in slow loop fusions (14 % of a SmolLM2 step); on a GPU/TPU the transpose of
     the 2.7-4x smaller `h` is a small copy.
+
+    Args:
+      h_btd: normalised hidden states `[B, T, D]`.
+      w_gate_df, w_up_df: the gate and up projections `[D, F]`.
+      b_gate_f, b_up_f: their biases `[F]`, or both None.
+
+    Returns:
+      act_btf: `[B, T, F]` in the inputs' dtype, the input of the down projection.
     """
-    return _mlp_in_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f)[0]
+    return _swiglu_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f)[0]
 
 
-def _mlp_in_bwd(res, d_act_btf):
+def _swiglu_bwd(res, d_act_btf):
     h, w_gate, w_up, gate, up, bias = res
     f32 = jnp.float32
     g, gf, uf = d_act_btf.astype(f32), gate.astype(f32), up.astype(f32)
@@ -127,7 +108,7 @@ def _mlp_in_bwd(res, d_act_btf):
             du.astype(f32).sum(0).astype(bias.dtype))
 
 
-_mlp_in.defvjp(_mlp_in_fwd, _mlp_in_bwd)
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _rope(x_bthk, cos_btk, sin_btk):
@@ -147,22 +128,29 @@ def rope_tables(cfg: ModelConfig, positions_bt):
 
 
 @jax.custom_vjp
-def _scores(qg_btkgh, k_bskh):
+def attention_scores(qg_btkgh, k_bskh):
     """Attention scores `q . k` accumulated and returned in float32.
 
     The backward rounds the float32 score gradient to the operands' (compute) dtype
     before its two matmuls, as fused attention kernels do; left to autodiff, the float32
     cotangent would promote both to float32 matmuls in a bfloat16 step (slow TF32 on a
     GPU, several bf16 passes on a TPU). With float32 operands nothing changes.
+
+    Args:
+      qg_btkgh: queries grouped by KV head `[B, T, KV, H // KV, hd]`.
+      k_bskh: keys `[B, S, KV, hd]`.
+
+    Returns:
+      scores_bkgts: float32 `[B, KV, H // KV, T, S]` (unscaled).
     """
     return jnp.einsum("btkgh,bskh->bkgts", qg_btkgh, k_bskh, preferred_element_type=jnp.float32)
 
 
-def _scores_fwd(qg_btkgh, k_bskh):
-    return _scores(qg_btkgh, k_bskh), (qg_btkgh, k_bskh)
+def _attention_scores_fwd(qg_btkgh, k_bskh):
+    return attention_scores(qg_btkgh, k_bskh), (qg_btkgh, k_bskh)
 
 
-def _scores_bwd(res, g_bkgts):
+def _attention_scores_bwd(res, g_bkgts):
     qg, k = res
     g = g_bkgts.astype(qg.dtype)
     dq = jnp.einsum("bkgts,bskh->btkgh", g, k, preferred_element_type=jnp.float32)
@@ -170,7 +158,7 @@ def _scores_bwd(res, g_bkgts):
     return dq.astype(qg.dtype), dk.astype(k.dtype)
 
 
-_scores.defvjp(_scores_fwd, _scores_bwd)
+attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
 
 
 def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
@@ -178,7 +166,7 @@ def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     B, T, H, hd = q_bthk.shape
     KV = k_bskh.shape[2]
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
-    scores = _scores(qg, k_bskh)
+    scores = attention_scores(qg, k_bskh)
     scores = scores * (hd ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bthk.dtype)
@@ -233,7 +221,7 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         out = out + w["o_bias"]
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
     h = _rms_norm_bwd_recompute(x_btd, w["mlp_norm"], eps)
-    act = _mlp_in(h, w["gate"], w["up"], w.get("gate_bias"), w.get("up_bias"))
+    act = swiglu(h, w["gate"], w["up"], w.get("gate_bias"), w.get("up_bias"))
     act = constrain(act, ("batch", "seq", "mlp"), rules)
     down = jnp.einsum("btf,fd->btd", act, w["down"])
     if cfg.mlp_bias:
@@ -306,14 +294,14 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.rules = tuple(DEFAULT_RULES if rules is None else
                            ((k, tuple(v) if isinstance(v, list) else v) for k, v in rules))
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed = nnx.Param(
-            jax.random.normal(rngs.params(), (V, D), jnp.float32).astype(cfg.param_dtype),
-            out_sharding=("vocab", "embed"), eager_sharding=False)
-        self.layers = LayerStack(cfg, rngs=rngs)
-        self.final_norm = _param(rngs, "ones", (D,), ("norm",), cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, "normal", (V, D), ("vocab", "embed"), cfg.param_dtype)
+        # Every parameter comes from the weight table, in its row order (the order in which
+        # the random ones draw from `rngs`).
+        self.layers = LayerStack()
+        for spec in weight_specs(cfg):
+            owner = self.layers if spec.stacked else self
+            setattr(owner, spec.path[-1], _param(rngs, spec, cfg))
+            if spec.stacked:
+                self.layers.names += (spec.path[-1],)
 
     def output_matrix(self) -> jax.Array:
         """The output projection `[V, D]` (tied embedding or lm_head) in the compute dtype,

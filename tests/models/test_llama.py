@@ -204,7 +204,7 @@ def _masks(B, T):
 def test_fused_attention_call_equals_written_out_attention(dtype, tol):
     """The arguments given to jax.nn.dot_product_attention for attention='cudnn' (mask,
     is_causal, scale, GQA layout) produce the written-out attention. Run here through
-    XLA; benchmarks/gpu_check.py compares the cuDNN kernel itself on a GPU."""
+    XLA; benchmarks/attention_check.py compares the cuDNN kernel itself on a GPU."""
     from mio_jax.models.llama import _cudnn_attention, _xla_attention
 
     B, T, H, KV, hd = 2, 16, 4, 2, 8
@@ -225,15 +225,15 @@ def test_attention_option_is_checked():
     base = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     assert ModelConfig(**base, dtype="bfloat16", attention="cudnn").attention == "cudnn"
-    with pytest.raises(ValueError, match="attention 'flash' not in"):
+    with pytest.raises(ValueError, match="attention='flash': expected one of"):
         ModelConfig(**base, attention="flash")
-    with pytest.raises(ValueError, match="needs a bfloat16 or float16 compute dtype"):
+    with pytest.raises(ValueError, match="attention='cudnn' needs dtype bfloat16 or float16"):
         ModelConfig(**base, attention="cudnn")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_score_gradient_is_autodiff_rounded_to_the_compute_dtype(dtype):
-    """`_scores` (float32 scores, custom backward) has autodiff's gradient: identical in
+    """`attention_scores` (float32 scores, custom backward) has autodiff's gradient: identical in
     float32 (to rounding); in bfloat16 equal to autodiff with the score cotangent rounded to bfloat16
     first, and only bfloat16 matmuls in its backward."""
     from mio_jax.models import llama
@@ -246,7 +246,7 @@ def test_score_gradient_is_autodiff_rounded_to_the_compute_dtype(dtype):
     def plain(q_, k_):
         return jnp.einsum("btkgh,bskh->bkgts", q_.astype(jnp.float32), k_.astype(jnp.float32))
 
-    out, vjp = jax.vjp(llama._scores, qg, k)
+    out, vjp = jax.vjp(llama.attention_scores, qg, k)
     np.testing.assert_allclose(out, plain(qg, k), rtol=1e-6, atol=1e-6)
     got = vjp(g)
     want = jax.vjp(plain, qg, k)[1](g.astype(dtype).astype(jnp.float32))
@@ -266,7 +266,7 @@ def test_score_gradient_is_autodiff_rounded_to_the_compute_dtype(dtype):
 @pytest.mark.parametrize("dtype,bias", [(jnp.float32, False), (jnp.float32, True),
                                         (jnp.bfloat16, False)])
 def test_mlp_input_backward_equals_autodiff(dtype, bias):
-    """`_mlp_in` (SwiGLU input projections with a hand-written backward) has autodiff's
+    """`swiglu` (SwiGLU input projections with a hand-written backward) has autodiff's
     value and gradients for every input, biases included; to rounding in bfloat16."""
     from mio_jax.models import llama
 
@@ -286,7 +286,7 @@ def test_mlp_input_backward_equals_autodiff(dtype, bias):
             gate, up = gate + up32(bg_), up + up32(bu_)
         return jax.nn.silu(gate) * up
 
-    out, vjp = jax.vjp(llama._mlp_in, h, wg, wu, bg, bu)
+    out, vjp = jax.vjp(llama.swiglu, h, wg, wu, bg, bu)
     want_out, want_vjp = jax.vjp(plain, h, wg, wu, bg, bu)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=5e-2, atol=5e-2)
     np.testing.assert_allclose(np.asarray(out, np.float32), want_out, **tol)

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import safetensors.numpy
-from trainer_fixtures import tiny_tokenizer  # noqa: F401  (tests/ is on sys.path via conftest)
+from mio_jax.testing import tiny_tokenizer  # noqa: F401  (re-exported for the model tests)
 
 GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden_logits.json")
 with open(GOLDEN_PATH) as _f:

