@@ -15,10 +15,10 @@ Launch commands (environment only in the scripts; hyper-parameters live here):
 
   # TPU v5p-64 (32 chips, 4 hosts), MIO on Llama-3-8B:
   launch/tpu_pod.sh my-v5p v5p-64 us-east5-a \\
-      --config=configs/paper.py:llama3_8b,mio,v5p-64 --workdir=gs://BUCKET/mio_llama3_8b
+      --config=configs/paper.py:llama3_8b,mio,v5p-64 --workdir=/mnt/shared/mio_llama3_8b
   # TPU v4-64, DPO on Mistral-7B:
   launch/tpu_pod.sh my-v4 v4-64 us-central2-b \\
-      --config=configs/paper.py:mistral_7b,dpo,v4-64 --workdir=gs://BUCKET/dpo_mistral_7b
+      --config=configs/paper.py:mistral_7b,dpo,v4-64 --workdir=/mnt/shared/dpo_mistral_7b
   # 8 x H100 (one node), MIO on Qwen2.5-7B:
   sbatch --nodes=1 --gpus-per-node=8 launch/slurm_gpu.sh \\
       --config=configs/paper.py:qwen2.5_7b,mio,h100x8 --workdir=/checkpoints/mio_qwen7b

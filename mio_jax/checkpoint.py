@@ -3,26 +3,38 @@
 A checkpoint step holds three items:
 
 * ``state``: the train-state pytree (params, optimizer state, step, RNG),
-  restored straight into its shardings from an abstract target;
+  restored straight into its shardings from an abstract target (any mesh and process
+  count: a checkpoint resumes on another layout);
 * ``data``: the data iterator's state (JSON; bytes are base64-encoded);
 * ``config``: the full resolved config (JSON), for the record.
 
 Saves are asynchronous; ``wait()`` blocks until the last one is on disk.
-Restoring walks the steps newest first: a corrupted or partial checkpoint is
-moved aside (to ``<dir>/../corrupt_checkpoints/<step>``) with a warning and
-the previous one is used.
+
+Restoring walks the steps newest first, and every process of the run takes each step
+together (``restore``):
+
+* a checkpoint whose saved structure, shapes or dtypes differ from the run's state (a
+  changed model or optimizer setting) stops the run with ``CheckpointMismatch``, naming
+  what differs; nothing is moved and nothing starts again from step 0 silently;
+* a read that fails is retried (transient storage errors); a step that stays unreadable
+  on ANY process makes all processes fall back to the next older step together;
+* nothing is moved or deleted: a step found unreadable is left as it is and not saved
+  again by this run (the log says which and how to clear it).
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import shutil
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from mio_jax.errors import ConfigError
 
@@ -59,6 +71,50 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+class CheckpointMismatch(ConfigError):
+    """The run's train state no longer matches its checkpoints (structure, shape or dtype)."""
+
+
+# Outcomes of one process's attempt at one step (agreed across processes).
+_OK, _UNREADABLE, _MISMATCH = 0, 1, 2
+
+
+def _key(entry) -> str:
+    for attr in ("key", "idx", "name"):  # dict key, sequence index, named-tuple field
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    # Saved metadata spells named tuples as dicts and lists: compare paths by their names.
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+            for path, leaf in flat}
+
+
+def state_differences(saved, wanted, limit: int = 6) -> list[str]:
+    """What differs between a saved state's metadata and the run's abstract state.
+
+    Returns:
+      Lines such as ``"params/layers/q: saved (2, 32, 4, 8) float32, run (2, 32, 8, 8)
+      float32"`` or ``"opt_state/0/mu/embed: only in the run"``; empty when they match.
+    """
+    a, b = _leaves(saved), _leaves(wanted)
+    out = [f"{k}: only in the checkpoint" for k in sorted(a.keys() - b.keys())]
+    out += [f"{k}: only in the run" for k in sorted(b.keys() - a.keys())]
+    out += [f"{k}: saved {a[k][0]} {a[k][1]}, run {b[k][0]} {b[k][1]}"
+            for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _agree(code: int) -> np.ndarray:
+    """Every process's outcome code for the same step, in process order."""
+    if jax.process_count() == 1:
+        return np.array([code])
+    return np.asarray(multihost_utils.process_allgather(np.array([code], np.int32))).reshape(-1)
+
+
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``.
 
@@ -66,18 +122,25 @@ class Checkpointer:
       directory: absolute path of the checkpoint folder (created if missing).
       keep: how many recent checkpoints to keep.
       async_save: save in a background thread.
+      read_attempts: tries of each read before a step counts as unreadable.
+      retry_wait: seconds before the second try (doubling after each).
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+                 read_attempts: int = 3, retry_wait: float = 0.5):
         self.directory = os.path.abspath(directory)
         self._keep, self._async = keep, async_save
-        self._open()
-
-    def _open(self) -> None:
+        self._attempts, self._wait = max(int(read_attempts), 1), retry_wait
+        self.unreadable: list[int] = []  # steps found unreadable (left untouched)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self._keep, enable_async_checkpointing=self._async, create=True)
+        # Explicit handlers: the saved state's metadata (structure, shapes, dtypes) can then
+        # be read before a restore is tried.
         self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config"))
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
         """Committed checkpoint steps, ascending."""
@@ -95,6 +158,10 @@ class Checkpointer:
           True if a save was started (False if that step already exists).
         """
         if step in self._mngr.all_steps():
+            if step in self.unreadable:
+                logging.error("checkpoint step %d in %s exists but is unreadable, so this run "
+                              "does not save that step again; move %s aside to let it",
+                              step, self.directory, os.path.join(self.directory, str(step)))
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -102,31 +169,83 @@ class Checkpointer:
             config=ocp.args.JsonSave(_encode(config or {})))
         return bool(self._mngr.save(step, args=args, force=force))
 
+    def _read(self, step: int, abstract_state: Any):
+        """One process's attempt at ``step``: ``(code, restored or message)``."""
+        try:
+            saved = self._mngr.item_metadata(step)["state"]
+            saved = getattr(saved, "tree", saved)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: a broken step
+            return _UNREADABLE, f"metadata: {type(e).__name__}: {e}"
+        if saved is not None:
+            diff = state_differences(saved, abstract_state)
+            if diff:
+                return _MISMATCH, "; ".join(diff)
+        error = ""
+        for attempt in range(self._attempts):
+            try:
+                return _OK, self._read_items(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - retried, then the step is unreadable
+                error = f"{type(e).__name__}: {e}"
+                if attempt + 1 < self._attempts:
+                    logging.warning("reading checkpoint step %d failed (%s); retrying", step,
+                                    error.splitlines()[0][:300])
+                    time.sleep(self._wait * 2 ** attempt)
+        return _UNREADABLE, error
+
+    def _read_items(self, step: int, abstract_state: Any) -> dict:
+        """Reads the three items of ``step`` with Orbax's handlers directly. Each process reads
+        only its own shards and nothing here waits for the other processes: the
+        CheckpointManager's restore ends in a barrier that a process whose read failed never
+        reaches, which hangs or mismatches the others; ``restore`` agrees instead."""
+        folder = epath.Path(self.directory) / str(step)
+        state_handler = ocp.StandardCheckpointHandler()
+        try:
+            state = state_handler.restore(folder / "state",
+                                          args=ocp.args.StandardRestore(abstract_state))
+            jax.block_until_ready(state)
+        finally:
+            state_handler.close()
+        return {"state": state,
+                "data": ocp.JsonCheckpointHandler().restore(folder / "data",
+                                                           args=ocp.args.JsonRestore()),
+                "config": ocp.JsonCheckpointHandler().restore(folder / "config",
+                                                             args=ocp.args.JsonRestore())}
+
     def restore(self, abstract_state: Any) -> tuple[int, Any, Any, dict] | None:
-        """Restores the newest readable checkpoint.
+        """Restores the newest step that every process can read.
 
         Args:
-          abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings,
-            shaped like the saved state.
+          abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings, shaped like
+            the saved state (on any mesh: arrays are resharded as they are read).
 
         Returns:
-          ``(step, state, data_state, config)`` or None if there is none.
+          ``(step, state, data_state, config)``, or None if there is no checkpoint.
+
+        Raises:
+          CheckpointMismatch: the newest checkpoint's structure, shapes or dtypes differ
+            from ``abstract_state``; the message names them.
         """
         for step in reversed(self.steps()):
-            try:
-                restored = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    config=ocp.args.JsonRestore()))
-                state = restored["state"]
-                jax.block_until_ready(state)
+            code, result = self._read(step, abstract_state)
+            codes = _agree(code)
+            if (codes == _MISMATCH).any():
+                where = [int(i) for i in np.flatnonzero(codes == _MISMATCH)]
+                detail = result if code == _MISMATCH else f"reported by process(es) {where}"
+                raise CheckpointMismatch(
+                    f"checkpoint step {step} in {self.directory} does not match this run's "
+                    f"train state ({detail}). The model, optimizer or precision settings "
+                    "changed since it was written: run with the settings it was saved with, "
+                    "or start the new settings in another --workdir (nothing was moved).")
+            if (codes == _OK).all():
+                restored = result
                 data = _decode(restored["data"] or {}).get("iterator")
-                return step, state, data, _decode(restored["config"] or {})
-            except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
-                                "falling back to the previous one",
-                                step, self.directory, type(e).__name__, e)
-                self._quarantine(step)
+                return step, restored["state"], data, _decode(restored["config"] or {})
+            bad = [int(i) for i in np.flatnonzero(codes != _OK)]
+            self.unreadable.append(step)
+            logging.warning("checkpoint step %d in %s is unreadable on process(es) %s%s; all "
+                            "processes fall back to the previous step (the step is left as "
+                            "it is)", step, self.directory, bad,
+                            f" ({str(result).splitlines()[0][:300]})" if code != _OK else "")
         return None
 
     def _pick(self, step: int | None) -> int:
@@ -155,26 +274,12 @@ class Checkpointer:
           step: the checkpoint step.
         """
         item = {"params": abstract_params}
-        restored = self._mngr.restore(self._pick(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
+        folder = os.path.join(self.directory, str(self._pick(step)), "state")
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:  # a partial read
+            restored = reader.restore(folder, args=ocp.args.PyTreeRestore(
                 item, partial_restore=True,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
-        return restored["state"]["params"]
-
-    def _quarantine(self, step: int) -> None:
-        """Moves a broken step aside so later saves at that step do not collide."""
-        self._mngr.wait_until_finished()
-        if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            dst_root = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-            os.makedirs(dst_root, exist_ok=True)
-            dst = os.path.join(dst_root, str(step))
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            if os.path.exists(src):
-                shutil.move(src, dst)
-        self._mngr.close()
-        self._open()
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+        return restored["params"]
 
     def wait(self) -> None:
         """Blocks until every started save is committed."""

@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from mio_jax import verifiers
+from mio_jax import distributed, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.errors import ConfigError
 
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
     import argparse
 
+    distributed.refuse_multi_process("mio_jax.evaluate")
     ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
     ap.add_argument("--model", required=True, help="HF folder or .gguf file")
     ap.add_argument("--task", action="append", default=[], help="reasoning-gym task (repeatable)")

@@ -13,8 +13,15 @@ coordinator comes from the environment.
 import os
 import sys
 
+import flax
+import jax
+import optax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mio_jax import config as mio_config
+from mio_jax import distributed, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/*.py or your own).",
                                 lock_config=True)
@@ -38,40 +45,16 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001  (anything the experiment file raises)
-        from mio_jax.config import describe_load_error
-
         keys = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config.")]
-        _fail(describe_load_error(e, path, keys))
-
-
-def _multi_process() -> bool:
-    if flags.FLAGS.distributed is not None:
-        return flags.FLAGS.distributed
-    env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
-            or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+        _fail(mio_config.describe_load_error(e, path, keys))
 
 
 def main(argv):
     del argv
-    import jax
-
-    if _multi_process():
-        env = os.environ  # explicit settings (launch/slurm_gpu.sh) win over auto-detection
-        kw = {}
-        if "JAX_COORDINATOR_ADDRESS" in env:
-            kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(env["JAX_NUM_PROCESSES"]),
-                      process_id=int(env["JAX_PROCESS_ID"]))
-        jax.distributed.initialize(**kw)
-    import flax
-    import optax
-    import orbax.checkpoint as ocp
-
-    from mio_jax import config as mio_config
-    from mio_jax import train
-
+    use = flags.FLAGS.distributed
+    if distributed.multi_process_env() if use is None else use:
+        distributed.initialize()  # before anything touches a device
+    distributed.configure_logging()
     try:
         mio_config.validate(flags.FLAGS.config, num_devices=jax.device_count())
         config = mio_config.resolve(flags.FLAGS.config)
@@ -90,7 +73,8 @@ def main(argv):
         logging.exception("run failed")  # where it came from, for bug reports
         _fail(f"{type(e).__name__}: {e}")
     summary = {k: v for k, v in result.items() if k in ("step", "train", "eval", "export")}
-    print(f"done: {summary}", flush=True)
+    if jax.process_index() == 0:
+        print(f"done: {summary}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from mio_jax import evaluate, verifiers
+from mio_jax import distributed, evaluate, verifiers
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -249,6 +249,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ml_collections.ConfigDict
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
+    distributed.refuse_multi_process("mio_jax.pairs")
     cfg = parse_config(argv)
     print(cfg)
     report = run(cfg)

@@ -4,7 +4,8 @@ The loop calls each once per step with the step number; each decides for itself 
 its turn has come. ``MetricsWindow`` fetches a step's metrics one step late (the host never
 waits on the step it just launched), checks them for NaN/Inf and writes window means;
 ``Checkpoints`` saves the state with the data position; ``Evals`` runs the eval;
-``Preemption`` turns SIGTERM into a checkpoint and exit 143 at the next step boundary.
+``Preemption`` turns a preemption notice (SIGTERM to any process) into a checkpoint of one
+step all processes agree on, and exit 143.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mio_jax import checkpoint as ckpt_lib
 from mio_jax import metrics as metrics_lib
@@ -147,32 +149,43 @@ class Evals:
 
 
 class Preemption:
-    """SIGTERM -> a checkpoint of the current step and ``Preempted`` (exit 143).
+    """A preemption notice -> a checkpoint of one agreed step and ``Preempted`` (exit 143).
 
-    A context manager: the handler is installed on entry and the previous one restored on
-    exit. ``check(step, state)`` at each step boundary saves and raises once a SIGTERM
-    has arrived.
+    A context manager called at every step boundary (``check(step, state)``). With several
+    processes it uses JAX's own preemption sync point
+    (``multihost_utils.reached_preemption_sync_point``): the coordination service's
+    notifier catches SIGTERM on any host, and every host learns the same safe step, saves
+    it and exits together (hosts of a preempted slice are not signalled in the same step).
+    A single process installs a SIGTERM handler for the duration of the loop instead.
     """
 
     def __init__(self, checkpoints: Checkpoints):
         self.checkpoints = checkpoints
         self._hit = False
         self._previous = None
+        self._synced = False
 
     def __enter__(self) -> "Preemption":
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # The coordination service's notifier owns SIGTERM in a multi-process run; a Python
+        # handler would replace it, and then only the signalled host would know.
+        self._synced = jax.process_count() > 1
+        if not self._synced:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._synced:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, *_) -> None:
         self._hit = True
 
     def check(self, step: int, state) -> None:
-        if not self._hit:
+        hit = (multihost_utils.reached_preemption_sync_point(step) if self._synced
+               else self._hit)
+        if not hit:
             return
         self.checkpoints.save(step, state)
         self.checkpoints.checkpointer.wait()
-        logging.warning("SIGTERM: checkpoint at step %d written; exiting", step)
+        logging.warning("preemption notice: checkpoint at step %d written; exiting", step)
         raise Preempted(step)

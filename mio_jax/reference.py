@@ -247,7 +247,9 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
     key = cache_key(np.unique(digs), weights_fp, settings)
     # Each process caches the groups it reads (its data shard) in its own file.
     suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
-    path = os.path.join(cache_dir, f"reference_logps_{key}{suffix}.npz")
+    # Named by split too, so that only a cache of the same split can be called stale.
+    prefix = f"reference_logps_{settings['split']}_" if "split" in settings else "reference_logps_"
+    path = os.path.join(cache_dir, f"{prefix}{key}{suffix}.npz")
     cache, hit = None, False
     if os.path.exists(path):
         try:
@@ -263,7 +265,8 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
             logging.warning("reference cache %s is unreadable (%s); recomputing", path, e)
             cache = None
     if cache is None:
-        if os.path.isdir(cache_dir) and any(f.endswith(".npz") for f in os.listdir(cache_dir)):
+        if os.path.isdir(cache_dir) and any(f.startswith(prefix) and f.endswith(".npz")
+                                            for f in os.listdir(cache_dir)):
             logging.warning("reference cache files in %s do not match the current data / "
                             "reference weights / settings (stale, not used); computing anew",
                             cache_dir)

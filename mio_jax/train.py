@@ -262,7 +262,20 @@ def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepCon
         batches=batches, ref_fn=logps_of,
         weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings)
     logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
-    return table
+    return _all_processes(table, len(split.groups)) if jax.process_count() > 1 else table
+
+
+def _all_processes(table: reference_lib.ReferenceTable, n: int) -> reference_lib.ReferenceTable:
+    """The table of every group: each process computed (and cached) the rows of its share
+    of the unshuffled pass, but shuffled training batches hand it any group."""
+    k = table.logps_nk.shape[1]
+    logps, present = np.zeros((n, k), np.float32), np.zeros((n,), bool)
+    m = min(len(table.present_n), n)
+    logps[:m], present[:m] = table.logps_nk[:m], table.present_n[:m]
+    all_logps = np.asarray(multihost_utils.process_allgather(logps))  # [P, N, K]
+    all_present = np.asarray(multihost_utils.process_allgather(present))  # [P, N]
+    chosen = np.argmax(all_present, axis=0)  # a process that holds the row
+    return reference_lib.ReferenceTable(all_logps[chosen, np.arange(n)], all_present.any(axis=0))
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -460,6 +473,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       FloatingPointError: NaN/Inf loss (step, batch example ids, metrics).
       Preempted: after SIGTERM, once its checkpoint is on disk.
     """
+    for name, path in (("--workdir", workdir), ("reference.cache_dir", config.reference.cache_dir)):
+        if "://" in str(path):  # abspath would turn it into a local folder on every host
+            raise mio_config.ConfigError(
+                f"{name}={path!r}: URL paths are not supported yet; use a folder every host "
+                "mounts (a shared filesystem or a mounted bucket)")
     workdir = os.path.abspath(workdir)
     config = mio_config.resolve(config)
     mesh = build_mesh(config, workdir)

@@ -1,10 +1,13 @@
-"""Orbax checkpoints: sharded round trip, keep-K, corrupt/partial latest falls back."""
+"""Orbax checkpoints: sharded round trip, keep-K, corrupt/partial latest falls back (nothing
+moved), a changed state stops naming what differs, transient read errors are retried."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mio_jax import checkpoint, sharding
@@ -55,22 +58,76 @@ def _truncate_array_data(folder):
             f.truncate(os.path.getsize(path) // 3)
 
 
-def test_corrupt_latest_falls_back_to_previous(tmp_path):
+def _files(folder) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(r, f), folder): os.path.getsize(os.path.join(r, f))
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_corrupt_latest_falls_back_to_previous_and_nothing_is_moved(tmp_path, caplog):
     mesh = sharding.make_mesh((2, 2, 2))
     d = str(tmp_path / "ckpt")
-    ck = checkpoint.Checkpointer(d, keep=3)
+    ck = checkpoint.Checkpointer(d, keep=3, retry_wait=0.0)
     ck.save(2, _state(mesh, 2.0), data_state={"i": 2})
     ck.save(4, _state(mesh, 4.0), data_state={"i": 4})
     ck.close()
     _truncate_array_data(os.path.join(d, "4", "state"))
-    ck = checkpoint.Checkpointer(d, keep=3)
+    before = _files(str(tmp_path))
+    ck = checkpoint.Checkpointer(d, keep=3, retry_wait=0.0)
     step, state, data, _ = ck.restore(_abstract(mesh))
     assert step == 2 and data == {"i": 2}
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64.0).reshape(8, 8) * 2)
-    # the broken step is moved aside, so step 4 can be saved again
-    assert ck.steps() == [2]
-    assert os.path.isdir(os.path.join(str(tmp_path), "corrupt_checkpoints", "4"))
-    assert ck.save(4, _state(mesh, 4.0))
+    # the broken step stays where it was, byte for byte; it is not saved over
+    assert _files(str(tmp_path)) == before and ck.steps() == [2, 4] and ck.unreadable == [4]
+    assert "unreadable on process(es) [0]" in caplog.text
+    caplog.clear()
+    assert ck.save(4, _state(mesh, 4.0)) is False
+    assert "move " in caplog.text and os.path.join(d, "4") in caplog.text
+    ck.close()
+
+
+def test_a_changed_state_stops_with_what_differs_and_moves_nothing(tmp_path):
+    mesh = sharding.make_mesh((2, 2, 2))
+    d = str(tmp_path / "ckpt")
+    ck = checkpoint.Checkpointer(d)
+    ck.save(3, _state(mesh, 3.0))
+    ck.close()
+    before = _files(d)
+    wider = dict(_abstract(mesh), w=jax.ShapeDtypeStruct(
+        (8, 16), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", "tensor"))))
+    ck = checkpoint.Checkpointer(d)
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=r"step 3 .*\(w: saved \(8, 8\) float32, run \(8, 16\) float32"):
+        ck.restore(wider)
+    extra = dict(_abstract(mesh), mu=_abstract(mesh)["w"])
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"\(mu: only in the run"):
+        ck.restore(extra)
+    as_bf16 = dict(_abstract(mesh), w=jax.ShapeDtypeStruct(
+        (8, 8), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", "tensor"))))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="float32, run \\(8, 8\\) bfloat16"):
+        ck.restore(as_bf16)
+    assert _files(d) == before and ck.steps() == [3]
+    assert isinstance(checkpoint.CheckpointMismatch("x"), ValueError)  # exit status 2 in main
+    ck.close()
+
+
+def test_a_transient_read_error_is_retried(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh((2, 2, 2))
+    d = str(tmp_path / "ckpt")
+    ck = checkpoint.Checkpointer(d, retry_wait=0.0)
+    ck.save(5, _state(mesh, 5.0), data_state={"i": 5})
+    ck.wait()
+    real, calls = ocp.StandardCheckpointHandler.restore, []
+
+    def flaky(self, *args, **kwargs):  # the storage fails twice, then answers
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError("connection reset by peer")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", flaky)
+    step, state, data, _ = ck.restore(_abstract(mesh))
+    assert step == 5 and data == {"i": 5} and len(calls) == 3 and ck.unreadable == []
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64.0).reshape(8, 8) * 5)
     ck.close()
 
 

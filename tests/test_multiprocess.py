@@ -1,0 +1,256 @@
+"""Several JAX processes == one process: a pod rehearsed on this machine.
+
+Each test starts N processes of ``python -m mio_jax.main`` on 127.0.0.1 (``mio_jax.local_pod``:
+a free port, the launchers' environment contract, D CPU devices each, a time limit, every
+process killed and every log shown when one fails) and compares what they wrote with one
+process holding N x D devices (this test process, 8 devices): every train and eval metric
+row, and every exported weight.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mio_jax import local_pod, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
+POD_TIMEOUT = 300
+
+
+def _flag(value) -> str:
+    return repr(tuple(value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _command(files, workdir, overrides: dict) -> list[str]:
+    m, t, e = files
+    base = {"model.path": m, "data.train_path": t, "data.eval_path": e, **overrides}
+    return [sys.executable, "-m", "mio_jax.main", "--config=configs/tiny_test.py",
+            f"--workdir={workdir}", *[f"--config.{k}={_flag(v)}" for k, v in base.items()]]
+
+
+def _pod(files, workdir, overrides, *, n, d, env):
+    return local_pod.LocalPod(_command(files, workdir, overrides), num_processes=n,
+                              devices_per_process=d, env=env, cwd=ROOT,
+                              log_dir=os.path.join(str(workdir) + "_logs"))
+
+
+def _run_pod(files, workdir, overrides, *, n, d, env):
+    return _pod(files, workdir, overrides, n=n, d=d, env=env).wait(POD_TIMEOUT)
+
+
+def _one_process(files, workdir, overrides, tiny_config):
+    return train.train_and_evaluate(tiny_config(*files, **overrides), str(workdir))
+
+
+def _rows(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _weights(workdir):
+    folder = os.path.join(workdir, "hf_export")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def _same_run(pod_dir, ref_dir, *, rel=2e-5, abs_=2e-5, weights=True) -> dict:
+    """Asserts metrics.jsonl and hf_export agree; returns the largest differences."""
+    a, b = _rows(pod_dir), _rows(ref_dir)
+    assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), (ra["step"], ra.keys() ^ rb.keys())
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), (ra["split"], ra["step"], k)
+                worst = max(worst, abs(ra[k] - rb[k]))
+    out = {"metrics_max_abs": worst, "rows": len(a)}
+    if weights:
+        wa, wb = _weights(pod_dir), _weights(ref_dir)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            np.testing.assert_allclose(wa[k], wb[k], rtol=1e-4, atol=2e-5, err_msg=k)
+        out["weights_max_abs"] = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+    print(f"{pod_dir}: {out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def kway_files(tiny, tmp_path_factory):
+    """The tiny model with K-way rows (a prompt, 3 scored completions) for K = 3 groups."""
+    rng = np.random.default_rng(7)
+    path = str(tmp_path_factory.mktemp("kway") / "kway.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(48):
+            a, b = (int(x) for x in rng.integers(0, 50, 2))
+            wrong = [a + b + int(x) for x in rng.integers(1, 9, 2)]
+            f.write(json.dumps({"prompt": f"q: {a}+{b}=", "completions": [
+                f" {a + b}.", f" {wrong[0]}.", f" {wrong[1]} so."], "scores": [3, 1, 0]}) + "\n")
+    return tiny[0], path, path
+
+
+FEATURES = {
+    # frozen reference; shared prompt rows, completion-only projection, bucketing; shuffled;
+    # held-out reasoning accuracy by greedy generation at each eval
+    "shared_bucketed_frozen_reasoning": (2, 4, {
+        "data.shared_prompt": True, "model.completion_logits_fraction": 0.9,
+        "data.bucketing": True, "data.pad_to_multiple_of": 8,
+        "eval.reasoning_tasks": "basic_arithmetic", "eval.reasoning_examples": 2,
+        "eval.reasoning_max_new_tokens": 4}),
+    # precomputed reference with shuffled batches; packed rows
+    "packed_precomputed_shuffled": (4, 2, {"data.packing": True, "reference.mode": "precomputed"}),
+    # no reference (SimPO), unshuffled, gradient accumulation; tensor parallelism over 2
+    "accumulated_reference_free_tensor2": (4, 2, {
+        "loss.name": "simpo", "loss.beta": 2.0, "reference.mode": "none", "data.shuffle": False,
+        "train.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_pod_equals_one_process(feature, tiny, tmp_path, tiny_config, subprocess_env):
+    n, d, overrides = FEATURES[feature]
+    _run_pod(tiny, tmp_path / "pod", overrides, n=n, d=d, env=subprocess_env)
+    _one_process(tiny, tmp_path / "one", overrides, tiny_config)
+    _same_run(tmp_path / "pod", tmp_path / "one")
+    if "eval.reasoning_tasks" in overrides:  # the completions themselves agree
+        a, b = (json.load(open(tmp_path / w / "reasoning_eval" / "step_6.json"))
+                for w in ("pod", "one"))
+        assert a["completions"] == b["completions"]
+
+
+def test_k_way_groups_with_precomputed_reference(kway_files, tmp_path, tiny_config,
+                                                 subprocess_env):
+    overrides = {"data.format": "kway", "data.kway_mode": "group", "data.num_negatives": 2,
+                 "loss.name": "js_multi", "reference.mode": "precomputed"}
+    _run_pod(kway_files, tmp_path / "pod", overrides, n=2, d=4, env=subprocess_env)
+    out = _one_process(kway_files, tmp_path / "one", overrides, tiny_config)
+    assert out["train"]["num_groups"] == 8 and np.isfinite(out["train"]["loss"])
+    _same_run(tmp_path / "pod", tmp_path / "one")
+
+
+# (processes, devices each, the process signalled, the layout the run resumes on)
+@pytest.mark.parametrize("n,d,target,resume", [(2, 4, 1, (4, 2)), (2, 4, 0, (1, 8)),
+                                                (4, 2, 2, (2, 4))])
+def test_preemption_of_any_process_checkpoints_one_step_and_resumes_exactly(
+        n, d, target, resume, tiny, tmp_path, tiny_config, subprocess_env):
+    """SIGTERM to ONE process: every process saves the same step (JAX's preemption sync
+    point) and exits 143; resuming, here on another process count and mesh, equals the
+    uninterrupted run, and convert reads the checkpoint the pod wrote."""
+    overrides = {"train.steps": 30, "checkpoint.every_steps": 1000, "eval.every_steps": 0}
+    work = tmp_path / "pod"
+    pod = _pod(tiny, work, overrides, n=n, d=d, env=subprocess_env)
+    metrics = work / "metrics.jsonl"
+    pod.wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+                   POD_TIMEOUT)
+    pod.signal(target, signal.SIGTERM)
+    results = pod.wait(60, check=False)
+    assert [r.returncode for r in results] == [143] * n, pod._report("exit statuses")
+    saved = sorted(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 30, saved
+    for r in results:  # the agreed step, on every host
+        assert f"checkpoint at step {saved[0]} written" in r.log
+    # elastic resume: another process count and another (data, fsdp) split of the mesh
+    _run_pod(tiny, work, {**overrides, "mesh.shape": (2, -1, 1)}, n=resume[0], d=resume[1],
+             env=subprocess_env)
+    _one_process(tiny, tmp_path / "one", overrides, tiny_config)
+    _same_run(work, tmp_path / "one")
+    # convert of the checkpoint several processes wrote == the run's own export
+    dst = tmp_path / "converted"
+    subprocess.run([sys.executable, "-m", "mio_jax.convert", str(work), str(dst)], check=True,
+                   env=subprocess_env, cwd=ROOT, capture_output=True)
+    got, want = load_file(str(dst / "model.safetensors")), _weights(work)
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _process_files(step_dir, index):
+    """The array data files process ``index`` wrote for a checkpoint step (OCDBT)."""
+    return [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
+            if f"ocdbt.process_{index}" in r and os.path.basename(r) == "d"]
+
+
+def test_a_shard_unreadable_on_one_host_makes_all_fall_back_together(tiny, tmp_path, tiny_config,
+                                                                    subprocess_env):
+    overrides = {"train.steps": 6, "checkpoint.every_steps": 2, "eval.every_steps": 0}
+    work = tmp_path / "pod"
+    _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
+    broken = _process_files(work / "checkpoints" / "6" / "state", 1)
+    assert broken, os.listdir(work / "checkpoints" / "6" / "state")
+    for path in broken:  # only host 1's shard of the newest step is torn
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    before = sorted(os.listdir(work / "checkpoints"))
+    shutil.rmtree(work / "hf_export")
+    results = _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
+    assert "resumed from" in results[0].log and "at step 4" in results[0].log
+    assert "unreadable on process(es) [1]" in results[0].log
+    assert sorted(os.listdir(work / "checkpoints")) == before  # nothing moved or deleted
+    _one_process(tiny, tmp_path / "one", overrides, tiny_config)
+    _same_run(work, tmp_path / "one")
+
+
+def test_a_changed_state_stops_every_process_naming_the_difference(tiny, tmp_path,
+                                                                   subprocess_env):
+    overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0,
+                 "checkpoint.export_hf": False}
+    work = tmp_path / "pod"
+    _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
+    listing = sorted(os.listdir(work / "checkpoints" / "2"))
+    results = _pod(tiny, work, {**overrides, "optim.mu_dtype": "bfloat16"}, n=2, d=4,
+                   env=subprocess_env).wait(POD_TIMEOUT, check=False)
+    assert [r.returncode for r in results] == [2, 2]
+    assert "does not match this run's train state" in results[0].log
+    assert "mu/embed: saved (96, 32) float32, run (96, 32) bfloat16" in results[0].log
+    assert sorted(os.listdir(work / "checkpoints" / "2")) == listing
+    assert sorted(os.listdir(work / "checkpoints")) == ["2"]
+
+
+@pytest.mark.parametrize("command", ["mio_jax.evaluate", "mio_jax.pairs"])
+def test_one_process_commands_refuse_a_pod(command, subprocess_env):
+    env = dict(subprocess_env, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
+               JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
+    args = (["--model=smollm2", "--task=chain_sum"] if command.endswith("evaluate")
+            else ["--config=nothing.py"])
+    out = subprocess.run([sys.executable, "-m", command, *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "runs on one process" in out.stderr, out.stderr[-2000:]
+
+
+def test_local_pod_kills_every_process_and_shows_the_logs_when_one_fails(tmp_path):
+    code = ("import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
+            "print('process', i, os.environ['JAX_NUM_PROCESSES'], os.environ['XLA_FLAGS']); "
+            "sys.stdout.flush(); sys.exit(3) if i == 1 else time.sleep(600)")
+    pod = local_pod.LocalPod([sys.executable, "-c", code], num_processes=3,
+                             devices_per_process=2, log_dir=str(tmp_path))
+    with pytest.raises(local_pod.PodFailed) as info:
+        pod.wait(120, grace=1.0)
+    text = str(info.value)
+    assert "{0: None, 1: 3, 2: None}" in text  # 0 and 2 were killed after 1 failed
+    assert "process 1 3 --xla_force_host_platform_device_count=2" in text
+    assert all(p.poll() is not None for p in pod.procs)
+
+
+@pytest.mark.parametrize("script", ["slurm_gpu.sh", "tpu_pod.sh"])
+def test_launchers_rehearse_a_pod_on_this_machine(script, tiny, tmp_path, tiny_config,
+                                                  subprocess_env):
+    """MIO_LOCAL_PROCESSES runs the launcher's own contract with N local processes (SLURM's
+    variables simulated for slurm_gpu.sh); the run equals one process."""
+    env = dict(subprocess_env, MIO_LOCAL_PROCESSES="2", MIO_LOCAL_DEVICES="4")
+    flags = _command(tiny, tmp_path / "pod", {})[3:]  # what follows "python -m mio_jax.main"
+    out = subprocess.run(["bash", os.path.join("launch", script), *flags], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=POD_TIMEOUT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    _one_process(tiny, tmp_path / "one", {}, tiny_config)
+    _same_run(tmp_path / "pod", tmp_path / "one")
