@@ -19,13 +19,18 @@ The frozen reference keeps a second copy of the weights in the bfloat16 compute 
 (``mio_jax.reference.frozen_params``, sharded like the params); the precomputed reference
 keeps none.
 
-Caveat: this is XLA:CPU's buffer assignment for the SPMD-partitioned program. GPU and
-TPU compilers fuse and schedule differently, so treat the figures as estimates (they
-are usually pessimistic for TPU, whose compiler rematerialises under pressure).
+``--platform=cpu`` (the default) is XLA:CPU's buffer assignment for the SPMD-partitioned
+program, a stand-in: GPU and TPU compilers fuse and schedule differently.
+``--platform=tpu`` compiles for the hardware's REAL topology with libtpu's TPU compiler on
+this machine (``mio_jax.aot``: v5p-64 = ``v5p:4x4x2``, v4-64 = ``v4:4x4x2`` megacore,
+v6e-32 = ``v6e:4x8``; launch/setup.sh installs libtpu into .venv/libtpu), so its figures
+are the chips' own memory analysis.
 
   D=docs/benchmarks/$(date +%F)   # current results live in dated folders (docs/benchmarks/README.md)
   python benchmarks/aot_memory.py --runs=h100x8@8,v5p-64@64,v5p-64@256,v4-64@32 \\
       --out=$D/aot_memory.md --json=$D/aot_memory.json
+  python benchmarks/aot_memory.py --platform=tpu --runs=v5p-64,v4-64,v6e-32 \
+      --out=$D/aot_memory_tpu.md --json=$D/aot_memory_tpu.json
   # smoke test: one model, one reference, one mesh (seconds)
   python benchmarks/aot_memory.py --runs=h100x8@8 --models=llama3_8b --references=precomputed
 """
@@ -38,6 +43,8 @@ import os
 import subprocess
 import sys
 import time
+
+from mio_jax import aot
 
 if __package__:  # python -m benchmarks.aot_memory
     from . import _common
@@ -73,11 +80,10 @@ HF_CONFIGS = {
         "bos_token_id": 151643, "eos_token_id": 151645},
 }
 LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0, "TPU v4 32GB": 32.0}
-
-
 def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
-                 seq_len: int | None) -> dict:
-    """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware`` on N devices."""
+                 seq_len: int | None, platform: str = "cpu") -> dict:
+    """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware`` on N devices
+    (``platform="tpu"``: the hardware's real TPU topology and compiler)."""
     import dataclasses
 
     import jax
@@ -97,7 +103,10 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     cfg = models.ModelConfig.from_hf(HF_CONFIGS[model], dtype=c.model.dtype,
                                      param_dtype=c.model.param_dtype, remat_policy=remat,
                                      scan_layers=c.model.scan_layers)
-    mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes)
+    devices = aot.topology_devices(hardware) if platform == "tpu" else None
+    if devices is not None:
+        n = len(devices)
+    mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes, devices=devices)
     rules = sharding_lib.DEFAULT_RULES
     abstract_model = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
     graphdef, p_state, o_state = nnx.split(abstract_model, nnx.Param, ...)
@@ -142,6 +151,7 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
                             ("argument", "output", "temp", "alias"))
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     return dict(model=model, hardware=hardware, devices=n, reference=reference, remat=remat,
+                platform=platform, device_kind=mesh.devices.flat[0].device_kind,
                 seq_len=L, pairs_per_device_micro=micro_pairs,
                 grad_accum=c.train.grad_accum_steps, params_b=n_params / 1e9,
                 argument_gb=arg / 1e9, output_gb=out / 1e9, temp_gb=tmp / 1e9,
@@ -154,7 +164,7 @@ def _worker(a) -> None:
         for reference in a.references.split(","):
             try:
                 row = _compile_one(model, a.hardware, a.n, reference, a.remat or None,
-                                   a.seq_len or None)
+                                   a.seq_len or None, a.platform)
             except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
                 row = dict(model=model, hardware=a.hardware, devices=a.n, reference=reference,
                            error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -162,19 +172,22 @@ def _worker(a) -> None:
 
 
 def _table(rows) -> str:
-    cols = ["model", "devices", "config", "reference", "pairs/dev/micro", "args GB", "temp GB",
-            "peak GB/device", "fits H100 80GB", "fits v5p 95GB", "fits v4 32GB", "compile s"]
+    cols = ["model", "devices", "config", "compiled for", "reference", "pairs/dev/micro",
+            "args GB", "temp GB", "peak GB/device", "fits H100 80GB", "fits v5p 95GB",
+            "fits v4/v6e 32GB", "compile s"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {r['reference']} | "
-                       f"error: {r['error']} |")
+            out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | "
+                       f"{r.get('platform', 'cpu')} | {r['reference']} | error: {r['error']} |")
             continue
         fits = ["yes" if r["peak_gb"] <= lim else "NO" for lim in LIMITS_GB.values()]
-        out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {r['reference']} | "
-                   f"{r['pairs_per_device_micro']} | {r['argument_gb']:.1f} | {r['temp_gb']:.1f} | "
-                   f"{r['peak_gb']:.1f} | {fits[0]} | {fits[1]} | {fits[2]} | "
-                   f"{r['compile_s']:.0f} |")
+        target = (r.get("device_kind", "") if r.get("platform") == "tpu"
+                  else "XLA:CPU stand-in")
+        out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {target} | "
+                   f"{r['reference']} | {r['pairs_per_device_micro']} | "
+                   f"{r['argument_gb']:.1f} | {r['temp_gb']:.1f} | {r['peak_gb']:.1f} | "
+                   f"{fits[0]} | {fits[1]} | {fits[2]} | {r['compile_s']:.0f} |")
     return "\n".join(out)
 
 
@@ -191,6 +204,10 @@ def main(argv=None):
                    "docs/benchmarks/YYYY-MM-DD/aot_memory.md)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
     p.add_argument("--timeout", type=int, default=3000, help="seconds per mesh size")
+    p.add_argument("--platform", default="cpu", choices=("cpu", "tpu"),
+                   help="cpu: N simulated CPU devices stand in for the chips; tpu: the "
+                        f"hardware's real topology ({', '.join(aot.TPU_TOPOLOGIES)}) compiled by "
+                        "libtpu's TPU compiler on this machine (N is then the chip count)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hardware", default="", help=argparse.SUPPRESS)
@@ -199,11 +216,16 @@ def main(argv=None):
         return _worker(a)
     rows = []
     for run in a.runs.split(","):
-        hardware, n = run.split("@")
-        n = int(n)
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        hardware, _, n = run.partition("@")
+        if a.platform == "tpu":
+            n = 0  # the worker counts the topology's chips
+            env = aot.tpu_env()
+        else:
+            n = int(n)
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--n={n}",
+               f"--platform={a.platform}",
                f"--hardware={hardware}", f"--models={a.models}",
                f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}"]
         t0 = time.perf_counter()
@@ -215,10 +237,10 @@ def main(argv=None):
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             lines = out.splitlines()
-            print(f"mesh of {n} devices: timed out after {a.timeout} s", file=sys.stderr)
+            print(f"{run}: timed out after {a.timeout} s", file=sys.stderr)
         got = [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
         rows += got
-        print(f"mesh of {n} devices: {len(got)} rows in {time.perf_counter() - t0:.0f} s",
+        print(f"{run} ({a.platform}): {len(got)} rows in {time.perf_counter() - t0:.0f} s",
               flush=True)
         print(_table(got), flush=True)
     table = _table(rows)
@@ -226,7 +248,7 @@ def main(argv=None):
     if a.out:
         flags = [f"--{k}={v}" for k, v in (("runs", a.runs), ("models", a.models),
                                             ("references", a.references), ("remat", a.remat),
-                                            ("seq_len", a.seq_len))
+                                            ("seq_len", a.seq_len), ("platform", a.platform))
                  if v and v != p.get_default(k)]
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as f:

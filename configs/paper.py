@@ -42,6 +42,8 @@ HARDWARE = {
                    remat="dots_with_no_batch_dims_saveable", attention="xla"),
     "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full",
                   attention="xla"),
+    "v6e-32": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full",
+                   attention="xla"),  # 32 GB per chip, like v4
     "h100x8": dict(mesh=(1, 8, 1), batch_size=128, grad_accum_steps=16,
                    remat="dots_with_no_batch_dims_saveable", attention="cudnn"),
 }
