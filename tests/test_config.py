@@ -227,7 +227,8 @@ def _shipped():
     """(file, arg, num_devices, backend) for every training config in configs/."""
     from configs import paper, reproduce_small
 
-    devices = {"v5p-64": (32, "tpu"), "v4-64": (32, "tpu"), "h100x8": (8, "gpu")}
+    devices = {"v5p-64": (32, "tpu"), "v4-64": (32, "tpu"), "v6e-32": (32, "tpu"),
+               "h100x8": (8, "gpu")}
     out = [("tiny_test.py", None, 8, None), ("tiny_test.py", "dpo", 8, None)]
     # The CPU defaults train 2 pairs per step: one device (8 would not divide the batch).
     out += [("default.py", a, 1, None) for a in (None, "runlocal")]
