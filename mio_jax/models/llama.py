@@ -161,8 +161,18 @@ def _attention_scores_bwd(res, g_bkgts):
 attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
 
 
-def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
-    """Grouped-query attention written out: float32 scores, masked softmax."""
+def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
+    """Grouped-query attention written out (``model.attention="xla"``): float32 scores,
+    masked softmax.
+
+    Args:
+      q_bthk: queries ``[B, T, H, hd]``; k_bskh, v_bskh: keys and values ``[B, S, KV, hd]``
+        (H a multiple of KV).
+      mask_bts: bool ``[B, T, S]``, True where query t may attend key s.
+
+    Returns:
+      ``[B, T, H, hd]`` in the queries' dtype.
+    """
     B, T, H, hd = q_bthk.shape
     KV = k_bskh.shape[2]
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
@@ -173,8 +183,9 @@ def _xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(B, T, H, hd)
 
 
-def _cudnn_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
-    """cuDNN's fused (flash) attention: the scores are never stored for the backward.
+def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
+    """cuDNN's fused (flash) attention (``model.attention="cudnn"``): the scores are never
+    stored for the backward. Arguments and result as ``xla_attention``.
 
     `mask_bts` always lies inside the causal triangle (`build_mask` starts from it), so
     `is_causal` lets cuDNN skip the blocks above the diagonal; the mask itself carries
@@ -213,9 +224,9 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     k = constrain(k, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
     v = constrain(v, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
     if cfg.attention == "cudnn" and kv is None:
-        attn = _cudnn_attention(q, k, v, mask_bts)
+        attn = fused_attention(q, k, v, mask_bts)
     else:
-        attn = _xla_attention(q, k, v, mask_bts)
+        attn = xla_attention(q, k, v, mask_bts)
     out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
     if cfg.o_bias:
         out = out + w["o_bias"]

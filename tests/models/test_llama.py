@@ -205,7 +205,7 @@ def test_fused_attention_call_equals_written_out_attention(dtype, tol):
     """The arguments given to jax.nn.dot_product_attention for attention='cudnn' (mask,
     is_causal, scale, GQA layout) produce the written-out attention. Run here through
     XLA; benchmarks/attention_check.py compares the cuDNN kernel itself on a GPU."""
-    from mio_jax.models.llama import _cudnn_attention, _xla_attention
+    from mio_jax.models.llama import fused_attention, xla_attention
 
     B, T, H, KV, hd = 2, 16, 4, 2, 8
     ks = jax.random.split(jax.random.key(0), 3)
@@ -214,8 +214,8 @@ def test_fused_attention_call_equals_written_out_attention(dtype, tol):
     v = jax.random.normal(ks[2], (B, T, KV, hd), dtype)
     for name, mask in _masks(B, T).items():
         rows = mask.any(-1)  # queries with at least one visible key
-        want = _xla_attention(q, k, v, mask).astype(jnp.float32)
-        got = _cudnn_attention(q, k, v, mask, implementation="xla").astype(jnp.float32)
+        want = xla_attention(q, k, v, mask).astype(jnp.float32)
+        got = fused_attention(q, k, v, mask, implementation="xla").astype(jnp.float32)
         np.testing.assert_allclose(np.asarray(got)[np.asarray(rows)],
                                    np.asarray(want)[np.asarray(rows)], atol=tol, rtol=tol,
                                    err_msg=name)
