@@ -64,7 +64,7 @@ class MetricsWindow:
         Args:
           step: the step the metrics belong to (after the update).
           metrics: the step's device metrics (not yet fetched).
-          info: the global batch's ``data.pipeline.BatchInfo`` (token counts).
+          info: the global batch's ``data.plan.BatchInfo`` (token counts).
           example_id: this process's example ids of the batch (named on NaN).
         """
         self.flush()
