@@ -220,7 +220,7 @@ def _digests_of(batch) -> np.ndarray:
 
 def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
                   ref_fn: Callable[[Any], np.ndarray], weights_fp: str,
-                  settings: dict) -> tuple[ReferenceTable, str, bool]:
+                  settings: dict, name: str = "") -> tuple[ReferenceTable, str, bool]:
     """Returns the reference log-probs of every group, computing them on a cache miss.
 
     Args:
@@ -231,6 +231,8 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
       ref_fn: host batch -> ``[B, K]`` reference log-prob sums (numpy).
       weights_fp: ``weights_fingerprint`` of the reference params.
       settings: other values the log-probs depend on (JSON-able).
+      name: the split's name, part of the file name, so that only a cache of the same
+        split can be called stale.
 
     Returns:
       ``(table, path, hit)``.
@@ -247,8 +249,7 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
     key = cache_key(np.unique(digs), weights_fp, settings)
     # Each process caches the groups it reads (its data shard) in its own file.
     suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
-    # Named by split too, so that only a cache of the same split can be called stale.
-    prefix = f"reference_logps_{settings['split']}_" if "split" in settings else "reference_logps_"
+    prefix = f"reference_logps_{name}_" if name else "reference_logps_"
     path = os.path.join(cache_dir, f"{prefix}{key}{suffix}.npz")
     cache, hit = None, False
     if os.path.exists(path):

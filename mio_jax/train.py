@@ -260,7 +260,8 @@ def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepCon
     table, path, hit = reference_lib.build_or_load(
         cache_dir=config.reference.cache_dir or os.path.join(workdir, "reference_cache"),
         batches=batches, ref_fn=logps_of,
-        weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings)
+        weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings,
+        name=name)
     logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
     return _all_processes(table, len(split.groups)) if jax.process_count() > 1 else table
 

@@ -120,8 +120,9 @@ def projection_fits(cfg: StepConfig, mask_shape, row_counts) -> bool:
     return int(counts.max()) <= block
 
 
-def _sequence_logps(graphdef, params, other, batch: layouts.Batch,
-                    cfg: StepConfig) -> layouts.SequenceLogps:
+def policy_logps(graphdef, params, other, batch: layouts.Batch,
+                 cfg: StepConfig) -> layouts.SequenceLogps:
+    """Per-sequence log-probs, lengths and (WPO) weights of one batch under ``params``."""
     model = nnx.merge(graphdef, params, other)
     return layouts.sequence_logps(model, batch, chunk_size=cfg.chunk_size,
                                   completion_fraction=cfg.max_tokens_fraction,
@@ -131,15 +132,9 @@ def _sequence_logps(graphdef, params, other, batch: layouts.Batch,
 def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
                     cfg: StepConfig) -> jax.Array:
     """Reference per-sequence log-prob sums ``[B, K]`` (no gradient)."""
-    seq = _sequence_logps(graphdef, ref_params, other, batch,
-                          dataclasses.replace(cfg, use_weighting=False)).logps
+    seq = policy_logps(graphdef, ref_params, other, batch,
+                       dataclasses.replace(cfg, use_weighting=False)).logps
     return jax.lax.stop_gradient(seq)
-
-
-def policy_logps(graphdef, params, other, batch: layouts.Batch,
-                 cfg: StepConfig) -> layouts.SequenceLogps:
-    """Policy per-sequence log-probs, lengths and (WPO) weights of one batch."""
-    return _sequence_logps(graphdef, params, other, batch, cfg)
 
 
 def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,

@@ -153,42 +153,31 @@ class Assembler:
                       for i in ids if i >= 0)
         return shared_prompt.row_length(longest, self.shared_multiple)
 
-    def info(self, ids: np.ndarray, local_mask_shape: tuple) -> BatchInfo:
-        """The global batch's ``BatchInfo`` (same on every process)."""
-        real = [self.groups[i] for i in ids if i >= 0]
-        completions = np.array([sum(len(c) for c in self.groups[i].completion_ids) if i >= 0
-                                else 0 for i in ids], np.int64)
-        return BatchInfo(
-            tokens=int(sum(sum(g.seq_lengths) for g in real)),
-            seq_len=self.max_length if self.packing else self.length(ids),
-            completion_tokens=completions,
-            mask_shape=(local_mask_shape[0] * self.process_count, *local_mask_shape[1:]))
-
     def __call__(self, step: int):
-        """``(batch, info)``: this process's share of global batch ``step``, and its facts."""
-        ids, _, _ = self.local_share(int(step))
-        batch = self.build(int(step))
-        return batch, self.info(ids, np.shape(batch.loss_mask))
-
-    def build(self, step: int):
-        """This process's share of global batch ``step`` in its layout."""
+        """``(batch, info)``: this process's share of global batch ``step`` in its layout,
+        and the global batch's ``BatchInfo`` (the same on every process)."""
         ids, local, offset = self.local_share(int(step))
         groups = [self.groups[i] if i >= 0 else None for i in local]
         if self.packing:
-            return batching.pack(
-                groups,
-                local,
-                K=self.K,
-                R=self.pack_rows_local,
-                L=self.max_length,
-                group_offset=offset,
-                pad_id=self.pad_id,
-            )
-        batch = batching.collate(groups, local, K=self.K, L=self.length(ids), pad_id=self.pad_id)
-        if self.shared_prompt:
-            return shared_prompt.to_shared_prompt(batch, length=self.shared_length(ids),
-                                                  pad_id=self.pad_id)
-        return batch
+            L = self.max_length
+            batch = batching.pack(groups, local, K=self.K, R=self.pack_rows_local, L=L,
+                                  group_offset=offset, pad_id=self.pad_id)
+        else:
+            L = self.length(ids)
+            batch = batching.collate(groups, local, K=self.K, L=L, pad_id=self.pad_id)
+            if self.shared_prompt:
+                batch = shared_prompt.to_shared_prompt(batch, length=self.shared_length(ids),
+                                                       pad_id=self.pad_id)
+        real = [self.groups[i] for i in ids if i >= 0]
+        mask_shape = np.shape(batch.loss_mask)
+        info = BatchInfo(
+            tokens=int(sum(sum(g.seq_lengths) for g in real)),
+            seq_len=L,
+            completion_tokens=np.array(
+                [sum(len(c) for c in self.groups[i].completion_ids) if i >= 0 else 0
+                 for i in ids], np.int64),
+            mask_shape=(mask_shape[0] * self.process_count, *mask_shape[1:]))
+        return batch, info
 
 
 def auto_pack_rows(assembler: Assembler, steps: int, margin: float = 0.0) -> int:
