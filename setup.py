@@ -22,10 +22,16 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.20",
     "matplotlib>=3.9",
     "tqdm>=4.66",
+    "etils[epath]>=1.7",
 ]
 
+GCS = ["gcsfs>=2024.2", "fsspec>=2024.2"]  # gs:// paths (etils.epath's fsspec backend)
+WANDB = ["wandb>=0.31"]
 EXTRAS = {
-    "test": ["pytest>=8.0"],
+    "gcs": GCS,
+    "wandb": WANDB,
+    # The tests run gs:// paths against a local GCS emulator and log to wandb offline.
+    "test": ["pytest>=8.0", "gcp-storage-emulator>=2024.8", *GCS, *WANDB],
     # Procedural reasoning problems with verifiers, used to build the
     # committed preference set and for reasoning evaluation.
     "reasoning": ["reasoning-gym>=0.1.25"],

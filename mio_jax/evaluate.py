@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from mio_jax import distributed, verifiers
+from mio_jax import distributed, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.errors import ConfigError
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     distributed.refuse_multi_process("mio_jax.evaluate")
     ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
-    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
+    ap.add_argument("--model", required=True, help="HF folder or .gguf file (local or gs://...)")
     ap.add_argument("--task", action="append", default=[], help="reasoning-gym task (repeatable)")
     ap.add_argument("--jsonl", help="JSONL with question/answer rows instead of (or besides) tasks")
     ap.add_argument("--verifier", default=None,
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none)")
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--out", required=True, help="output JSON file")
+    ap.add_argument("--out", required=True, help="output JSON file (a local path or gs://...)")
     args = ap.parse_args(argv)
     if not args.task and not args.jsonl:
         ap.error("give --task and/or --jsonl")
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                           system=args.system)
         report["results"][name] = result
         print(format_table(result, args.pass_k))
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    paths.write_json(args.out, report, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import os
 import runpy
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from mio_jax import distributed, evaluate, verifiers
+from mio_jax import distributed, evaluate, paths, verifiers
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -184,12 +183,10 @@ def load_examples(cfg: ml_collections.ConfigDict) -> list[tuple[list[dict[str, A
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Writes JSON Lines (gzip when `path` ends with .gz)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Writes JSON Lines (gzip when `path` ends with .gz), atomically, to a local path or a
+    URL such as `gs://bucket/pairs.jsonl.gz`."""
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    paths.write_bytes(path, gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
 
 
 def run(cfg: ml_collections.ConfigDict, sampler: evaluate.Sampler | None = None,
@@ -218,8 +215,7 @@ def run(cfg: ml_collections.ConfigDict, sampler: evaluate.Sampler | None = None,
         total = {k: total[k] + stats[k] for k in total}
     write_rows(rows, cfg.out)
     report = {"config": cfg.to_dict(), "stats": total}
-    with open(cfg.out + ".stats.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    paths.write_json(cfg.out + ".stats.json", report, indent=1)
     return report
 
 

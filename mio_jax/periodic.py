@@ -87,6 +87,11 @@ class MetricsWindow:
                 self._window.clear()
         self._pending.clear()
 
+    def sync(self) -> None:
+        """Flushes, then makes every row written so far durable (remote writers upload)."""
+        self.flush()
+        self.writer.sync(force=True)
+
 
 class Checkpoints:
     """Saves the train state, the data position and the config every N steps.
@@ -96,7 +101,9 @@ class Checkpoints:
       every: save every ``every`` steps.
       data_iterator: the train pipeline (its ``get_state()`` goes with each save).
       config: the resolved config as a dict.
-      window: the ``MetricsWindow``, flushed first so a saved step was checked finite.
+      window: the ``MetricsWindow``, flushed and synced first: a saved step was checked
+        finite, and its metrics rows are durable (uploaded, for a remote workdir) before the
+        checkpoint can exist, so a resume from it finds every row up to its step.
     """
 
     def __init__(self, checkpointer: ckpt_lib.Checkpointer, *, every: int, data_iterator,
@@ -109,7 +116,7 @@ class Checkpoints:
             self.save(step, state)
 
     def save(self, step: int, state) -> None:
-        self.window.flush()
+        self.window.sync()
         self.checkpointer.save(step, state, data_state=self.data_iterator.get_state(),
                                config=self.config)
 
@@ -144,6 +151,7 @@ class Evals:
         out = self.evaluate(params, step)
         if out:
             self.writer.write(step, out, "eval")
+            self.writer.sync(force=True)  # an eval is rare and costly: keep its row at once
             logging.info("%s at step %d: %s", label, step, format_metrics(out))
         return out
 

@@ -7,15 +7,18 @@ rewards/margins, rewards/accuracies, logps/chosen, and the evaluation accuracy (
 holding "accuracy" other than rewards/accuracies, e.g. `eval/accuracy`). Train rows are solid
 lines; rows of another split (`"split": "eval"` as `mio_jax.metrics.JsonlWriter` writes them, or
 keys already prefixed "eval/") are dashed. The legend names each run by its workdir and, when
-`WORKDIR/config.json` exists, its `loss.name`.
+`WORKDIR/config.json` exists, its `loss.name`. Workdirs and `--out` are local paths or URLs
+such as `gs://bucket/run` (`mio_jax.paths`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import tempfile
 from typing import Any, Sequence
+
+from mio_jax import paths
 
 PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
           "logps/chosen")
@@ -31,8 +34,8 @@ def read_metrics(workdir: str) -> Series:
       FileNotFoundError: no metrics.jsonl in `workdir`.
       ValueError: a line that is not a JSON object with an integer `step` (names file and line).
     """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl (is this a mio_jax training workdir?)")
     from mio_jax.data.sources import iter_jsonl
 
@@ -54,11 +57,10 @@ def read_metrics(workdir: str) -> Series:
 
 def run_label(workdir: str) -> str:
     """The legend name of a run: the workdir's name, plus its loss from config.json if present."""
-    name = os.path.basename(os.path.normpath(workdir))
-    cfg_path = os.path.join(workdir, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            loss = (json.load(f).get("loss") or {}).get("name")
+    name = paths.basename(workdir if paths.is_remote(workdir) else os.path.normpath(workdir))
+    cfg_path = paths.join(workdir, "config.json")
+    if paths.isfile(cfg_path):
+        loss = (paths.read_json(cfg_path).get("loss") or {}).get("name")
         if loss and loss not in name:
             name = f"{name} ({loss})"
     return name
@@ -121,10 +123,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("workdirs", nargs="+")
     ap.add_argument("--out", default="", help="PNG path (default: WORKDIR/curves.png of the first run)")
     args = ap.parse_args(argv)
-    out = args.out or os.path.join(args.workdirs[0], "curves.png")
+    out = args.out or paths.join(args.workdirs[0], "curves.png")
     fig = plot_runs(args.workdirs)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     print(f"wrote {out}")
+
+
+def save_figure(fig, out: str, dpi: int = 110) -> None:
+    """Saves ``fig`` as a PNG at ``out``: a local file, or a URL (written to a local
+    temporary file, then uploaded)."""
+    if not paths.is_remote(out):
+        fig.savefig(out, dpi=dpi)
+        return
+    fd, local = tempfile.mkstemp(prefix="mio_plot_", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(local, dpi=dpi)
+        paths.upload(local, out)
+    finally:
+        os.remove(local)
 
 
 if __name__ == "__main__":

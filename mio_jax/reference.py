@@ -24,8 +24,8 @@ in the compute dtype (``frozen_params``).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import zipfile
 from typing import Any, Callable, Iterable
 
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mio_jax import paths
 from mio_jax.errors import ConfigError
 
 DIGEST_BYTES = 16
@@ -162,18 +163,16 @@ class ReferenceCache:
         return self.logps_nk[self._index[digest]]
 
     def save(self, path: str, meta: dict) -> None:
-        """Writes ``path`` (.npz) and ``path + '.json'`` atomically."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, digests=self.digests.view(np.uint8).reshape(-1, DIGEST_BYTES),
+        """Writes ``path`` (.npz) and ``path + '.json'`` atomically (local or remote)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, digests=self.digests.view(np.uint8).reshape(-1, DIGEST_BYTES),
                  logps=self.logps_nk)
-        os.replace(tmp, path)
-        with open(path + ".json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+        paths.write_bytes(path, buffer.getvalue())
+        paths.write_json(path + ".json", meta, indent=1, sort_keys=True)
 
     @classmethod
     def load(cls, path: str) -> "ReferenceCache":
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
             digests = np.ascontiguousarray(z["digests"]).view(f"S{DIGEST_BYTES}").reshape(-1)
             return cls(digests, z["logps"])
 
@@ -224,7 +223,7 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
     """Returns the reference log-probs of every group, computing them on a cache miss.
 
     Args:
-      cache_dir: folder of cache files.
+      cache_dir: folder of cache files (a local path or a URL such as ``gs://...``).
       batches: callable returning one unshuffled, unpacked pass over every
         group (host ``PreferenceBatch``es of numpy ``[B, K, L]`` arrays); called at
         most twice (digests first, then the forward pass on a miss).
@@ -250,9 +249,9 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
     # Each process caches the groups it reads (its data shard) in its own file.
     suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
     prefix = f"reference_logps_{name}_" if name else "reference_logps_"
-    path = os.path.join(cache_dir, f"{prefix}{key}{suffix}.npz")
+    path = paths.join(cache_dir, f"{prefix}{key}{suffix}.npz")
     cache, hit = None, False
-    if os.path.exists(path):
+    if paths.exists(path):
         try:
             cache = ReferenceCache.load(path)
             missing = sum(d not in cache for d in digs.tolist())
@@ -266,8 +265,8 @@ def build_or_load(*, cache_dir: str, batches: Callable[[], Iterable[Any]],
             logging.warning("reference cache %s is unreadable (%s); recomputing", path, e)
             cache = None
     if cache is None:
-        if os.path.isdir(cache_dir) and any(f.startswith(prefix) and f.endswith(".npz")
-                                            for f in os.listdir(cache_dir)):
+        if paths.isdir(cache_dir) and any(f.startswith(prefix) and f.endswith(".npz")
+                                          for f in paths.listdir(cache_dir)):
             logging.warning("reference cache files in %s do not match the current data / "
                             "reference weights / settings (stale, not used); computing anew",
                             cache_dir)

@@ -73,3 +73,66 @@ def tiny_setup(tmp_path, n_train: int = 64, n_eval: int = 16):
     train = write_tiny_data(os.path.join(tmp_path, "train.jsonl"), n_train, seed=1)
     ev = write_tiny_data(os.path.join(tmp_path, "eval.jsonl"), n_eval, seed=2)
     return model_dir, train, ev
+
+
+class GcsEmulator:
+    """A real local GCS server (``gcp-storage-emulator``, in-memory) for ``gs://`` tests.
+
+    Starts ``python -m mio_jax.gcs_emulator`` (the emulator with GCS's generation
+    preconditions, which tensorstore needs from the second checkpoint of a process on) on
+    127.0.0.1 and sets, in ``os.environ`` (and in ``env`` for child processes), the
+    variables the clients honour:
+    ``STORAGE_EMULATOR_HOST`` (gcsfs, google-cloud-storage) and ``TENSORSTORE_GCS_HTTP_URL``
+    (tensorstore, Orbax's array I/O). Use as a context manager; ``bucket`` exists at start.
+
+    Args:
+      bucket: the bucket created at start.
+      log_path: where the server's request log goes (default: discarded).
+    """
+
+    def __init__(self, bucket: str = "mio-test", log_path: str | None = None):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        from mio_jax.local_pod import free_port
+
+        self.bucket, self.port = bucket, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                    "GOOGLE_CLOUD_PROJECT": "mio-test"}
+        self._log = open(log_path or os.devnull, "wb")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mio_jax.gcs_emulator", "start", "--host=127.0.0.1",
+             f"--port={self.port}", "--in-memory", f"--default-bucket={bucket}"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                break
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("the GCS emulator did not start")
+                time.sleep(0.1)
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+        for k, v in getattr(self, "_saved", {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

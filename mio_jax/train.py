@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -39,6 +37,7 @@ from mio_jax import losses
 from mio_jax import metrics as metrics_lib
 from mio_jax import models
 from mio_jax import optim
+from mio_jax import paths
 from mio_jax import periodic
 from mio_jax import reference as reference_lib
 from mio_jax import sharding as sharding_lib
@@ -146,10 +145,10 @@ def build_mesh(config, workdir: str) -> jax.sharding.Mesh:
     (every key with its effective value)."""
     mio_config.validate(config, num_devices=jax.device_count())
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     if jax.process_index() == 0:  # the run's resolved config, for readers of the workdir
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(mio_config.as_dict(config), f, indent=1, sort_keys=True)
+        paths.write_json(paths.join(workdir, "config.json"), mio_config.as_dict(config),
+                         indent=1, sort_keys=True)
     return mesh
 
 
@@ -174,13 +173,22 @@ def build_model(config, mesh) -> Model:
                      params_state, sharding_lib.DEFAULT_RULES, mesh))
 
 
-def build_data(config, tokenizer, mesh) -> Data:
+def data_cache_dir(config, workdir: str) -> str | None:
+    """The tokenized cache's folder: ``data.cache_dir``, or ``<workdir>/data_cache``;
+    None when ``data.cache_dir`` is "none"."""
+    if config.data.cache_dir == "none":
+        return None
+    return config.data.cache_dir or paths.join(workdir, "data_cache")
+
+
+def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     """The train pipeline (this process's share of each global batch) and the eval split."""
-    train_split = data_lib.prepare(config.data, tokenizer, split="train")
+    cache_dir = data_cache_dir(config, workdir)
+    train_split = data_lib.prepare(config.data, tokenizer, split="train", cache_dir=cache_dir)
     logging.info("train data: %s", train_split.summary)
     eval_split = None
     if config.eval.max_batches >= 0 and config.data.eval_path:
-        eval_split = data_lib.prepare(config.data, tokenizer, split="eval")
+        eval_split = data_lib.prepare(config.data, tokenizer, split="eval", cache_dir=cache_dir)
         logging.info("eval data: %s", eval_split.summary)
     steps_per_epoch = len(train_split.groups) // config.train.batch_size
     total_steps = (math.ceil(config.train.epochs * steps_per_epoch) if config.train.epochs > 0
@@ -198,7 +206,7 @@ def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Tra
     tx, schedule = optim.from_config(config.optim, data.total_steps)
     shardings = sharding_lib.named(mesh, step_lib.state_specs(tx, model.params,
                                                               model.param_specs))
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), model.params)
@@ -258,7 +266,8 @@ def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepCon
     settings = {"dtype": config.model.dtype, "ld_alpha": config.loss.ld_alpha, "split": name,
                 "K": split.K}
     table, path, hit = reference_lib.build_or_load(
-        cache_dir=config.reference.cache_dir or os.path.join(workdir, "reference_cache"),
+        cache_dir=(paths.resolve(config.reference.cache_dir) if config.reference.cache_dir
+                   else paths.join(workdir, "reference_cache")),
         batches=batches, ref_fn=logps_of,
         weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings,
         name=name)
@@ -353,10 +362,8 @@ def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
 
     result = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
     if jax.process_index() == 0:
-        folder = os.path.join(run.workdir, "reasoning_eval")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"step_{step}.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        paths.write_json(paths.join(run.workdir, "reasoning_eval", f"step_{step}.json"),
+                         result, indent=1)
     out = {"reasoning/accuracy": result["overall"]["accuracy"],
            "reasoning/ci95_low": result["overall"]["ci95"][0],
            "reasoning/ci95_high": result["overall"]["ci95"][1]}
@@ -366,7 +373,7 @@ def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
 
 def export(run: Run, params) -> str:
     """Writes ``<workdir>/hf_export`` (every process takes part; process 0 writes)."""
-    path = os.path.join(run.workdir, "hf_export")
+    path = paths.join(run.workdir, "hf_export")
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     model = nnx.merge(run.model.graphdef, params, run.model.other)
@@ -415,8 +422,8 @@ def train_loop(run: Run, training: Training) -> dict[str, Any]:
     state = training.state
     step = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
-    writer = metrics_lib.make_writers(run.workdir, enabled=is_main,
-                                      resume_step=step if step > 0 else None)
+    writer = metrics_lib.make_writers(run.workdir, enabled=is_main, resume_step=step,
+                                      config=config)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                              config.log.peak_flops_per_device)
     throughput = metrics_lib.Throughput(metrics_lib.flop_model(run.model.config, state.params),
@@ -443,8 +450,8 @@ def train_loop(run: Run, training: Training) -> dict[str, Any]:
                                        info, step)
                 step += 1
                 window.add(step, metrics, info, host.example_id)
-                checkpoints(step, state)
-                evals(step, state.params)
+                evals(step, state.params)  # before the checkpoint: a resume from step s
+                checkpoints(step, state)   # finds the eval row of s written
             window.flush()
             checkpoints.finish(step, state)
         final_eval = evals.run(step, state.params, "final eval")
@@ -462,8 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Args:
       config: a resolved experiment config (``mio_jax.config.base_config()`` and overrides).
-      workdir: output folder: config.json, checkpoints/, metrics.jsonl, tb/, hf_export/
-        (and reasoning_eval/ when eval.reasoning_tasks is set).
+      workdir: output folder, a local path or a URL such as ``gs://bucket/run`` (every
+        file goes through ``mio_jax.paths``): config.json, checkpoints/, metrics.jsonl,
+        tb/, hf_export/ (and reasoning_eval/ when eval.reasoning_tasks is set).
 
     Returns:
       ``{"step": final step, "train": last logged train metrics, "eval": final eval
@@ -474,17 +482,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       FloatingPointError: NaN/Inf loss (step, batch example ids, metrics).
       Preempted: after SIGTERM, once its checkpoint is on disk.
     """
-    for name, path in (("--workdir", workdir), ("reference.cache_dir", config.reference.cache_dir)):
-        if "://" in str(path):  # abspath would turn it into a local folder on every host
-            raise mio_config.ConfigError(
-                f"{name}={path!r}: URL paths are not supported yet; use a folder every host "
-                "mounts (a shared filesystem or a mounted bucket)")
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)  # local: absolute; a URL (gs://...) stays a URL
     config = mio_config.resolve(config)
     mesh = build_mesh(config, workdir)
     model = build_model(config, mesh)
     with jax.set_mesh(mesh):
-        data = build_data(config, model.tokenizer, mesh)
+        data = build_data(config, model.tokenizer, mesh, workdir)
         training = init_or_restore(config, workdir, model, data, mesh)
         cfg = step_config(config)
         reference = build_reference(config, workdir, model, data, cfg, mesh)

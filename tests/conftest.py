@@ -82,3 +82,38 @@ def subprocess_env():
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=REPO)
     return env
+
+
+# ---- gs:// paths against a real local GCS server (tests/test_gcs.py) ----
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A started ``mio_jax.testing.GcsEmulator`` (bucket "mio-test", in memory) for the whole
+    session; ``os.environ`` points gcsfs and tensorstore at it, and remote inputs are staged
+    under a session folder (``MIO_JAX_STAGING``) rather than ``~/.cache``."""
+    import logging
+
+    from mio_jax import paths, testing
+
+    # No credentials against the emulator: gcsfs warns on every operation that it cannot
+    # tell the bucket type, then goes on as it should.
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    staging = str(tmp_path_factory.mktemp("gcs_staging"))
+    saved = os.environ.get(paths.STAGING_ENV)
+    os.environ[paths.STAGING_ENV] = staging
+    try:
+        with testing.GcsEmulator() as emulator:
+            emulator.env = {**emulator.env, paths.STAGING_ENV: staging}
+            yield emulator
+    finally:
+        if saved is None:
+            os.environ.pop(paths.STAGING_ENV, None)
+        else:
+            os.environ[paths.STAGING_ENV] = saved
+
+
+@pytest.fixture(scope="session")
+def gcs_env(gcs, subprocess_env):
+    """``subprocess_env`` plus the emulator's variables (and the staging folder), for
+    ``python -m mio_jax.*`` subprocesses and pods that read or write ``gs://``."""
+    return {**subprocess_env, **gcs.env}

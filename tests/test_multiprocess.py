@@ -86,6 +86,27 @@ def _same_run(pod_dir, ref_dir, *, rel=2e-5, abs_=2e-5, weights=True) -> dict:
     return out
 
 
+def _manifests(workdir) -> dict:
+    """split -> the manifest of the run's tokenized cache folder of that split."""
+    root = os.path.join(workdir, "data_cache")
+    return {name.split("-")[0]: json.load(open(os.path.join(root, name, "manifest.json")))
+            for name in sorted(os.listdir(root))}
+
+
+def _same_cache(pod_dir, ref_dir, n: int) -> None:
+    """The pod built its tokenized cache in n parts, each process tokenising 1/n of the
+    rows, and the combined summary equals the one process's single part."""
+    pod, one = _manifests(pod_dir), _manifests(ref_dir)
+    assert pod.keys() == one.keys() == {"train", "eval"}
+    for split in pod:
+        assert pod[split]["fingerprint"] == one[split]["fingerprint"]
+        assert pod[split]["summary"] == one[split]["summary"]
+        assert len(pod[split]["parts"]) == n and len(one[split]["parts"]) == 1
+        rows = [s["rows_read"] for s in pod[split]["stats"]]
+        total = one[split]["summary"]["rows_read"]
+        assert sum(rows) == total and max(rows) - min(rows) <= 1, rows
+
+
 @pytest.fixture(scope="module")
 def kway_files(tiny, tmp_path_factory):
     """The tiny model with K-way rows (a prompt, 3 scored completions) for K = 3 groups."""
@@ -123,6 +144,7 @@ def test_pod_equals_one_process(feature, tiny, tmp_path, tiny_config, subprocess
     _run_pod(tiny, tmp_path / "pod", overrides, n=n, d=d, env=subprocess_env)
     _one_process(tiny, tmp_path / "one", overrides, tiny_config)
     _same_run(tmp_path / "pod", tmp_path / "one")
+    _same_cache(tmp_path / "pod", tmp_path / "one", n)
     if "eval.reasoning_tasks" in overrides:  # the completions themselves agree
         a, b = (json.load(open(tmp_path / w / "reasoning_eval" / "step_6.json"))
                 for w in ("pod", "one"))

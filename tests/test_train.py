@@ -232,10 +232,3 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_p
     assert [c["completions"] for c in saved["completions"]] == \
         [c["completions"] for c in again["completions"]]
     assert again["overall"]["accuracy"] == saved["overall"]["accuracy"]
-
-
-def test_url_workdir_is_refused_not_made_a_local_folder(tiny, tmp_path, tiny_config, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(mio_config.ConfigError, match="--workdir='gs://bucket/run': URL paths"):
-        train.train_and_evaluate(tiny_config(*tiny), "gs://bucket/run")
-    assert not os.path.exists(tmp_path / "gs:")

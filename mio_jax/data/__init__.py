@@ -2,7 +2,10 @@
 
 Public API (see docs/architecture.md for the batch contract):
   default_data_config()            the `data` section of a training config
-  prepare(data_config, tokenizer, split=...) -> PreparedSplit (groups + DataSummary)
+  prepare(data_config, tokenizer, split=..., cache_dir=None) -> PreparedSplit
+                                   (groups + DataSummary; with cache_dir through the
+                                   tokenized cache, mio_jax.data.cache: built once, split
+                                   across the processes, read on demand)
   make_pipeline(data_config, tokenizer, split=..., batch_size=..., seed=...,
                 process_index=..., process_count=...) -> PreferenceIterator
                 (host-local batches; get_state()/set_state(); grain CheckpointSave works)

@@ -56,6 +56,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         system_prompt: system message prepended to conversational prompts that
           have none ("" = leave them as they are).
         max_rows: keep only the first max_rows rows of the source (0 = all).
+        cache_dir: folder of the tokenized cache (`mio_jax.data.cache`; local or a URL
+          such as gs://, e.g. a bucket shared by runs): each split is tokenised once,
+          split across the processes, and every process and restart then reads it
+          instead of tokenising. "" = `<workdir>/data_cache` for training runs (and no
+          cache for commands without a workdir); "none" = no cache (every process
+          tokenises the whole split in memory at every start).
     """
     c = ml_collections.ConfigDict()
     c.train_path = "embedded"
@@ -79,6 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.pad_id = 0
     c.system_prompt = ""
     c.max_rows = 0
+    c.cache_dir = ""
     c.lock()
     return c
 

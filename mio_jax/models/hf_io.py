@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mio_jax import paths
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.llama import Decoder
 from mio_jax.sharding import Rules, state_shardings
@@ -101,12 +103,17 @@ def _is_gguf(path: str) -> bool:
 
 
 def _local_path(path) -> str:
-    """`path` as a string, with "smollm2" standing for the embedded GGUF."""
+    """`path` as a local path string: "smollm2" stands for the embedded GGUF, and a URL
+    (`gs://...`) for its copy staged on local disk (`mio_jax.paths.local_copy`)."""
     path = os.fspath(path)
     if path == "smollm2":
         from mio_jax.models.embedded import smollm2_gguf_path
 
         return smollm2_gguf_path()
+    if paths.is_remote(path):
+        if not paths.exists(path):
+            raise FileNotFoundError(f"{path}: not found")
+        return paths.local_copy(path)
     return path
 
 
@@ -328,7 +335,9 @@ def write_hf_folder(config: dict[str, Any], tensors: Iterable[tuple[str, np.ndar
       config: HF `config.json` dict (`ModelConfig.to_hf()`, or `read_gguf`'s).
       tensors: iterable of `(hf_name, array)`, e.g. `hf_state_dict(model)`.
       tokenizer: a transformers tokenizer (its `save_pretrained` is called), or None.
-      dst: output folder (created).
+      dst: output folder (created), local or a URL such as `gs://bucket/model`: then the
+        folder is written on local disk first and each file uploaded (the weights first,
+        `config.json` last).
       dtype: "float32" | "bfloat16" | "float16" to store every tensor in (and record as
         `torch_dtype`); None keeps each array's dtype and the config's `torch_dtype`.
       max_shard_size: largest shard, int bytes or a string such as "2GB" / "500MiB".
@@ -339,6 +348,9 @@ def write_hf_folder(config: dict[str, Any], tensors: Iterable[tuple[str, np.ndar
     if dtype is not None and dtype not in _STORE_DTYPES:
         raise ValueError(f"dtype {dtype!r} not in {sorted(_STORE_DTYPES)}")
     limit = parse_size(max_shard_size)
+    if paths.is_remote(dst):
+        return _write_remote_hf_folder(config, tensors, tokenizer, paths.resolve(dst),
+                                       dtype=dtype, max_shard_size=limit)
     os.makedirs(dst, exist_ok=True)
     temp: list[str] = []  # shards under temporary names until all are written
     shard: list[tuple[str, np.ndarray]] = []
@@ -392,6 +404,33 @@ def write_hf_folder(config: dict[str, Any], tensors: Iterable[tuple[str, np.ndar
     return final
 
 
+def _write_remote_hf_folder(config, tensors, tokenizer, dst: str, *, dtype, max_shard_size
+                            ) -> list[str]:
+    """`write_hf_folder` to a URL: the folder is written in a local temporary folder, then
+    each file is uploaded (the config last, so a reader that finds it finds the weights);
+    model files of an earlier export that this one does not write are deleted."""
+    with tempfile.TemporaryDirectory(prefix="mio_hf_export_") as local:
+        final = write_hf_folder(config, tensors, tokenizer, local, dtype=dtype,
+                                max_shard_size=max_shard_size)
+        names = sorted(os.listdir(local))
+        if paths.isdir(dst):
+            for old in paths.listdir(dst):
+                stale = old.startswith("model") and old.endswith(".safetensors")
+                if (stale or old == "model.safetensors.index.json") and old not in names:
+                    paths.as_path(paths.join(dst, old)).unlink()
+        last = ("config.json",)
+        for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+            source = os.path.join(local, name)
+            if os.path.isdir(source):  # a tokenizer's sub-folder, if any
+                for root, _, files in os.walk(source):
+                    for f in files:
+                        rel = os.path.relpath(os.path.join(root, f), local)
+                        paths.upload(os.path.join(root, f), paths.join(dst, *rel.split(os.sep)))
+            else:
+                paths.upload(source, paths.join(dst, name))
+    return final
+
+
 def save_pretrained(model: Decoder, tokenizer, path: str, *, max_shard_size: str | int = "2GB",
                     dtype: str | None = None) -> list[str]:
     """Writes a model as an HF folder that transformers and `load_pretrained` read back.
@@ -399,7 +438,7 @@ def save_pretrained(model: Decoder, tokenizer, path: str, *, max_shard_size: str
     Args:
       model: Decoder.
       tokenizer: transformers tokenizer or None.
-      path: output folder (created).
+      path: output folder (created), local or a URL such as `gs://bucket/model`.
       max_shard_size: int bytes or a string such as "2GB" / "500MiB" (see `parse_size`).
       dtype: stored dtype ("float32" | "bfloat16" | "float16"); None = the params' dtype.
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from mio_jax import paths
+
 # llama.cpp token types (llama_token_type): 3 CONTROL, 4 USER_DEFINED.
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -163,7 +165,8 @@ def load_tokenizer(path: str | os.PathLike):
     Args:
       path: an HF model folder with tokenizer files (read with
         `AutoTokenizer.from_pretrained`, local files only, no remote code), or a
-        `.gguf` file.
+        `.gguf` file; local or a URL such as `gs://bucket/model` (staged on local disk by
+        `mio_jax.paths.local_copy`).
 
     Returns:
       A `transformers.PreTrainedTokenizerFast` (chat template, bos/eos/pad set).
@@ -173,6 +176,10 @@ def load_tokenizer(path: str | os.PathLike):
       ValueError: a GGUF file whose tokenizer cannot be rebuilt (names file and key).
     """
     path = os.fspath(path)
+    if paths.is_remote(path):
+        if not paths.exists(path):
+            raise FileNotFoundError(f"tokenizer path not found: {path}")
+        path = paths.local_copy(path)
     if os.path.isdir(path):
         if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
             raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {path}")
