@@ -147,6 +147,7 @@ def test_a_run_all_in_gcs_killed_then_resumed_equals_a_local_run(
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"resumed from {work}/checkpoints at step {first[-1]}" in second.stderr
     assert "reference log-probs (train): cache hit " + work in second.stderr
+    assert f"data cache: hit {work}/data_cache/train-" in second.stderr  # no re-tokenising
     _fresh()
     assert paths.read_json(paths.join(work, "config.json"))["model"]["path"] == remote_tiny[0]
     a, b = _rows(work), _rows(local_run)
@@ -181,6 +182,10 @@ def test_two_processes_sharing_a_gcs_workdir_equal_one_process(remote_tiny, loca
               if n.endswith(".npz")]
     assert sorted(n.rsplit("_", 1)[-1] for n in caches) == ["p0.npz", "p0.npz", "p1.npz",
                                                              "p1.npz"]  # train and eval
+    # the tokenized cache in the bucket, built in two parts (one per process)
+    for folder in paths.listdir(paths.join(work, "data_cache")):
+        assert paths.listdir(paths.join(work, "data_cache", folder)) == [
+            "manifest.json", "part-00000-of-00002.arrow", "part-00001-of-00002.arrow"]
     a, b = _rows(work), _rows(local_run)
     assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
@@ -410,3 +415,28 @@ def test_data_inspect_reads_a_gcs_model_and_data(remote_tiny, tiny_config):
     prepared = pipeline.prepare(cfg.data, tokenizer, split="train")
     text = inspect.report_text(prepared, tokenizer, cfg.data, examples=1)
     assert f"--- example 0 ({remote_tiny[1]}:1)" in text
+
+
+def test_local_runs_import_no_cloud_library(tmp_path):
+    """Local paths through every helper, the data cache and the trainer's modules load
+    neither fsspec nor gcsfs (nor any other storage client)."""
+    code = f"""
+import sys
+from mio_jax import paths, testing, train
+from mio_jax.data import config, preparation
+d = {str(tmp_path)!r}
+paths.write_json(paths.join(d, "a.json"), {{"a": 1}})
+assert paths.read_json(paths.join(d, "a.json")) == {{"a": 1}} and paths.local_copy(d) == d
+data = testing.write_tiny_data(paths.join(d, "t.jsonl"), 8)
+c = config.default_data_config()
+with c.unlocked():
+    c.train_path = data
+preparation.prepare(c, testing.tiny_tokenizer(), cache_dir=paths.join(d, "cache"))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("fsspec", "gcsfs", "s3fs", "adlfs")
+             or m.startswith(("google.cloud.storage", "google.auth"))))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST",)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
