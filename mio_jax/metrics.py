@@ -162,8 +162,8 @@ class JsonlWriter:
         elif resume_step is not None and paths.exists(path):
             initial = "".join(
                 line for line in paths.read_text(path).splitlines(keepends=True)
-                if line.endswith("\n") and _row_step(line) is not None
-                and _row_step(line) <= resume_step)
+                if line.endswith("\n") and (step := _row_step(line)) is not None
+                and step <= resume_step)
         self._f = paths.AppendFile(path, initial=initial, upload_every=upload_every)
 
     def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:

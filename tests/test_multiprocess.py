@@ -102,7 +102,7 @@ def _same_cache(pod_dir, ref_dir, n: int) -> None:
         assert pod[split]["fingerprint"] == one[split]["fingerprint"]
         assert pod[split]["summary"] == one[split]["summary"]
         assert len(pod[split]["parts"]) == n and len(one[split]["parts"]) == 1
-        rows = [s["rows_read"] for s in pod[split]["stats"]]
+        rows = [s["counts"]["rows_read"] for s in pod[split]["stats"]]
         total = one[split]["summary"]["rows_read"]
         assert sum(rows) == total and max(rows) - min(rows) <= 1, rows
 

@@ -43,7 +43,7 @@ from mio_jax.data import preparation as prep
 from mio_jax.data import report, sources
 from mio_jax.data.store import ArrowStore
 
-VERSION = 1
+VERSION = 2  # 2: PartStats hold their counts as a DataSummary
 BATCH = 8192  # groups per record batch
 MANIFEST = "manifest.json"
 # Data settings that change what preparation produces (the rest act on batches).
@@ -285,7 +285,7 @@ def build(data_config, tokenizer, *, split: str, source, folder: str, fp: str) -
     manifest = {
         "version": VERSION, "fingerprint": fp, "split": split, "format": summary.format,
         "K": prep.num_slots(data_config, summary.format),
-        "parts": [{"file": _part_name(q, P), "bytes": size, "groups": s.groups}
+        "parts": [{"file": _part_name(q, P), "bytes": size, "groups": s.counts.groups}
                   for q, ((_, size), s) in enumerate(zip(gathered, parts))],
         "stats": [s.to_dict() for s in parts],
         "summary": summary.to_dict(),
@@ -347,8 +347,7 @@ def load_or_build(data_config, tokenizer, *, split: str, source, cache_dir: str)
                              f"right after building {folder}")
     else:
         logging.info("data cache: hit %s", folder)
-    summary = report.DataSummary(**{k: v for k, v in manifest["summary"].items()
-                                    if k != "rows_dropped"})
+    summary = report.DataSummary.from_dict(manifest["summary"])
     prep.check_usable(summary, source)
     return prep.PreparedSplit(open_store(folder, manifest), int(manifest["K"]), summary,
                               cache_path=folder)

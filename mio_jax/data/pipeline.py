@@ -25,7 +25,6 @@ process layout yields exactly the batches an uninterrupted run would have seen.
 """
 
 import dataclasses
-import os
 
 import grain
 import jax
@@ -34,19 +33,9 @@ from absl import flags
 
 from mio_jax.data import report
 from mio_jax.data.plan import Assembler, BatchInfo, BatchPlan, auto_pack_rows  # noqa: F401
-from mio_jax.data.preparation import PreparedSplit, prepare  # noqa: F401
+from mio_jax.data.preparation import EMBEDDED, PreparedSplit, prepare, resolve_path  # noqa: F401
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-EMBEDDED = {
-    "train": os.path.join(ASSETS, "reasoning_prefs_train.jsonl.gz"),
-    "eval": os.path.join(ASSETS, "reasoning_prefs_eval.jsonl.gz"),
-}
 FOREVER = 2**40  # steps of an endless (num_epochs=0) pipeline
-
-
-def resolve_path(spec, split: str):
-    """Maps "embedded" to the committed data set's file for the split."""
-    return EMBEDDED[split] if spec == "embedded" else spec
 
 
 class PreferenceIterator(grain.DatasetIterator):

@@ -10,10 +10,17 @@ the tokenized cache (`mio_jax.data.cache`, each process tokenising 1/P of the ro
 
 import collections
 import dataclasses
+import os
 
 from mio_jax.data import formats, report, sources, tokenize
 from mio_jax.data.config import validate_data_config
 from mio_jax.data.store import ListStore
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+EMBEDDED = {
+    "train": os.path.join(ASSETS, "reasoning_prefs_train.jsonl.gz"),
+    "eval": os.path.join(ASSETS, "reasoning_prefs_eval.jsonl.gz"),
+}
 
 
 @dataclasses.dataclass
@@ -42,33 +49,29 @@ class PreparedSplit:
 
 @dataclasses.dataclass
 class PartStats:
-    """Counts of one part of a preparation (JSON-able, added up by `combine`).
+    """What preparing one part did (JSON-able; `combine` adds the parts up).
 
-    ``examples`` holds ``[row, where]`` per reason (the first few, by source row);
-    ``error`` is ``[row, message]`` of the bad row that stopped an ``on_bad_row="error"``
-    preparation, else None.
+    Attributes:
+      counts: the part's counts as a ``DataSummary`` (its ``dropped_examples`` unused).
+      examples: ``[row, where]`` per reason, the first few by source row.
+      error: ``[row, message]`` of the bad row that stopped an ``on_bad_row="error"``
+        preparation, else None.
     """
 
-    format: str = "auto"
-    rows_read: int = 0
-    rows_used: int = 0
-    groups: int = 0
-    dropped: dict = dataclasses.field(default_factory=dict)
+    counts: report.DataSummary
     examples: dict = dataclasses.field(default_factory=dict)
-    prompt_truncated: int = 0
-    completion_truncated: int = 0
-    warnings: dict = dataclasses.field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    sequence_tokens: int = 0
     error: list | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"counts": self.counts.to_dict(), "examples": self.examples, "error": self.error}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PartStats":
-        return cls(**d)
+        return cls(report.DataSummary.from_dict(d["counts"]), d["examples"], d["error"])
+
+
+# The DataSummary fields that are counts: a split's is the sum of its parts'.
+_SUMMED = tuple(f.name for f in dataclasses.fields(report.DataSummary) if f.default == 0)
 
 
 class _NumberedLog(report.BadRowLog):
@@ -122,12 +125,13 @@ def tokenize_part(data_config, tokenizer, source, *, fmt: str, first: int, selec
     auto = data_config.format == "auto"
     log = _NumberedLog(policy=data_config.on_bad_row)
     warnings = collections.Counter()
-    stats = PartStats(format=fmt)
+    stats = PartStats(report.DataSummary(split="", format=fmt))
+    c = stats.counts
     rows, groups = [], []
     for n, row_id, row in sources.numbered_rows(source, max_rows=data_config.max_rows,
                                                  select=select):
         log.row = n
-        stats.rows_read += 1
+        c.rows_read += 1
         try:
             if isinstance(row, sources.Malformed):
                 log.reject(row_id, report.MALFORMED_JSON, None, row.error)
@@ -156,20 +160,20 @@ def tokenize_part(data_config, tokenizer, source, *, fmt: str, first: int, selec
             stats.error = [n, str(e)]
             break
         if tokenized:
-            stats.rows_used += 1
-            stats.groups += len(tokenized)
+            c.rows_used += 1
+            c.groups += len(tokenized)
             if emit is None:
                 rows.extend([n] * len(tokenized))
                 groups.extend(tokenized)
             for t in tokenized:
                 if emit is not None:
                     emit(n, t)
-                stats.prompt_truncated += t.prompt_truncated
-                stats.completion_truncated += t.completion_truncated
-                stats.prompt_tokens += len(t.prompt_ids)
-                stats.completion_tokens += sum(len(c) for c in t.completion_ids)
-                stats.sequence_tokens += sum(t.seq_lengths)
-    stats.dropped, stats.examples, stats.warnings = dict(log.counts), log.numbered, dict(warnings)
+                c.prompt_truncated += t.prompt_truncated
+                c.completion_truncated += t.completion_truncated
+                c.prompt_tokens += len(t.prompt_ids)
+                c.completion_tokens += sum(len(x) for x in t.completion_ids)
+                c.sequence_tokens += sum(t.seq_lengths)
+    c.dropped, c.warnings, stats.examples = dict(log.counts), dict(warnings), log.numbered
     return rows, groups, stats
 
 
@@ -177,26 +181,18 @@ def combine(parts: list[PartStats], split: str, max_examples: int = 5) -> report
     """The summary of a whole split from the counts of its parts."""
     dropped, warnings, examples = collections.Counter(), collections.Counter(), {}
     for p in parts:
-        dropped.update(p.dropped)
-        warnings.update(p.warnings)
+        dropped.update(p.counts.dropped)
+        warnings.update(p.counts.warnings)
         for reason, ids in p.examples.items():
             examples.setdefault(reason, []).extend(ids)
     return report.DataSummary(
         split=split,
-        format=next((p.format for p in parts), "auto"),
-        rows_read=sum(p.rows_read for p in parts),
-        rows_used=sum(p.rows_used for p in parts),
-        groups=sum(p.groups for p in parts),
+        format=next((p.counts.format for p in parts), "auto"),
         dropped=dict(dropped),
         dropped_examples={r: [w for _, w in sorted(ids)[:max_examples]]
                           for r, ids in examples.items()},
-        prompt_truncated=sum(p.prompt_truncated for p in parts),
-        completion_truncated=sum(p.completion_truncated for p in parts),
         warnings=dict(warnings),
-        prompt_tokens=sum(p.prompt_tokens for p in parts),
-        completion_tokens=sum(p.completion_tokens for p in parts),
-        sequence_tokens=sum(p.sequence_tokens for p in parts),
-    )
+        **{name: sum(getattr(p.counts, name) for p in parts) for name in _SUMMED})
 
 
 def first_error(parts: list[PartStats]) -> str | None:
@@ -217,10 +213,13 @@ def num_slots(data_config, fmt: str) -> int:
             if fmt == "kway" and data_config.kway_mode == "group" else 2)
 
 
+def resolve_path(spec, split: str):
+    """Maps "embedded" to the committed data set's file for the split."""
+    return EMBEDDED[split] if spec == "embedded" else spec
+
+
 def resolve_source(data_config, split: str, source=None):
     """The configured source of a split (``"embedded"``: the committed data set)."""
-    from mio_jax.data.pipeline import resolve_path
-
     return resolve_path(data_config[f"{split}_path"], split) if source is None else source
 
 

@@ -145,6 +145,11 @@ class DataSummary:
         d["rows_dropped"] = self.rows_dropped
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataSummary":
+        """The inverse of ``to_dict`` (its derived ``rows_dropped`` is left out)."""
+        return cls(**{k: v for k, v in d.items() if k != "rows_dropped"})
+
     def format_text(self) -> str:
         """A few lines for the console and the run log."""
         lines = [
