@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9",
     "tqdm>=4.66",
     "etils[epath]>=1.7",
+    "qwix>=0.1.8",  # the quantization rules of the QLoRA base (int8, NF4)
 ]
 
 GCS = ["gcsfs>=2024.2", "fsspec>=2024.2"]  # gs:// paths (etils.epath's fsspec backend)

@@ -85,6 +85,31 @@ def base_config() -> ml_collections.ConfigDict:
     # slots. None = project every position. A batch whose completions overflow the block
     # runs the full projection instead (same result, one extra compile, logged).
     c.model.completion_logits_fraction = config_dict.placeholder(float)
+    # LoRA (mio_jax.models.lora; PEFT's names): train low-rank adapters on the linear
+    # weights instead of the weights themselves. The base stays frozen (stored in the
+    # compute dtype, or quantized), and the reference is the base with the adapters off,
+    # computed in the same step: one model in memory.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.enabled = False
+    c.model.lora.rank = 16               # r (> 0)
+    c.model.lora.alpha = 32.0            # update scale alpha / r (alpha / sqrt(r) with rsLoRA)
+    c.model.lora.use_rslora = False
+    c.model.lora.dropout = 0.0           # dropout on the adapters' input while training
+    # PEFT module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj),
+    # comma-separated, "all-linear", or a regex matched against module paths such as
+    # "model.layers.3.self_attn.q_proj".
+    c.model.lora.target_modules = "all-linear"
+    c.model.lora.layers_to_transform = config_dict.placeholder(tuple)  # None = every layer
+    c.model.lora.init = "default"        # default (A Kaiming-uniform) | gaussian; B = 0 always
+    # A PEFT adapter folder the trained adapter starts from (its r / alpha / targets must
+    # match the keys above); the reference stays the base alone.
+    c.model.lora.init_from = ""
+    # PEFT adapter folders (comma-separated) merged into the frozen base in float32 before
+    # training: part of both the policy and the reference (e.g. an SFT adapter).
+    c.model.lora.base_adapters = ""
+    # The frozen base's storage: none (compute dtype) | int8 | nf4 (4-bit, blocks of 64)
+    # | gguf (keep a .gguf model's quantized blocks as the file has them).
+    c.model.lora.quantize = "none"
 
     c.data = default_data_config()
 

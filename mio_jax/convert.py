@@ -5,6 +5,7 @@
   python -m mio_jax.convert workdirs/default out/trained          # newest checkpoint of a run
   python -m mio_jax.convert workdirs/default/checkpoints/12 out/step12
   python -m mio_jax.convert gs://bucket/runs/default gs://bucket/exports/default
+  python -m mio_jax.convert workdirs/lora out/adapter --format=peft   # a LoRA run's adapter
 
 SRC and DST are local paths or URLs such as `gs://bucket/...` (`mio_jax.paths`).
 
@@ -24,6 +25,7 @@ parameters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from mio_jax import paths
@@ -53,7 +55,7 @@ def checkpoint_location(src: str) -> tuple[str, int | None] | None:
 
 
 def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str = "float32",
-                       max_shard_size: str | int = "2GB") -> str:
+                       max_shard_size: str | int = "2GB", fmt: str = "hf") -> str:
     """Exports the parameters of a mio_jax training checkpoint as an HF folder.
 
     Args:
@@ -62,15 +64,19 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
       dst: output folder.
       dtype: "float32" or "bfloat16" for the stored weights.
       max_shard_size: largest safetensors shard.
+      fmt: "hf" (a full HF folder; a LoRA checkpoint is merged into its base in float32,
+        then cast) or "peft" (a LoRA checkpoint's adapter as a PEFT folder: no base
+        weight is read).
 
     Returns:
       `dst`.
     """
     import jax
+    import ml_collections
     from flax import nnx
 
     from mio_jax import checkpoint, models
-    from mio_jax.models import resolve_model_path
+    from mio_jax.models import adapters, peft_io, resolve_model_path
 
     ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -81,24 +87,40 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
         model_path = resolve_model_path(model_cfg["path"])
         tokenizer = models.load_tokenizer(resolve_model_path(model_cfg["tokenizer_path"])
                                           if model_cfg.get("tokenizer_path") else model_path)
+        run_cfg = ml_collections.ConfigDict(config)
+        lora = bool((model_cfg.get("lora") or {}).get("enabled"))
+        if fmt == "peft" and not lora:
+            raise ValueError(f"{ckpt_dir}/{step}: --format=peft needs a LoRA checkpoint "
+                             "(this run trained every weight; use --format=hf)")
         # The structure comes from the base model's config alone (no weights are read).
         cfg = models.read_model_config(model_path, dtype=model_cfg.get("dtype", "float32"),
                                        param_dtype=model_cfg.get("param_dtype", "float32"))
+        spec = adapters.spec_from_config(run_cfg, cfg.num_hidden_layers) if lora else None
+        cfg = dataclasses.replace(cfg, lora=spec)
         graphdef, params_state, other = nnx.split(
-            nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+            nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))),
+            nnx.LoRAParam if lora else nnx.Param, ...)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nnx.to_pure_dict(params_state))
         params = ckpt.restore_params(abstract, step)
     finally:
         ckpt.close()
-    model = nnx.merge(graphdef, params, nnx.to_pure_dict(other))
+    if fmt == "peft":
+        peft_io.write_adapter(dst, cfg, spec, params, base_model_name_or_path=model_cfg["path"])
+        return dst
+    if lora:  # the base as training saw it (base adapters merged, quantized), then merged
+        model = adapters.load(run_cfg, model_path, None, None)
+        adapters.set_adapters(model, params)
+        model = adapters.merged(model, "float32")
+    else:
+        model = nnx.merge(graphdef, params, nnx.to_pure_dict(other))
     models.save_pretrained(model, tokenizer, dst, max_shard_size=max_shard_size, dtype=dtype)
     return dst
 
 
 def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str | int = "2GB",
-            use_exporter: bool | None = None) -> str:
+            use_exporter: bool | None = None, fmt: str = "hf") -> str:
     """Converts a GGUF file (or HF folder) to an HF folder loadable by transformers.
 
     Args:
@@ -108,6 +130,7 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
       max_shard_size: largest safetensors shard ("2GB", "500MiB", bytes).
       use_exporter: True or None to go through `load_pretrained` + `save_pretrained`,
         False to stream a GGUF's tensors straight into `write_hf_folder` (GGUF only).
+      fmt: "hf", or "peft" for a LoRA training checkpoint's adapter (`convert_checkpoint`).
 
     Returns:
       `dst`.
@@ -129,7 +152,10 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
     if is_gguf:
         open_gguf(src)  # clear error for a file that is not GGUF
     elif (location := checkpoint_location(src)) is not None:
-        return convert_checkpoint(*location, dst, dtype=dtype, max_shard_size=max_shard_size)
+        return convert_checkpoint(*location, dst, dtype=dtype, max_shard_size=max_shard_size,
+                                  fmt=fmt)
+    elif fmt == "peft":
+        raise ValueError(f"{src}: --format=peft reads a LoRA training checkpoint")
     elif not _is_hf_folder(src):
         raise ValueError(
             f"{src}: not a GGUF file, an HF folder (config.json + *.safetensors) or a mio_jax "
@@ -157,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MiB")
     parser.add_argument("--exporter", choices=("auto", "mio_jax", "stream"), default="auto",
                         help="mio_jax: load_pretrained+save_pretrained; stream: GGUF tensors straight to safetensors")
+    parser.add_argument("--format", choices=("hf", "peft"), default="hf",
+                        help="hf: a full HF folder (a LoRA checkpoint merged in float32); "
+                        "peft: a LoRA checkpoint's adapter_model.safetensors + adapter_config.json")
     args = parser.parse_args(argv)
     use = {"auto": None, "mio_jax": True, "stream": False}[args.exporter]
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, use_exporter=use)
+        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      use_exporter=use, fmt=args.format)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

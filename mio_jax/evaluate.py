@@ -221,15 +221,18 @@ def prompt_messages(example: Mapping[str, Any], system: str = DEFAULT_SYSTEM) ->
 
 def make_sampler(model_path: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 0,
-                 dtype: str = "float32") -> Sampler:
+                 dtype: str = "float32", adapter: str = "") -> Sampler:
     """The real sampler: chat prompts -> completions with `mio_jax.models.generate`.
 
     Loads the model and tokenizer once; `generate` applies the chat template and batches by
     `batch_size`. Each call advances the seed, so calling again gives fresh samples.
+    `adapter`: a PEFT LoRA folder (e.g. a run's `peft_adapter/`) applied to the model.
     """
     from mio_jax import models
+    from mio_jax.models import adapters
 
-    model = models.load_pretrained(model_path, dtype=dtype)
+    model = (adapters.load_with_adapter(model_path, adapter, dtype=dtype) if adapter
+             else models.load_pretrained(model_path, dtype=dtype))
     tokenizer = models.load_tokenizer(model_path)
     state = {"seed": seed}
 
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     distributed.refuse_multi_process("mio_jax.evaluate")
     ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
     ap.add_argument("--model", required=True, help="HF folder or .gguf file (local or gs://...)")
+    ap.add_argument("--adapter", default="",
+                    help="PEFT LoRA folder applied to --model (e.g. a run's peft_adapter/)")
     ap.add_argument("--task", action="append", default=[], help="reasoning-gym task (repeatable)")
     ap.add_argument("--jsonl", help="JSONL with question/answer rows instead of (or besides) tasks")
     ap.add_argument("--verifier", default=None,
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples > 1 and args.temperature == 0.0:
         ap.error("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
     sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
+                           top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+                           adapter=args.adapter)
     report: dict[str, Any] = {"args": vars(args), "eval_seed_base": EVAL_SEED_BASE, "results": {}}
     task_config = parse_task_config(args.task_config)
     sources = [(t, heldout_examples(t, args.num_examples, args.seed, task_config), args.verifier or "reasoning_gym")

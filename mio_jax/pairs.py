@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Every setting of the pairs builder, with its default."""
     c = ml_collections.ConfigDict()
     c.model = ""  # HF folder or .gguf (the CLI's real sampler); "" = embedded SmolLM2-135M
+    c.adapter = ""  # a PEFT LoRA folder applied to the model (e.g. a run's peft_adapter/)
     c.tasks = "basic_arithmetic,chain_sum"  # comma-separated reasoning-gym tasks ("" = none)
     c.task_config = ""  # JSON kwargs of every task's reasoning-gym config ("" = its defaults)
     c.jsonl = ""  # or/and a JSONL of {"question", "answer"} rows
@@ -203,7 +204,8 @@ def run(cfg: ml_collections.ConfigDict, sampler: evaluate.Sampler | None = None,
 
         sampler = evaluate.make_sampler(cfg.model or smollm2_gguf_path(), max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                        batch_size=cfg.batch_size * cfg.num_samples, seed=cfg.sample_seed)
+                                        batch_size=cfg.batch_size * cfg.num_samples, seed=cfg.sample_seed,
+                                        adapter=cfg.adapter)
     rows: list[dict[str, Any]] = []
     total = dict(prompts=0, samples=0, correct=0, incorrect=0, all_correct=0, none_correct=0,
                  prompts_with_rows=0, rows=0)

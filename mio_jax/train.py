@@ -42,6 +42,8 @@ from mio_jax import periodic
 from mio_jax import reference as reference_lib
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
+from mio_jax.models import adapters as adapters_lib
+from mio_jax.models import peft_io
 from mio_jax.data import pipeline as data_lib
 from mio_jax.periodic import Preempted  # noqa: F401  (public: raised by train_and_evaluate)
 
@@ -129,13 +131,16 @@ def step_config(config) -> step_lib.StepConfig:
                       else tuple(float(w) for w in config.loss.weights)),
         grad_accum_steps=int(config.train.grad_accum_steps),
         chunk_size=int(config.model.logps_chunk_size),
-        reference=config.reference.mode,
+        reference=("base" if config.reference.mode == "frozen" and adapters_lib.enabled(config)
+                   else config.reference.mode),
         lengths=any(losses.spec(n).needs_lengths != "none" for n in names),
         ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
         use_weighting=bool(config.loss.use_weighting),
         max_tokens_fraction=(None if config.model.completion_logits_fraction is None
                              else float(config.model.completion_logits_fraction)),
-        weight_norms=bool(config.log.weight_norms))
+        weight_norms=bool(config.log.weight_norms),
+        dropout_seed=(int(config.seed) if adapters_lib.enabled(config)
+                      and config.model.lora.dropout > 0 else None))
 
 
 # --- stages -------------------------------------------------------------------------------
@@ -153,7 +158,8 @@ def build_mesh(config, workdir: str) -> jax.sharding.Mesh:
 
 
 def build_model(config, mesh) -> Model:
-    """Tokenizer and sharded model of ``model.path``.
+    """Tokenizer and sharded model of ``model.path``; with ``model.lora.enabled`` the
+    trainable parameters are the adapters alone and the frozen base is in ``other``.
 
     Called outside ``jax.set_mesh``: nnx's abstract init would read the logical axis
     names as mesh axes inside a mesh context.
@@ -162,13 +168,14 @@ def build_model(config, mesh) -> Model:
     tokenizer = models.load_tokenizer(
         models.resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path
         else model_path)
-    model = models.load_pretrained(
-        model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh,
-        rules=sharding_lib.DEFAULT_RULES, remat_policy=config.model.remat_policy,
-        scan_layers=config.model.scan_layers, attention=config.model.attention)
-    graphdef, params_state, other_state = nnx.split(model, nnx.Param, ...)
-    return Model(graphdef=graphdef, params=nnx.to_pure_dict(params_state),
-                 other=nnx.to_pure_dict(other_state), config=model.cfg, tokenizer=tokenizer,
+    model = adapters_lib.load(config, model_path, mesh, sharding_lib.DEFAULT_RULES)
+    graphdef, params, other = adapters_lib.split(model)
+    trainable = nnx.LoRAParam if model.cfg.lora is not None else nnx.Param
+    _, params_state, _ = nnx.split(model, trainable, ...)
+    if model.cfg.lora is not None:
+        adapters_lib.log_sizes(params, other)
+    return Model(graphdef=graphdef, params=params, other=other, config=model.cfg,
+                 tokenizer=tokenizer,
                  param_specs=sharding_lib.state_partition_specs(
                      params_state, sharding_lib.DEFAULT_RULES, mesh))
 
@@ -229,9 +236,11 @@ def build_reference(config, workdir: str, model: Model, data: Data,
     """The reference the loss compares with: the initial weights, frozen (in the compute
     dtype), or their log-probs precomputed once per split (cached on disk), or none."""
     mode = config.reference.mode
-    if mode == "frozen":
+    if mode == "frozen" and model.config.lora is None:
         return Reference(step_lib.StepConsts(
             model.other, reference_lib.frozen_params(model.params, model.config.dtype)))
+    if mode == "frozen":  # LoRA: the base in ``other`` with the adapters off, no copy
+        return Reference(step_lib.StepConsts(model.other))
     consts = step_lib.StepConsts(model.other)
     if mode == "none":
         return Reference(consts)
@@ -250,7 +259,9 @@ def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepCon
     with dcfg.unlocked():  # the reference pass reads every group in the [B, K, L] layout
         dcfg.packing = False
         dcfg.shared_prompt = False
-    ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg))
+    lora = model.config.lora is not None  # the reference is the base: adapters off
+    ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg,
+                                       adapters=not lora))
 
     def batches():
         return data_lib.make_pipeline(dcfg, model.tokenizer, split="eval",
@@ -269,7 +280,8 @@ def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepCon
         cache_dir=(paths.resolve(config.reference.cache_dir) if config.reference.cache_dir
                    else paths.join(workdir, "reference_cache")),
         batches=batches, ref_fn=logps_of,
-        weights_fp=reference_lib.weights_fingerprint(model.params), settings=settings,
+        weights_fp=reference_lib.weights_fingerprint(model.other if lora else model.params),
+        settings=settings,
         name=name)
     logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
     return _all_processes(table, len(split.groups)) if jax.process_count() > 1 else table
@@ -372,11 +384,22 @@ def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
 
 
 def export(run: Run, params) -> str:
-    """Writes ``<workdir>/hf_export`` (every process takes part; process 0 writes)."""
+    """Writes ``<workdir>/hf_export`` (every process takes part; process 0 writes). With
+    LoRA, also ``<workdir>/peft_adapter`` (PEFT's folder: ``adapter_model.safetensors`` +
+    ``adapter_config.json``) and the merged weights (float32 merge) in ``hf_export``."""
     path = paths.join(run.workdir, "hf_export")
+    other = run.model.other
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
-    model = nnx.merge(run.model.graphdef, params, run.model.other)
+        if run.model.config.lora is not None:
+            other = multihost_utils.process_allgather(other, tiled=True)
+    model = nnx.merge(run.model.graphdef, params, other)
+    if run.model.config.lora is not None:
+        if jax.process_index() == 0:
+            peft_io.write_adapter(paths.join(run.workdir, "peft_adapter"), model.cfg,
+                                  model.cfg.lora, params,
+                                  base_model_name_or_path=str(run.config.model.path))
+        model = adapters_lib.merged(model)
     if jax.process_index() == 0:
         models.save_pretrained(model, run.model.tokenizer, path)
     logging.info("exported Hugging Face model to %s", path)

@@ -71,7 +71,9 @@ class StepConfig:
       loss_weights: mix weights (None: all 1).
       grad_accum_steps: micro-batches per optimizer step (A).
       chunk_size: vocabulary chunk of the log-prob projection.
-      reference: "frozen", "precomputed" or "none".
+      reference: "frozen" (a copy of the initial weights in ``StepConsts.ref_params``),
+        "base" (LoRA: the same base weights with the adapters off, no copy),
+        "precomputed" or "none".
       lengths: pass completion lengths to the loss (needed by length-normalised losses).
       ld_alpha: LD-DPO weight of tokens past the shorter completion (None: off).
       use_weighting: WPO weighting of each group's loss (TRL ``use_weighting``).
@@ -83,6 +85,8 @@ class StepConfig:
       weight_norms: also report ``param_norm`` (after the update) and ``update_norm``;
         each is one more pass over all weights per step (about 3 % of a SmolLM2 CPU
         step each, ~0.5 % on an accelerator), so they are opt-in.
+      dropout_seed: LoRA dropout's seed (its key is folded with the step and the
+        micro-batch); None when the model has no dropout.
     """
 
     loss_name: str | tuple[str, ...]
@@ -97,6 +101,7 @@ class StepConfig:
     use_weighting: bool = False
     max_tokens_fraction: float | None = None
     weight_norms: bool = False
+    dropout_seed: int | None = None
 
     def full_projection(self) -> "StepConfig":
         """The same settings with the output projection on every position."""
@@ -121,27 +126,38 @@ def projection_fits(cfg: StepConfig, mask_shape, row_counts) -> bool:
 
 
 def policy_logps(graphdef, params, other, batch: layouts.Batch,
-                 cfg: StepConfig) -> layouts.SequenceLogps:
-    """Per-sequence log-probs, lengths and (WPO) weights of one batch under ``params``."""
+                 cfg: StepConfig, *, adapters: bool = True,
+                 dropout_key=None) -> layouts.SequenceLogps:
+    """Per-sequence log-probs, lengths and (WPO) weights of one batch under ``params``.
+
+    ``adapters=False`` runs a LoRA model with its adapters off (the base);
+    ``dropout_key`` turns on LoRA dropout (training only)."""
     model = nnx.merge(graphdef, params, other)
+    if hasattr(model, "set_adapters"):
+        model.set_adapters(adapters, dropout_key)
     return layouts.sequence_logps(model, batch, chunk_size=cfg.chunk_size,
                                   completion_fraction=cfg.max_tokens_fraction,
                                   ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
 
 
 def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
-                    cfg: StepConfig) -> jax.Array:
-    """Reference per-sequence log-prob sums ``[B, K]`` (no gradient)."""
-    seq = policy_logps(graphdef, ref_params, other, batch,
-                       dataclasses.replace(cfg, use_weighting=False)).logps
+                    cfg: StepConfig, *, adapters: bool = True) -> jax.Array:
+    """Reference per-sequence log-prob sums ``[B, K]`` (no gradient); ``adapters=False``
+    for the base of a LoRA model."""
+    seq = policy_logps(graphdef, jax.lax.stop_gradient(ref_params), other, batch,
+                       dataclasses.replace(cfg, use_weighting=False), adapters=adapters).logps
     return jax.lax.stop_gradient(seq)
 
 
 def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
-                   cfg: StepConfig):
+                   cfg: StepConfig, dropout_key=None):
     """Weighted loss sum of one micro-batch, plus metric sums and the weight sum."""
-    if cfg.reference == "frozen":
-        ref_bk = reference_logps(graphdef, consts.ref_params, consts.other, batch, cfg)
+    if cfg.reference in ("frozen", "base"):
+        if cfg.reference == "frozen":
+            ref_bk = reference_logps(graphdef, consts.ref_params, consts.other, batch, cfg)
+        else:  # LoRA: the same base, adapters off; no second copy of any weight
+            ref_bk = reference_logps(graphdef, params, consts.other, batch, cfg,
+                                     adapters=False)
         # The reference forward runs to completion before the policy forward starts, so
         # its temporaries are freed before the policy's saved activations pile up (left to
         # the scheduler, the two can overlap and add up at the memory peak).
@@ -150,7 +166,7 @@ def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
         ref_bk = batch.ref_logps
     else:
         ref_bk = None
-    policy = policy_logps(graphdef, params, consts.other, batch, cfg)
+    policy = policy_logps(graphdef, params, consts.other, batch, cfg, dropout_key=dropout_key)
     w_b = batch.weights.astype(jnp.float32)
     # A padding group (weight 0) has no valid completion; a multi-negative loss over
     # zero negatives is 0/0. Mark its (finite, empty) slots valid so its loss stays
@@ -190,19 +206,29 @@ def _micro_batches(batch: layouts.Batch, a: int) -> layouts.Batch:
     return jax.tree.map(split, batch)
 
 
-def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg: StepConfig):
+def _dropout_key(cfg: StepConfig, step, micro):
+    if cfg.dropout_seed is None:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.dropout_seed), step),
+                              micro)
+
+
+def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg: StepConfig,
+                step=0):
     """Gradient and metric SUMS over ``cfg.grad_accum_steps`` micro-batches."""
     grad_fn = jax.value_and_grad(_weighted_sums, has_aux=True)
     if cfg.grad_accum_steps == 1:
-        (_, aux), grads = grad_fn(params, graphdef, consts, batch, cfg)
+        (_, aux), grads = grad_fn(params, graphdef, consts, batch, cfg,
+                                  _dropout_key(cfg, step, 0))
         return grads, aux
     if isinstance(batch, layouts.PackedBatch):
         raise ValueError("packed rows are not split into micro-batches (grad_accum_steps=1)")
     micro = _micro_batches(batch, cfg.grad_accum_steps)
 
-    def body(carry, mb):
+    def body(carry, xs):
         grads_acc, aux_acc = carry
-        (_, aux), grads = grad_fn(params, graphdef, consts, mb, cfg)
+        i, mb = xs
+        (_, aux), grads = grad_fn(params, graphdef, consts, mb, cfg, _dropout_key(cfg, step, i))
         return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
@@ -210,7 +236,8 @@ def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg:
     zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.result_type(p.dtype, jnp.float32)),
                            params)
-    (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_aux), micro)
+    index = jnp.arange(cfg.grad_accum_steps)
+    (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_aux), (index, micro))
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), aux
 
 
@@ -239,7 +266,8 @@ def train_step(state: TrainState, batch: layouts.Batch, consts: StepConsts, *, g
       of the step, token counts as sums), including ``loss``, ``grad_norm`` and
       ``learning_rate`` (``param_norm``, ``update_norm`` with ``cfg.weight_norms``).
     """
-    grads, (sums, counts, denom) = _accumulate(state.params, graphdef, consts, batch, cfg)
+    grads, (sums, counts, denom) = _accumulate(state.params, graphdef, consts, batch, cfg,
+                                               state.step)
     safe = jnp.maximum(denom, jnp.finfo(jnp.float32).tiny)
     grads = jax.tree.map(lambda g: (g / safe).astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

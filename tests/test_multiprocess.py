@@ -135,6 +135,11 @@ FEATURES = {
     "accumulated_reference_free_tensor2": (4, 2, {
         "loss.name": "simpo", "loss.beta": 2.0, "reference.mode": "none", "data.shuffle": False,
         "train.grad_accum_steps": 2, "mesh.shape": (1, 4, 2)}),
+    # QLoRA: an NF4 base sharded over fsdp x tensor, adapters with dropout, the base as the
+    # reference; the export merges the adapters (every process gathers base and adapters)
+    "qlora_nf4_dropout_tensor2": (2, 4, {
+        "model.lora.enabled": True, "model.lora.rank": 4, "model.lora.quantize": "nf4",
+        "model.lora.dropout": 0.1, "mesh.shape": (1, 4, 2)}),
 }
 
 

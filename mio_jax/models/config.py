@@ -65,6 +65,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention: str = "xla"
+    lora: Any = None  # mio_jax.models.lora.LoraSpec: adapters on the linear weights
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -246,6 +247,38 @@ def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
                          f"(got float32; use {prefix}attention='xla' for float32)")
 
 
+def _validate_lora(cfg) -> None:
+    """``model.lora.*``: values in range, targets that parse, options that fit together."""
+    from mio_jax.models import lora as lora_lib
+
+    c = cfg.model.lora
+    defaults = {"quantize": "none", "init_from": "", "base_adapters": ""}
+    if not c.enabled:
+        for key, off in defaults.items():
+            if c[key] != off:
+                raise ConfigError(f"model.lora.{key}={c[key]!r} needs model.lora.enabled=True")
+        return
+    try:  # structure only: the layer count is known once the model is read
+        layers = c.layers_to_transform
+        lora_lib.make_spec(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
+                           num_layers=(max(layers) + 1 if layers else 1),
+                           layers_to_transform=layers, dropout=c.dropout,
+                           use_rslora=c.use_rslora, init=c.init)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    quantize = ("none", "int8", "nf4", "gguf")
+    if c.quantize not in quantize:
+        raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of {list(quantize)}")
+    if c.quantize == "gguf":
+        path = str(cfg.model.path)
+        if not (path == "smollm2" or path.endswith(".gguf")):
+            raise ConfigError(f"model.lora.quantize='gguf' keeps a GGUF file's blocks, but "
+                              f"model.path={path!r} is not a .gguf file (use 'nf4' or 'int8')")
+        if c.base_adapters:
+            raise ConfigError("model.lora.base_adapters cannot be merged into GGUF blocks "
+                              "(model.lora.quantize='gguf'); use quantize='nf4' or 'none'")
+
+
 def validate_model_config(cfg, *, backend: str | None = None) -> None:
     """Checks the ``model`` section of a training config.
 
@@ -276,6 +309,7 @@ def validate_model_config(cfg, *, backend: str | None = None) -> None:
     except ValueError as e:
         raise ConfigError(f"model.completion_logits_fraction={m.completion_logits_fraction}: "
                           f"{e}") from e
+    _validate_lora(cfg)
     if m.attention == "cudnn":
         if backend is None:
             import jax

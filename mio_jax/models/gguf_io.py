@@ -436,6 +436,19 @@ class GGUFTensors:
         array = dequantize_tensor(self.file, info)
         return array if n_head is None else unpermute_rows(array, n_head)
 
+    def kind(self, name: str) -> str:
+        """The GGML type name of HF tensor `name` ("Q4_1", "F32", ...)."""
+        return self._entries[name][0].ggml_type.name
+
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """HF tensor `name`'s stored bytes, one row of quantization blocks per output row
+        (uint8 `[out, row_bytes]`, rows in HF order: llama.cpp's q/k row permutation is
+        undone on whole rows, so no block is decoded)."""
+        info, n_head = self._entries[name]
+        rows = info.shape[0] if len(info.shape) > 1 else 1
+        raw = np.asarray(self.file.data[info.offset:info.offset + info.n_bytes]).reshape(rows, -1)
+        return raw if n_head is None else unpermute_rows(raw, n_head)
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """`(hf_name, array)` pairs in file order, each decoded when the iterator reaches it."""
         for name in self.keys():

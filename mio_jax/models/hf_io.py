@@ -27,12 +27,14 @@ from typing import Any
 
 import jax
 import ml_dtypes
+from absl import logging
 import numpy as np
 from flax import nnx
 
 from mio_jax import paths
 from mio_jax.models.config import ModelConfig
-from mio_jax.models.llama import Decoder
+from mio_jax.models.llama import Decoder, adapter_rows
+from mio_jax.models.lora import init_factors
 from mio_jax.sharding import Rules, state_shardings
 from mio_jax.models.safetensors_file import SafetensorsFile, write_safetensors
 from mio_jax.models.weights import WeightSpec, check_tensors, hf_shapes, weight_specs
@@ -221,7 +223,8 @@ def _place(spec: WeightSpec, cfg: ModelConfig, source, shape, dtype, sharding) -
 
 
 def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rules | None = None,
-                    param_dtype: str | None = None, **config_overrides) -> Decoder:
+                    param_dtype: str | None = None, lora_seed: int = 0,
+                    keep_quantized: bool = False, **config_overrides) -> Decoder:
     """Loads a Decoder from an HF folder (config.json + *.safetensors [+ index]) or `.gguf`.
 
     Args:
@@ -232,7 +235,13 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
       mesh: optional jax.sharding.Mesh; parameters are created sharded on it by `rules`.
       rules: logical->mesh rules (None -> DEFAULT_RULES).
       param_dtype: storage dtype of the parameters (default: `dtype`).
-      **config_overrides: ModelConfig fields, e.g. scan_layers=False, remat_policy="full".
+      lora_seed: seed of the LoRA factors' init (with `lora=` in the overrides).
+      keep_quantized: for a `.gguf` source, keep the linear weights' quantized blocks as
+        the file has them (`mio_jax.models.quant.QuantizedWeight`, dequantized one layer
+        at a time in the forward) wherever every layer of a row has one type the forward
+        decodes; other rows are dequantized as usual.
+      **config_overrides: ModelConfig fields, e.g. scan_layers=False, remat_policy="full",
+        lora=LoraSpec(...) (adapters initialised so that their update is exactly zero).
     Returns:
       Decoder with the checkpoint's weights. Errors name the file and tensor.
     """
@@ -251,15 +260,67 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
     flat_sh = dict(nnx.to_flat_state(shardings))
     flat = dict(nnx.to_flat_state(state))
     np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+    blocks = _quantized_rows(cfg, source) if keep_quantized else {}
     for spec in weight_specs(cfg):
         var = flat[spec.path]
+        if spec.path[-1] in blocks:
+            from mio_jax.models.adapters import place_quantized
+
+            var.set_value(place_quantized(blocks[spec.path[-1]](), spec, mesh, rules))
+            continue
         shape = var.get_value().shape
         if shape != spec.shape(cfg):  # the Decoder is built from the same table
             raise AssertionError(f"{spec.path}: model has {shape}, table {spec.shape(cfg)}")
         sharding = flat_sh[spec.path]
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         var.set_value(_place(spec, cfg, source, shape, np_dtype, sharding))
+    _init_adapters(cfg, flat, flat_sh, lora_seed)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _quantized_rows(cfg: ModelConfig, source) -> dict:
+    """Row name -> a function building its `QuantizedWeight` from the GGUF blocks, for the
+    stacked linear rows whose layers all share one type the forward decodes."""
+    from mio_jax.models import quant
+    from mio_jax.models.lora import ROW_TO_PEFT
+
+    if not hasattr(source, "raw_blocks"):
+        raise ValueError("keep_quantized needs a .gguf model (an HF folder holds no blocks)")
+    rows = {}
+    for spec in weight_specs(cfg):
+        name = spec.path[-1]
+        if not spec.stacked or name not in ROW_TO_PEFT:
+            continue
+        kinds = {source.kind(n) for n in spec.hf_names(cfg)}
+        if len(kinds) != 1 or next(iter(kinds)) not in quant.GGUF_IN_STEP:
+            logging.warning("%s: %s has block types %s; dequantized at load instead",
+                            source.path, name, sorted(kinds))
+            continue
+        kind = next(iter(kinds))
+        in_features = spec.hf_shape(cfg)[1]
+
+        def build(spec=spec, kind=kind, in_features=in_features):
+            fields = quant.stack_fields([quant.from_gguf(source.raw_blocks(n), kind, in_features)
+                                         for n in spec.hf_names(cfg)])
+            return quant.QuantizedWeight(fields={k: jax.numpy.asarray(v) for k, v in fields.items()},
+                                         kind=kind, in_features=in_features)
+        rows[name] = build
+    return rows
+
+
+def _init_adapters(cfg: ModelConfig, flat, flat_sh, seed: int) -> None:
+    """Creates the LoRA factors of `cfg.lora` in place of their abstract values, each
+    directly with its sharding (A per the init option, B zeros)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), max(len(cfg.lora.rows), 1)) \
+        if cfg.lora is not None else []
+    for key, (row, _, (a_shape, b_shape)) in zip(keys, adapter_rows(cfg)):
+        paths_ab = (("layers", f"{row}_lora_a"), ("layers", f"{row}_lora_b"))
+        shard = tuple(flat_sh[p].get_value() if isinstance(flat_sh[p], nnx.Variable)
+                      else flat_sh[p] for p in paths_ab)
+        a, b = jax.jit(lambda k: init_factors(k, a_shape, b_shape, cfg.lora, cfg.param_dtype),
+                       out_shardings=shard)(key)
+        flat[paths_ab[0]].set_value(a)
+        flat[paths_ab[1]].set_value(b)
 
 
 # ---- save ---------------------------------------------------------------------------------

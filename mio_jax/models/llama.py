@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.sharding import DEFAULT_RULES, Rules, constrain
-from mio_jax.models.weights import WeightSpec, weight_specs
+from mio_jax.models.weights import WeightSpec, axis_sizes, weight_specs
 
 _NEG = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
 
@@ -42,7 +43,7 @@ class LayerStack(nnx.Module):
         self.names: tuple[str, ...] = ()
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {n: getattr(self, n)[...] for n in self.names}
+        return {n: getattr(self, n).get_value() for n in self.names}
 
 
 def _rms_norm(x, weight, eps):
@@ -58,18 +59,20 @@ def _rms_norm(x, weight, eps):
 _rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2,))
 
 
-def _swiglu_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
+def _swiglu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up):
     gate = jnp.einsum("btd,df->btf", h_btd, w_gate_df)
     up = jnp.einsum("btd,df->btf", h_btd, w_up_df)
-    if b_gate_f is not None:
-        gate, up = gate + b_gate_f, up + b_up_f
-    return jax.nn.silu(gate) * up, (h_btd, w_gate_df, w_up_df, gate, up, b_gate_f)
+    if add_gate is not None:
+        gate = gate + add_gate
+    if add_up is not None:
+        up = up + add_up
+    return jax.nn.silu(gate) * up, (h_btd, w_gate_df, w_up_df, gate, up, add_gate, add_up)
 
 
 @jax.custom_vjp
-def swiglu(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
-    """SwiGLU input of the MLP, `silu(h @ W_gate + b_gate) * (h @ W_up + b_up)`, with a
-    hand-written backward.
+def swiglu(h_btd, w_gate_df, w_up_df, add_gate, add_up):
+    """SwiGLU input of the MLP, `silu(h @ W_gate + add_gate) * (h @ W_up + add_up)`, with
+    a hand-written backward.
 
     Autodiff would keep six `[tokens, intermediate]` arrays per layer for this; the
     backward here keeps only the two projections and recomputes the SiLU (elementwise, in
@@ -81,16 +84,26 @@ def swiglu(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f):
     Args:
       h_btd: normalised hidden states `[B, T, D]`.
       w_gate_df, w_up_df: the gate and up projections `[D, F]`.
-      b_gate_f, b_up_f: their biases `[F]`, or both None.
+      add_gate, add_up: terms added to each projection before the SiLU product: None,
+        a bias `[F]`, or per-token `[B, T, F]` (a bias plus a LoRA update).
 
     Returns:
       act_btf: `[B, T, F]` in the inputs' dtype, the input of the down projection.
     """
-    return _swiglu_fwd(h_btd, w_gate_df, w_up_df, b_gate_f, b_up_f)[0]
+    return _swiglu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up)[0]
+
+
+def _sum_to(d_btf, like):
+    """The cotangent of an additive term of shape `like` (None, `[F]` or `[B, T, F]`)."""
+    if like is None:
+        return None
+    if like.ndim == 1:
+        return d_btf.astype(jnp.float32).sum((0, 1)).astype(like.dtype)
+    return d_btf.astype(like.dtype)
 
 
 def _swiglu_bwd(res, d_act_btf):
-    h, w_gate, w_up, gate, up, bias = res
+    h, w_gate, w_up, gate, up, add_gate, add_up = res
     f32 = jnp.float32
     g, gf, uf = d_act_btf.astype(f32), gate.astype(f32), up.astype(f32)
     sig = jax.nn.sigmoid(gf)
@@ -102,10 +115,8 @@ def _swiglu_bwd(res, d_act_btf):
     dw_gate = jnp.matmul(h_t, dg).astype(w_gate.dtype)
     dw_up = jnp.matmul(h_t, du).astype(w_up.dtype)
     dh = (jnp.einsum("nf,df->nd", dg, w_gate) + jnp.einsum("nf,df->nd", du, w_up)).reshape(B, T, D)
-    if bias is None:
-        return dh.astype(h.dtype), dw_gate, dw_up, None, None
-    return (dh.astype(h.dtype), dw_gate, dw_up, dg.astype(f32).sum(0).astype(bias.dtype),
-            du.astype(f32).sum(0).astype(bias.dtype))
+    return (dh.astype(h.dtype), dw_gate, dw_up, _sum_to(d_gate, add_gate),
+            _sum_to(d_up, add_up))
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -198,19 +209,59 @@ def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
         is_causal=True, implementation=implementation)
 
 
-def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None):
+def _dense(spec: WeightSpec, cfg: ModelConfig, a, dt):
+    """One layer's weight in our layout and the compute dtype; a quantized base weight
+    (HF layout, `mio_jax.models.quant`) is dequantized here, one layer at a time."""
+    if hasattr(a, "dequantize"):
+        return spec.from_hf(a.dequantize(dt), cfg)
+    return a.astype(dt)
+
+
+class _Adapters:
+    """The LoRA updates of one layer: `add(row, x)` is `scale * dropout(x) @ A @ B`, or
+    None when `row` carries no adapter (or adapters are off)."""
+
+    def __init__(self, cfg: ModelConfig, p, key, enabled: bool):
+        self.spec = cfg.lora if enabled else None
+        self.p, self.key = p, key
+        self.dt = jnp.dtype(cfg.dtype)
+
+    def add(self, row: str, x, n_in: int):
+        spec = self.spec
+        if spec is None or f"{row}_lora_a" not in self.p:
+            return None
+        scale = spec.scale
+        if spec.partial(row):
+            scale = scale * self.p["_lora_mask"][spec.rows.index(row)]
+        key = None
+        if self.key is not None and spec.dropout > 0:
+            key = jax.random.fold_in(self.key, spec.rows.index(row))
+        return lora_lib.delta(x, self.p[f"{row}_lora_a"].astype(self.dt),
+                              self.p[f"{row}_lora_b"].astype(self.dt), scale, n_in=n_in,
+                              dropout=spec.dropout, key=key)
+
+
+def _plus(y, extra):
+    return y if extra is None else y + extra
+
+
+def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None,
+           adapters: _Adapters | None = None):
     """One decoder layer. With `kv=(k_bskh, v_bskh)` the new keys/values are written at
-    slot `index` of the cache and attention runs over the whole cache.
+    slot `index` of the cache and attention runs over the whole cache. `adapters` adds
+    the LoRA updates of the rows that carry one.
 
     Returns (x_btd, (k, v)) where k/v are this step's full key/value arrays.
     """
     dt = jnp.dtype(cfg.dtype)
-    w = {n: a.astype(dt) for n, a in p.items()}
+    specs = {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+    w = {n: _dense(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
+    lora = adapters or _Adapters(cfg, p, None, False)
     eps = cfg.rms_norm_eps
     h = _rms_norm_bwd_recompute(x_btd, w["attn_norm"], eps)
-    q = jnp.einsum("btd,dhk->bthk", h, w["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, w["k"])
-    v = jnp.einsum("btd,dhk->bthk", h, w["v"])
+    q = _plus(jnp.einsum("btd,dhk->bthk", h, w["q"]), lora.add("q", h, 1))
+    k = _plus(jnp.einsum("btd,dhk->bthk", h, w["k"]), lora.add("k", h, 1))
+    v = _plus(jnp.einsum("btd,dhk->bthk", h, w["v"]), lora.add("v", h, 1))
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
@@ -227,14 +278,18 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         attn = fused_attention(q, k, v, mask_bts)
     else:
         attn = xla_attention(q, k, v, mask_bts)
-    out = jnp.einsum("bthk,hkd->btd", attn, w["o"])
+    out = _plus(jnp.einsum("bthk,hkd->btd", attn, w["o"]), lora.add("o", attn, 2))
     if cfg.o_bias:
         out = out + w["o_bias"]
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
     h = _rms_norm_bwd_recompute(x_btd, w["mlp_norm"], eps)
-    act = swiglu(h, w["gate"], w["up"], w.get("gate_bias"), w.get("up_bias"))
+    add_gate, add_up = lora.add("gate", h, 1), lora.add("up", h, 1)
+    if cfg.mlp_bias:
+        add_gate = _plus(w["gate_bias"], add_gate)
+        add_up = _plus(w["up_bias"], add_up)
+    act = swiglu(h, w["gate"], w["up"], add_gate, add_up)
     act = constrain(act, ("batch", "seq", "mlp"), rules)
-    down = jnp.einsum("btf,fd->btd", act, w["down"])
+    down = _plus(jnp.einsum("btf,fd->btd", act, w["down"]), lora.add("down", act, 1))
     if cfg.mlp_bias:
         down = down + w["down_bias"]
     x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
@@ -313,6 +368,26 @@ class Decoder(nnx.Module):
             setattr(owner, spec.path[-1], _param(rngs, spec, cfg))
             if spec.stacked:
                 self.layers.names += (spec.path[-1],)
+        # LoRA factors (nnx.LoRAParam), drawn after every base weight.
+        for name, (a_axes, b_axes), (a_shape, b_shape) in adapter_rows(cfg):
+            a, b = lora_lib.init_factors(rngs.params(), a_shape, b_shape, cfg.lora,
+                                         cfg.param_dtype)
+            setattr(self.layers, f"{name}_lora_a",
+                    nnx.LoRAParam(a, out_sharding=a_axes, eager_sharding=False))
+            setattr(self.layers, f"{name}_lora_b",
+                    nnx.LoRAParam(b, out_sharding=b_axes, eager_sharding=False))
+            self.layers.names += (f"{name}_lora_a", f"{name}_lora_b")
+        self._adapters_on = True
+        self._dropout_key = None
+
+    def set_adapters(self, enabled: bool = True, dropout_key=None) -> "Decoder":
+        """Turns the LoRA updates on or off for this (merged) module's next calls, and
+        sets the key of their dropout (None: no dropout, as at eval). Used inside jitted
+        steps on a module just merged from its state: the reference is the same weights
+        with the adapters off. Returns the module."""
+        object.__setattr__(self, "_adapters_on", bool(enabled))
+        object.__setattr__(self, "_dropout_key", dropout_key)
+        return self
 
     def output_matrix(self) -> jax.Array:
         """The output projection `[V, D]` (tied embedding or lm_head) in the compute dtype,
@@ -326,9 +401,16 @@ class Decoder(nnx.Module):
         cfg, rules = self.cfg, self.rules
         params = self.layers.arrays()
         index = None if cache is None else cache["index"]
+        on = cfg.lora is not None and getattr(self, "_adapters_on", True)
+        key = getattr(self, "_dropout_key", None) if on else None
+        if on and any(cfg.lora.partial(r) for r in cfg.lora.rows):  # [L, rows] layer mask
+            params["_lora_mask"] = jnp.stack([cfg.lora.layer_mask(r) for r in cfg.lora.rows], 1)
+        if key is not None:
+            params["_lora_key"] = jax.random.split(key, cfg.num_hidden_layers)
 
         def layer(x, p, kv):
-            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index)
+            adapters = _Adapters(cfg, p, p.get("_lora_key"), on)
+            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index, adapters)
 
         layer = _remat(layer, cfg.remat_policy)
         kvs_in = None if cache is None else (cache["k"], cache["v"])
@@ -427,6 +509,22 @@ class Decoder(nnx.Module):
         new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype),
                      "valid": valid, "index": index + T}
         return self.logits_from_hidden(x), new_cache
+
+
+def adapter_rows(cfg: ModelConfig):
+    """``(row, (A axes, B axes), (A shape, B shape))`` of each LoRA target of ``cfg``
+    (empty without ``cfg.lora``); axes and shapes include the leading ``layers`` axis."""
+    if cfg.lora is None:
+        return []
+    specs = {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+    sizes = dict(axis_sizes(cfg), **{lora_lib.RANK_AXIS: cfg.lora.rank})
+    out = []
+    for row in cfg.lora.rows:
+        a_axes, b_axes = lora_lib.factor_axes(specs[row].axes, specs[row].hf_axes)
+        a_axes, b_axes = ("layers",) + a_axes, ("layers",) + b_axes
+        out.append((row, (a_axes, b_axes),
+                    (tuple(sizes[x] for x in a_axes), tuple(sizes[x] for x in b_axes))))
+    return out
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, rules: Rules | None = None) -> Decoder:

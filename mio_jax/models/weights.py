@@ -116,17 +116,17 @@ class WeightSpec:
         return tuple(self.axes.index(a) for a in flat)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        """One layer's array in our layout -> HF layout (a view where possible)."""
+        """One layer's array in our layout -> HF layout (a view where possible; numpy or jax)."""
         sizes = dict(zip(self.axes, ours.shape))
-        moved = np.transpose(ours, self._order())
+        moved = ours.transpose(self._order())
         return moved.reshape(tuple(math.prod(sizes[a] for a in g) for g in self.hf_axes))
 
     def from_hf(self, hf: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-        """One HF tensor -> our per-layer layout (a view where possible)."""
+        """One HF tensor -> our per-layer layout (a view where possible; numpy or jax)."""
         sizes = axis_sizes(cfg)
         order = self._order()
         split = hf.reshape(tuple(sizes[self.axes[j]] for j in order))
-        return np.transpose(split, np.argsort(order))
+        return split.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def _expand(pattern: str, cfg: ModelConfig) -> list[str]:
