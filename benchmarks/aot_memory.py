@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -79,11 +80,84 @@ HF_CONFIGS = {
         "use_sliding_window": False, "sliding_window": 131072, "tie_word_embeddings": False,
         "bos_token_id": 151643, "eos_token_id": 151645},
 }
-LIMITS_GB = {"H100 80GB": 80.0, "TPU v5p 95GB": 95.0, "TPU v4 32GB": 32.0}
+MODES = ("full", "lora", "qlora")
+# XLA:CPU has no bfloat16 dot: it widens bf16 operands to f32, and its loop-invariant code
+# motion then hoists the widening of the scanned, layer-stacked weights out of the layer
+# loop, i.e. a float32 copy of every bfloat16 weight (32 GB for an 8B bf16 LoRA base, the
+# frozen reference's copy in full fine-tuning) that no GPU or TPU compile makes.
+CPU_XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
+
+def _abstract_base(o_state, cfg, kind: str, mesh, rules):
+    """The frozen LoRA base as abstract arrays, stored as ``adapters.load`` leaves it: every
+    weight in the compute dtype, sharded by its logical axes; with ``kind`` int8 / nf4 the
+    seven stacked linear rows are ``quant.QuantizedWeight``s of abstract fields (HF layout,
+    blocks of ``gcd(in, 64)`` as ``adapters.quantize_base`` picks), each field sharded as
+    ``adapters.place_quantized`` shards the concrete ones."""
+    import math
+
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from mio_jax import reference as reference_lib
+    from mio_jax import sharding as sharding_lib
+    from mio_jax.models import lora as lora_lib
+    from mio_jax.models import quant
+    from mio_jax.models.weights import weight_specs
+
+    specs = sharding_lib.state_partition_specs(o_state, rules, mesh)
+    base = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
+                                          sharding=NamedSharding(mesh, s)),
+        nnx.to_pure_dict(o_state), specs)
+    if kind == "none":
+        return base
+    layers = dict(base["layers"])
+    for spec in weight_specs(cfg):
+        name = spec.path[-1]
+        if not spec.stacked or name not in lora_lib.ROW_TO_PEFT:
+            continue
+        block = math.gcd(spec.hf_shape(cfg)[1], 64)
+        qw = jax.eval_shape(lambda w, spec=spec, block=block: quant.quantize(
+            jax.vmap(spec.to_hf)(w), kind, block_size=block), layers[name])
+        out_group, in_group = spec.hf_axes
+        axes = quant.field_logical_axes(qw.kind, out_axis=out_group[0], in_axis=in_group[0],
+                                        lead_axes=("layers",))
+        layers[name] = qw.replace(fields={
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+                mesh, sharding_lib.logical_to_spec(axes[k], rules, mesh, v.shape)))
+            for k, v in qw.fields.items()})
+    return dict(base, layers=layers)
+
+
+def _stored(tree) -> tuple[int, int]:
+    """``(weights, bytes)`` of a pytree of abstract arrays, a quantized weight counted as
+    the elements it stands for and the bytes it is stored in."""
+    import jax
+    import numpy as np
+
+    from mio_jax.models import quant
+
+    n = b = 0
+    for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, quant.QuantizedWeight)):
+        if isinstance(x, quant.QuantizedWeight):
+            n, b = n + int(np.prod(x.shape)), b + int(x.nbytes)
+        else:
+            n, b = n + int(x.size), b + int(x.size) * np.dtype(x.dtype).itemsize
+    return n, b
+
+
 def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
-                 seq_len: int | None, platform: str = "cpu") -> dict:
-    """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware`` on N devices
-    (``platform="tpu"``: the hardware's real TPU topology and compiler)."""
+                 seq_len: int | None, platform: str = "cpu", mode: str = "full",
+                 grad_accum: int | None = None) -> dict:
+    """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware[,mode]`` on N
+    devices (``platform="tpu"``: the hardware's real TPU topology and compiler).
+
+    ``mode`` "full" trains every weight (float32 masters in the state); "lora" / "qlora"
+    train the adapters alone (float32, Adam moments float32) over a frozen base in
+    ``StepConsts.other`` (bfloat16, or NF4 linear rows), the reference being the base
+    ("base") or precomputed."""
     import dataclasses
 
     import jax
@@ -95,34 +169,53 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     from mio_jax import layouts, models, optim, train, train_step
     from mio_jax import reference as reference_lib
     from mio_jax import sharding as sharding_lib
+    from mio_jax.models import adapters
 
-    c = mio_config.resolve(mio_config.load(f"{PAPER_CONFIG}:{model},mio,{hardware}"))
-    micro_pairs = c.train.batch_size // (c.mesh.shape[1] * c.train.grad_accum_steps)
+    arg = f"{model},mio,{hardware}" + ("" if mode == "full" else f",{mode}")
+    c = mio_config.load(f"{PAPER_CONFIG}:{arg}")
+    if grad_accum:
+        c.train.grad_accum_steps = grad_accum
+    if remat:
+        c.model.remat_policy = remat
+    c = mio_config.resolve(c)
+    fsdp, accum = c.mesh.shape[1], c.train.grad_accum_steps
+    micro_pairs = c.train.batch_size // (fsdp * accum)
+    if micro_pairs < 1 or c.train.batch_size % (fsdp * accum):
+        raise ValueError(f"{c.train.batch_size} pairs a step do not split into {accum} "
+                         f"micro-batches over {fsdp} devices")
     L = seq_len or c.data.max_length
-    remat = remat or c.model.remat_policy
     cfg = models.ModelConfig.from_hf(HF_CONFIGS[model], dtype=c.model.dtype,
-                                     param_dtype=c.model.param_dtype, remat_policy=remat,
+                                     param_dtype=c.model.param_dtype,
+                                     remat_policy=c.model.remat_policy,
                                      scan_layers=c.model.scan_layers)
+    lora = adapters.spec_from_config(c, cfg.num_hidden_layers)
+    cfg = dataclasses.replace(cfg, lora=lora)
+    rules = sharding_lib.DEFAULT_RULES
+    # Built and split before the mesh is set (nnx's abstract init would read the logical
+    # axis names as mesh axes inside it).
+    abstract_model = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
+    trainable = nnx.Param if lora is None else nnx.LoRAParam
+    graphdef, p_state, o_state = nnx.split(abstract_model, trainable, ...)
     devices = aot.topology_devices(hardware) if platform == "tpu" else None
     if devices is not None:
         n = len(devices)
     mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes, devices=devices)
-    rules = sharding_lib.DEFAULT_RULES
-    abstract_model = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0), rules=rules))
-    graphdef, p_state, o_state = nnx.split(abstract_model, nnx.Param, ...)
     p_specs = sharding_lib.state_partition_specs(p_state, rules, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                             sharding=NamedSharding(mesh, s)),
                           nnx.to_pure_dict(p_state), p_specs)
-    other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=NamedSharding(mesh, P())),
-                         nnx.to_pure_dict(o_state))
+    if lora is None:
+        other = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=NamedSharding(mesh, P())),
+                             nnx.to_pure_dict(o_state))
+    else:
+        other = _abstract_base(o_state, cfg, c.model.lora.quantize, mesh, rules)
     tx, schedule = optim.from_config(c.optim, 1000)
     state_sh = sharding_lib.named(mesh, train_step.state_specs(tx, params, p_specs))
     abstract = jax.eval_shape(lambda p: train_step.init_state(p, tx), params)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_sh)
-    B = micro_pairs * n * c.train.grad_accum_steps
+    B = micro_pairs * n * accum
     data_sh = sharding_lib.batch_sharding(mesh)
 
     def field(shape, dtype):
@@ -133,10 +226,12 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
         weights=field((B,), jnp.float32), valid=field((B, 2), jnp.bool_),
         example_id=field((B,), jnp.int32),
         ref_logps=field((B, 2), jnp.float32) if reference == "precomputed" else None)
-    ref_params = jax.tree.map(  # the trainer's frozen reference: compute-dtype weights
-        lambda x: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
-                                       sharding=x.sharding), params)
-    consts = train_step.StepConsts(other, ref_params if reference == "frozen" else None)
+    ref_params = None
+    if reference == "frozen":  # the trainer's frozen reference: compute-dtype weights
+        ref_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
+                                           sharding=x.sharding), params)
+    consts = train_step.StepConsts(other, ref_params)
     step_cfg = dataclasses.replace(train.step_config(c), reference=reference)
     fn = _common.jit_train_step(
         graphdef, tx, step_cfg, schedule,
@@ -147,59 +242,101 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
         compiled = fn.lower(state, batch, consts).compile()
     compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
-    arg, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in
-                            ("argument", "output", "temp", "alias"))
+    arg_b, out, tmp, alias = (int(getattr(m, f"{k}_size_in_bytes")) for k in
+                              ("argument", "output", "temp", "alias"))
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    return dict(model=model, hardware=hardware, devices=n, reference=reference, remat=remat,
-                platform=platform, device_kind=mesh.devices.flat[0].device_kind,
-                seq_len=L, pairs_per_device_micro=micro_pairs,
-                grad_accum=c.train.grad_accum_steps, params_b=n_params / 1e9,
-                argument_gb=arg / 1e9, output_gb=out / 1e9, temp_gb=tmp / 1e9,
-                alias_gb=alias / 1e9, peak_gb=(arg + out + tmp - alias) / 1e9,
-                compile_s=compile_s)
+    n_w, b_w = _stored(params if lora is None else other)
+    limit = mio_config.load_module(PAPER_CONFIG).HARDWARE[hardware]["device_gb"]
+    peak = (arg_b + out + tmp - alias) / 1e9
+    return dict(model=model, mode=mode, hardware=hardware, devices=n, reference=reference,
+                remat=c.model.remat_policy, platform=platform,
+                device_kind=mesh.devices.flat[0].device_kind, seq_len=L, pairs_per_step=B,
+                pairs_per_device_micro=micro_pairs, grad_accum=accum,
+                params_b=n_params / 1e9, trainable_params=n_params,
+                weights_bytes_per_param=b_w / n_w, weights_gb=b_w / 1e9,
+                argument_gb=arg_b / 1e9, output_gb=out / 1e9, temp_gb=tmp / 1e9,
+                alias_gb=alias / 1e9, peak_gb=peak, limit_gb=limit, fits=peak <= limit,
+                compile_s=compile_s, xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _references(mode: str, wanted: str) -> list[str]:
+    """The references of ``wanted`` that ``mode`` runs: with LoRA, "frozen" is the base
+    with the adapters off ("base"); without, there is no base to fall back to."""
+    out = []
+    for r in wanted.split(","):
+        r = ("base" if r == "frozen" else r) if mode != "full" else r
+        if r == "base" and mode == "full":
+            print("skipped: reference 'base' needs --modes=lora or qlora", file=sys.stderr)
+        elif r not in out:
+            out.append(r)
+    return out
 
 
 def _worker(a) -> None:
-    for model in a.models.split(","):
-        for reference in a.references.split(","):
-            try:
-                row = _compile_one(model, a.hardware, a.n, reference, a.remat or None,
-                                   a.seq_len or None, a.platform)
-            except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
-                row = dict(model=model, hardware=a.hardware, devices=a.n, reference=reference,
-                           error=f"{type(e).__name__}: {str(e)[:300]}")
-            print("ROW " + json.dumps(row), flush=True)
+    for mode in a.modes.split(","):
+        for model in a.models.split(","):
+            for reference in _references(mode, a.references):
+                try:
+                    row = _compile_one(model, a.hardware, a.n, reference, a.remat or None,
+                                       a.seq_len or None, a.platform, mode,
+                                       a.grad_accum or None)
+                except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
+                    row = dict(model=model, mode=mode, hardware=a.hardware, devices=a.n,
+                               reference=reference,
+                               error=f"{type(e).__name__}: {str(e)[:300]}")
+                print("ROW " + json.dumps(row), flush=True)
 
 
 def _table(rows) -> str:
-    cols = ["model", "devices", "config", "compiled for", "reference", "pairs/dev/micro",
-            "args GB", "temp GB", "peak GB/device", "fits H100 80GB", "fits v5p 95GB",
-            "fits v4/v6e 32GB", "compile s"]
+    cols = ["model", "mode", "devices", "config", "compiled for", "reference",
+            "pairs x tokens/step", "pairs/dev/micro", "accum", "remat", "trainable params",
+            "weights B/param", "args GB", "temp GB", "peak GB/device", "device GB", "fits",
+            "compile s"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
+        head = (f"| {r['model']} | {r.get('mode', 'full')} | {r['devices']} | "
+                f"{r['hardware']} |")
         if "error" in r:
-            out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | "
-                       f"{r.get('platform', 'cpu')} | {r['reference']} | error: {r['error']} |")
+            out.append(f"{head} {r.get('platform', 'cpu')} | {r['reference']} | "
+                       f"error: {r['error']} |")
             continue
-        fits = ["yes" if r["peak_gb"] <= lim else "NO" for lim in LIMITS_GB.values()]
         target = (r.get("device_kind", "") if r.get("platform") == "tpu"
                   else "XLA:CPU stand-in")
-        out.append(f"| {r['model']} | {r['devices']} | {r['hardware']} | {target} | "
-                   f"{r['reference']} | {r['pairs_per_device_micro']} | "
-                   f"{r['argument_gb']:.1f} | {r['temp_gb']:.1f} | {r['peak_gb']:.1f} | "
-                   f"{fits[0]} | {fits[1]} | {fits[2]} | {r['compile_s']:.0f} |")
+        n = r["trainable_params"]
+        out.append(f"{head} {target} | {r['reference']} | "
+                   f"{r['pairs_per_step']} x {r['seq_len']} | {r['pairs_per_device_micro']} | "
+                   f"{r['grad_accum']} | {r['remat']} | "
+                   f"{f'{n / 1e9:.2f} B' if n >= 1e9 else f'{n / 1e6:.1f} M'} | "
+                   f"{r['weights_bytes_per_param']:.2f} | {r['argument_gb']:.1f} | "
+                   f"{r['temp_gb']:.1f} | {r['peak_gb']:.1f} | {r['limit_gb']:.0f} | "
+                   f"{'yes' if r['fits'] else 'NO'} | {r['compile_s']:.0f} |")
     return "\n".join(out)
+
+
+def _layout_devices(hardware: str) -> int:
+    """Devices of the configs/paper.py layout ``hardware`` (its mesh's size)."""
+    import math
+
+    from mio_jax import config as mio_config
+
+    return math.prod(mio_config.load_module(PAPER_CONFIG).HARDWARE[hardware]["mesh"])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", default="h100x8@8,v5p-64@64,v5p-64@256,v4-64@32",
-                   help="HARDWARE@N list: the configs/paper.py hardware layout (per-device "
-                        "micro-batch, accumulation, remat) on a simulated fsdp mesh of N devices")
+                   help="HARDWARE[@N] list: the configs/paper.py hardware layout (per-device "
+                        "micro-batch, accumulation, remat) on a simulated fsdp mesh of N devices "
+                        "(default: the layout's own device count)")
+    p.add_argument("--modes", default="full",
+                   help="comma-separated full | lora | qlora: configs/paper.py's "
+                        "MODEL,mio,HARDWARE[,lora|qlora]")
     p.add_argument("--models", default=",".join(HF_CONFIGS))
     p.add_argument("--references", default="frozen,precomputed")
     p.add_argument("--remat", default="", help="override the config's remat policy")
     p.add_argument("--seq_len", type=int, default=0, help="override data.max_length")
+    p.add_argument("--grad_accum", type=int, default=0,
+                   help="override train.grad_accum_steps (micro-batches a step)")
     p.add_argument("--out", default="", help="write the markdown table here (current results: "
                    "docs/benchmarks/YYYY-MM-DD/aot_memory.md)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
@@ -208,10 +345,17 @@ def main(argv=None):
                    help="cpu: N simulated CPU devices stand in for the chips; tpu: the "
                         f"hardware's real topology ({', '.join(aot.TPU_TOPOLOGIES)}) compiled by "
                         "libtpu's TPU compiler on this machine (N is then the chip count)")
+    p.add_argument("--cpu_xla_flags", default=CPU_XLA_FLAGS,
+                   help="XLA_FLAGS of the --platform=cpu compiles (beside the device count); "
+                        "the default keeps XLA:CPU from hoisting float32 copies of bf16 weights "
+                        "out of the layer loop; '' restores XLA:CPU's own pipeline")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--hardware", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    bad = [m for m in a.modes.split(",") if m not in MODES]
+    if bad:
+        p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
     if a.worker:
         return _worker(a)
     rows = []
@@ -221,13 +365,15 @@ def main(argv=None):
             n = 0  # the worker counts the topology's chips
             env = aot.tpu_env()
         else:
-            n = int(n)
+            n = int(n) if n else _layout_devices(hardware)
             env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={n} "
+                                 f"{a.cpu_xla_flags}")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--n={n}",
                f"--platform={a.platform}",
                f"--hardware={hardware}", f"--models={a.models}",
-               f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}"]
+               f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}",
+               f"--modes={a.modes}", f"--grad_accum={a.grad_accum}"]
         t0 = time.perf_counter()
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -246,10 +392,10 @@ def main(argv=None):
     table = _table(rows)
     print("\n" + table)
     if a.out:
-        flags = [f"--{k}={v}" for k, v in (("runs", a.runs), ("models", a.models),
-                                            ("references", a.references), ("remat", a.remat),
-                                            ("seq_len", a.seq_len), ("platform", a.platform))
-                 if v and v != p.get_default(k)]
+        flags = [f"--{k}={shlex.quote(str(getattr(a, k)))}" for k in ("runs", "modes", "models", "references",
+                                                     "remat", "seq_len", "grad_accum",
+                                                     "platform", "cpu_xla_flags")
+                 if getattr(a, k) != p.get_default(k)]
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as f:
             f.write("# AOT per-device memory of the train step (generated)\n\n"

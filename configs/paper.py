@@ -1,10 +1,19 @@
 """Paper-scale runs: MIO or DPO on a 7-8B model with UltraFeedback-style pairs.
 
-``get_config("MODEL,LOSS,HARDWARE")`` with
+``get_config("MODEL,LOSS,HARDWARE[,TUNING][,runlocal]")`` with
   MODEL    llama3_8b | mistral_7b | qwen2.5_7b  (an HF folder: config.json + safetensors)
   LOSS     mio | dpo                            (dpo at beta_MIO / 2, the gradient match)
-  HARDWARE v5p-64 | v4-64 | h100x8              (mesh and batch layout; "runlocal" appended
-                                                 shrinks the run to a few steps for a smoke test)
+  HARDWARE v5p-64 | v4-64 | v6e-32 | h100x8      full fine-tuning, 128 pairs x 2048 tokens
+           h100x1 | h200x1 | gpu24gb | v5p-8    LoRA layouts, 8 pairs x 1024 tokens
+  TUNING   (none: full fine-tuning) | lora (adapters on a bfloat16 base) | qlora (adapters
+           on an NF4 base); ``MODES`` lists what each layout offers, the rest is refused
+  runlocal shrinks the same run to a few steps for a smoke test
+
+LoRA follows the usual LoRA-DPO recipe: rank 16, alpha 32, every linear weight
+(q/k/v/o/gate/up/down), dropout 0.05, a learning rate 10x the full fine-tune's (5e-6).
+The reference is the base with the adapters off (``reference.mode="frozen"`` with LoRA:
+computed in the same step from the same weights, no second copy). The base is kept in
+the bfloat16 compute dtype (lora) or as NF4 blocks of 64 (qlora).
 
 Data: a JSONL / parquet / saved-dataset of explicit or conversational pairs
 (UltraFeedback binarized-style: prompt, chosen, rejected); set ``data.train_path`` and
@@ -22,6 +31,15 @@ Launch commands (environment only in the scripts; hyper-parameters live here):
   # 8 x H100 (one node), MIO on Qwen2.5-7B:
   sbatch --nodes=1 --gpus-per-node=8 launch/slurm_gpu.sh \\
       --config=configs/paper.py:qwen2.5_7b,mio,h100x8 --workdir=/checkpoints/mio_qwen7b
+  # LoRA on one H100 80 GB (or h200x1), MIO on Llama-3-8B:
+  launch/local.sh --config=configs/paper.py:llama3_8b,mio,h100x1,lora \\
+      --workdir=/checkpoints/mio_llama3_8b_lora
+  # QLoRA on one 24 GB GPU (RTX 4090 / A10 / L4 class):
+  launch/local.sh --config=configs/paper.py:llama3_8b,mio,gpu24gb,qlora \\
+      --workdir=/checkpoints/mio_llama3_8b_qlora
+  # LoRA on a TPU v5p-8 (4 chips, one host):
+  launch/tpu_pod.sh my-v5p8 v5p-8 us-east5-a \\
+      --config=configs/paper.py:llama3_8b,mio,v5p-8,lora --workdir=/mnt/shared/mio_lora_v5p8
 """
 
 from mio_jax import config as mio_config
@@ -31,40 +49,98 @@ MODELS = {
     "mistral_7b": "/data/models/Mistral-7B-Instruct-v0.2",
     "qwen2.5_7b": "/data/models/Qwen2.5-7B-Instruct",
 }
-# mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy.
-# Sized with benchmarks/aot_memory.py (docs/benchmarks/README.md section 3) for 2048-token pairs
-# of 7-8B models: v5p (95 GB) and H100 (80 GB) fit 2 and 1 pairs per device per
-# micro-batch with dots_with_no_batch_dims_saveable; v4 (32 GB) needs full remat at 1.
-# H100s run cuDNN's fused attention (the memory table was compiled with the written-out
-# attention, which stores more, so it is an upper bound for them).
+# mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy,
+# attention, and the memory of one device (GB) the layout is sized for.
+# Full fine-tuning, sized with benchmarks/aot_memory.py (docs/benchmarks/README.md section 3)
+# for 2048-token pairs of 7-8B models: v5p (95 GB) and H100 (80 GB) fit 2 and 1 pairs per
+# device per micro-batch with dots_with_no_batch_dims_saveable; v4 (32 GB) needs full remat
+# at 1. H100s run cuDNN's fused attention (the memory table was compiled with the
+# written-out attention, which stores more, so it is an upper bound for them).
+# LoRA layouts (8 pairs x 1024 tokens a step), sized with
+# `benchmarks/aot_memory.py --modes=lora,qlora` (see its docstring).
 HARDWARE = {
     "v5p-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=2,
-                   remat="dots_with_no_batch_dims_saveable", attention="xla"),
+                   remat="dots_with_no_batch_dims_saveable", attention="xla", device_gb=95.0),
     "v4-64": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full",
-                  attention="xla"),
+                  attention="xla", device_gb=32.0),
     "v6e-32": dict(mesh=(1, 32, 1), batch_size=128, grad_accum_steps=4, remat="full",
-                   attention="xla"),  # 32 GB per chip, like v4
+                   attention="xla", device_gb=32.0),  # 32 GB per chip, like v4
     "h100x8": dict(mesh=(1, 8, 1), batch_size=128, grad_accum_steps=16,
-                   remat="dots_with_no_batch_dims_saveable", attention="cudnn"),
+                   remat="dots_with_no_batch_dims_saveable", attention="cudnn",
+                   device_gb=80.0),
+    "h100x1": dict(mesh=(1, 1, 1), batch_size=8, grad_accum_steps=2,
+                   remat="dots_with_no_batch_dims_saveable", attention="cudnn",
+                   device_gb=80.0),
+    "h200x1": dict(mesh=(1, 1, 1), batch_size=8, grad_accum_steps=1,
+                   remat="dots_with_no_batch_dims_saveable", attention="cudnn",
+                   device_gb=141.0),
+    "gpu24gb": dict(mesh=(1, 1, 1), batch_size=8, grad_accum_steps=4, remat="full",
+                    attention="cudnn", device_gb=24.0),
+    "v5p-8": dict(mesh=(1, 4, 1), batch_size=8, grad_accum_steps=1,
+                  remat="dots_with_no_batch_dims_saveable", attention="xla", device_gb=95.0),
 }
+# What each layout offers: tuning mode -> changes to its HARDWARE entry for that mode.
+MODES = {
+    "v5p-64": {"full": {}},
+    "v4-64": {"full": {}},
+    "v6e-32": {"full": {}},
+    "h100x8": {"full": {}},
+    "h100x1": {"lora": {}, "qlora": {}},
+    "h200x1": {"lora": {}, "qlora": {}},
+    "gpu24gb": {"qlora": {}},
+    "v5p-8": {"lora": {}, "qlora": {}},
+}
+TUNINGS = ("lora", "qlora")
 BETA_MIO = 0.1
 
 
+def _refusal(hw: str, mode: str) -> str:
+    """Why ``mode`` is not offered on ``hw`` (for the ValueError)."""
+    where = " | ".join(h for h, modes in MODES.items() if mode in modes)
+    if mode == "full":
+        return ("full fine-tuning keeps float32 weights, gradients and two Adam moments (16 "
+                "bytes a parameter, ~128 GB for Llama-3-8B) and is laid out for 128 pairs x "
+                f"2048 tokens over several devices: use {where}, or add ',lora' / ',qlora'")
+    if hw == "gpu24gb":
+        return ("the bfloat16 base alone (~16 GB for Llama-3-8B) leaves too little of 24 GB "
+                "for the activations: use ',qlora'")
+    return (f"{mode} is laid out for 8 pairs x 1024 tokens a step on one host ({where}); "
+            f"8 pairs do not spread over {hw}'s devices")
+
+
+def _parse(arg: str):
+    parts = [p.strip() for p in arg.split(",")]
+    model, loss, hw = (parts + ["", "", ""])[:3]
+    extra = parts[3:]
+    runlocal = "runlocal" in extra
+    tunings = [p for p in extra if p in TUNINGS]
+    unknown = [p for p in extra if p not in TUNINGS and p != "runlocal"]
+    if (model not in MODELS or loss not in ("mio", "dpo") or hw not in HARDWARE or unknown
+            or len(tunings) > 1):
+        raise ValueError(f"configs/paper.py: bad arg {arg!r}; expected "
+                         f"MODEL,LOSS,HARDWARE[,lora|qlora][,runlocal] with MODEL in "
+                         f"{sorted(MODELS)}, LOSS in mio|dpo, HARDWARE in {sorted(HARDWARE)}")
+    mode = tunings[0] if tunings else "full"
+    if mode not in MODES[hw]:
+        raise ValueError(f"configs/paper.py: {arg!r} does not fit: {hw} offers "
+                         f"{'|'.join(MODES[hw])} only ({hw}: {HARDWARE[hw]['device_gb']:.0f} GB "
+                         f"a device); {_refusal(hw, mode)}")
+    return model, loss, hw, mode, runlocal
+
+
 def get_config(arg="llama3_8b,mio,v5p-64"):
-    """Returns the paper-scale config for ``"MODEL,LOSS,HARDWARE[,runlocal]"``."""
-    parts = arg.split(",")
-    model, loss, hw = parts[:3]
-    runlocal = "runlocal" in parts[3:]
-    if model not in MODELS or loss not in ("mio", "dpo") or hw not in HARDWARE:
-        raise ValueError(f"configs/paper.py: bad arg {arg!r}; expected MODEL,LOSS,HARDWARE with "
-                         f"MODEL in {sorted(MODELS)}, LOSS in mio|dpo, HARDWARE in "
-                         f"{sorted(HARDWARE)}")
-    h = HARDWARE[hw]
+    """Returns the paper-scale config for ``"MODEL,LOSS,HARDWARE[,lora|qlora][,runlocal]"``.
+
+    Raises:
+      ValueError: an unknown part, or a tuning mode the hardware layout does not fit.
+    """
+    model, loss, hw, mode, runlocal = _parse(arg)
+    h = dict(HARDWARE[hw], **MODES[hw][mode])
     c = mio_config.base_config()
     c.seed = 0
     c.model.path = MODELS[model]
     c.model.dtype = "bfloat16"           # compute
-    c.model.param_dtype = "float32"      # master weights and Adam state
+    c.model.param_dtype = "float32"      # master weights (adapters with LoRA) and Adam state
     c.model.remat_policy = h["remat"]
     c.model.attention = h["attention"]
     c.model.scan_layers = True
@@ -105,6 +181,21 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
     c.eval.every_steps = 100
     c.eval.batch_size = 64
     c.eval.max_batches = 0
+
+    if mode in TUNINGS:
+        c.model.lora.enabled = True
+        c.model.lora.rank = 16
+        c.model.lora.alpha = 32.0
+        c.model.lora.target_modules = "all-linear"
+        c.model.lora.dropout = 0.05
+        c.model.lora.quantize = "nf4" if mode == "qlora" else "none"
+        # The reference is the base with the adapters off: no copy, no precompute pass.
+        c.reference.mode = "frozen"
+        c.reference.batch_size = 32
+        c.optim.learning_rate = 5e-6     # LoRA-DPO: ~10x the full fine-tune's rate
+        c.data.max_length = 1024
+        c.data.max_prompt_length = 512
+        c.eval.batch_size = h["batch_size"]  # an eval batch no bigger than a train step's
 
     if runlocal:
         c.train.epochs = 0.0

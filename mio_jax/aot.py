@@ -1,12 +1,12 @@
 """Ahead-of-time compilation for real TPU topologies on any machine (this CPU one included).
 
 libtpu carries the TPU compiler; with it, ``jax.experimental.topologies`` describes a slice
-(``v5p:4x4x2`` = a v5p-64's 32 chips) as compile-only devices, and a jitted function whose
-shardings live on a mesh of them compiles with the TPU compiler: its
-``memory_analysis()`` is the chip's own, so a config that does not fit is caught before a
-slice is booked. launch/setup.sh installs libtpu into ``.venv/libtpu``, off the import
-path (CPU and GPU runs never load it); ``tpu_env()`` is the environment of a process that
-uses it. ``benchmarks/aot_memory.py --platform=tpu`` compiles the shipped paper configs.
+(``v5p:4x4x2`` = a v5p-64's 32 chips, ``v5p:2x2x1`` a v5p-8's 4) as compile-only devices,
+and a jitted function whose shardings live on a mesh of them compiles with the TPU
+compiler: its ``memory_analysis()`` is the chip's own, so a config that does not fit is
+caught before a slice is booked. launch/setup.sh installs libtpu into ``.venv/libtpu``,
+off the import path (CPU and GPU runs never load it); ``tpu_env()`` is the environment of
+a process that uses it. ``benchmarks/aot_memory.py --platform=tpu`` compiles the shipped paper configs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # hardware layout of configs/paper.py -> (topology name, topology options, HBM GB per chip)
 TPU_TOPOLOGIES = {
     "v5p-64": ("v5p:4x4x2", {}, 95.0),
+    "v5p-8": ("v5p:2x2x1", {}, 95.0),  # 4 chips, one host
     "v4-64": ("v4:4x4x2", {"chip_config_name": "megacore"}, 32.0),
     "v6e-32": ("v6e:4x8", {}, 32.0),
 }

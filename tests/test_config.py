@@ -228,14 +228,16 @@ def _shipped():
     from configs import paper, reproduce_small
 
     devices = {"v5p-64": (32, "tpu"), "v4-64": (32, "tpu"), "v6e-32": (32, "tpu"),
-               "h100x8": (8, "gpu")}
+               "h100x8": (8, "gpu"), "h100x1": (1, "gpu"), "h200x1": (1, "gpu"),
+               "gpu24gb": (1, "gpu"), "v5p-8": (4, "tpu")}
     out = [("tiny_test.py", None, 8, None), ("tiny_test.py", "dpo", 8, None)]
     # The CPU defaults train 2 pairs per step: one device (8 would not divide the batch).
     out += [("default.py", a, 1, None) for a in (None, "runlocal")]
     out += [("dpo_default.py", a, 1, None) for a in (None, "runlocal")]
     out += [("reproduce_small.py", m, 1, None) for m in reproduce_small.METHODS]
-    out += [("paper.py", f"{m},{loss},{hw}{run}", *devices[hw]) for m in paper.MODELS
-            for loss in ("mio", "dpo") for hw in paper.HARDWARE for run in ("", ",runlocal")]
+    out += [("paper.py", f"{m},{loss},{hw}{'' if mode == 'full' else ',' + mode}{run}",
+             *devices[hw]) for m in paper.MODELS for loss in ("mio", "dpo")
+            for hw, modes in paper.MODES.items() for mode in modes for run in ("", ",runlocal")]
     return out
 
 
@@ -270,6 +272,39 @@ def test_default_configs_dpo_beta_is_gradient_matched_and_cudnn_needs_a_gpu():
     mio_config.validate(h100, num_devices=8, backend="gpu")
     with pytest.raises(mio_config.ConfigError, match="model.attention='cudnn' needs NVIDIA"):
         mio_config.validate(h100, num_devices=8)  # this run's backend: cpu
+
+
+def test_paper_lora_variants_train_adapters_on_the_base_and_refuse_what_does_not_fit():
+    from configs import paper
+
+    from mio_jax import train
+
+    assert set(paper.MODES) == set(paper.HARDWARE)
+    lora_layouts = {hw: modes for hw, modes in paper.MODES.items() if "full" not in modes}
+    assert set(lora_layouts) == {"h100x1", "h200x1", "gpu24gb", "v5p-8"}
+    assert "qlora" in paper.MODES["gpu24gb"] and "lora" in paper.MODES["h100x1"]
+    for hw, modes in lora_layouts.items():
+        for mode in modes:
+            cfg = mio_config.load(os.path.join(CONFIGS, f"paper.py:llama3_8b,mio,{hw},{mode}"))
+            lo = cfg.model.lora
+            assert (lo.enabled, lo.rank, lo.alpha, lo.target_modules, lo.dropout) == (
+                True, 16, 32.0, "all-linear", 0.05), (hw, mode)
+            assert lo.quantize == ("nf4" if mode == "qlora" else "none")
+            assert (cfg.train.batch_size, cfg.data.max_length) == (8, 1024)
+            assert cfg.optim.learning_rate == 5e-6
+            # "frozen" with LoRA: the base with its adapters off, no copy of the weights
+            step = train.step_config(mio_config.resolve(cfg))
+            assert (cfg.reference.mode, step.reference) == ("frozen", "base")
+            assert step.dropout_seed is not None
+    full = mio_config.load(os.path.join(CONFIGS, "paper.py:llama3_8b,mio,v5p-64"))
+    assert not full.model.lora.enabled and full.optim.learning_rate == 5e-7
+    assert (full.data.max_length, full.reference.mode) == (2048, "precomputed")
+    for arg in ("llama3_8b,mio,gpu24gb", "llama3_8b,mio,gpu24gb,lora", "llama3_8b,dpo,h100x1",
+                "llama3_8b,mio,v5p-64,qlora", "llama3_8b,mio,h200x1,runlocal"):
+        with pytest.raises(ValueError, match="does not fit"):
+            mio_config.load(os.path.join(CONFIGS, f"paper.py:{arg}"))
+    with pytest.raises(ValueError, match="bad arg"):
+        mio_config.load(os.path.join(CONFIGS, "paper.py:llama3_8b,mio,h100x1,lora,qlora"))
 
 
 def test_configs_common_is_a_deprecated_alias(tmp_path):

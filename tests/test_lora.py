@@ -140,6 +140,31 @@ def test_lora_run_on_a_2x4_mesh_equals_one_device(tiny, tmp_path, tiny_config):
     assert a["train"]["loss"] != pytest.approx(math.log(4), abs=1e-4)  # it trained
 
 
+def test_shared_prompt_accumulation_and_packing_train_like_the_unshared_layout(
+        tiny, tmp_path, tiny_config):
+    runs = {}
+    for name, over in (("unshared", {}), ("shared", {"data.shared_prompt": True}),
+                       ("accum", {"train.grad_accum_steps": 2}),
+                       ("packed", {"data.packing": True})):
+        cfg = tiny_config(*tiny, **LORA, **over, **{"train.steps": 3, "eval.every_steps": 0,
+                                                    "eval.at_start": True,
+                                                    "checkpoint.export_hf": False})
+        runs[name] = (train.train_and_evaluate(cfg, str(tmp_path / name)), tmp_path / name)
+    base = runs["unshared"][0]
+    for name in ("shared", "accum"):
+        out = runs[name][0]
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                     jax.device_get(out["state"].params), jax.device_get(base["state"].params))
+        for k in ("loss", "logps/chosen", "grad_norm"):
+            assert out["train"][k] == pytest.approx(base["train"][k], rel=2e-5, abs=2e-5), k
+    # packing batches other groups together; its step-0 eval of the same weights agrees
+    evals = {n: [r for r in _rows(w) if r["split"] == "eval" and r["step"] == 0][0]
+             for n, (_, w) in runs.items()}
+    for k in ("loss", "logps/chosen", "rewards/accuracies"):
+        assert evals["packed"][k] == pytest.approx(evals["unshared"][k], rel=2e-5, abs=2e-5), k
+    assert evals["unshared"]["loss"] == pytest.approx(math.log(4), abs=1e-6)
+
+
 def test_resume_equals_uninterrupted_and_checkpoints_hold_adapters_only(tiny, tmp_path,
                                                                         tiny_config,
                                                                         monkeypatch):

@@ -210,12 +210,17 @@ def test_completion_logits_fraction_run_equals_full_projection_run(tiny, tmp_pat
         assert runs[frac]["eval"]["loss"] == pytest.approx(base["eval"]["loss"], rel=2e-5)
 
 
-def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_path, tiny_config):
+@pytest.mark.parametrize("lora", [False, True])
+def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(lora, tiny, tmp_path,
+                                                                     tiny_config):
     """eval.reasoning_tasks: greedy held-out accuracy at each eval, same as mio_jax.evaluate
-    on the exported model."""
+    on the exported model (with LoRA: generation with the adapters applied, the merged
+    export, and the base + exported PEFT adapter all agree)."""
     from mio_jax import evaluate as evaluate_lib
 
-    cfg = tiny_config(*tiny, **{
+    adapters = {"model.lora.enabled": True, "model.lora.rank": 4,
+                "optim.learning_rate": 5e-2} if lora else {}
+    cfg = tiny_config(*tiny, **adapters, **{
         "train.steps": 2, "eval.every_steps": 0, "eval.reasoning_tasks": "basic_arithmetic",
         "eval.reasoning_examples": 3, "eval.reasoning_max_new_tokens": 6})
     mio_config.validate(cfg, num_devices=8)
@@ -232,3 +237,9 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(tiny, tmp_p
     assert [c["completions"] for c in saved["completions"]] == \
         [c["completions"] for c in again["completions"]]
     assert again["overall"]["accuracy"] == saved["overall"]["accuracy"]
+    if lora:
+        sampler = evaluate_lib.make_sampler(tiny[0], adapter=str(work / "peft_adapter"),
+                                            max_new_tokens=6)
+        applied = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
+        assert [c["completions"] for c in applied["completions"]] == \
+            [c["completions"] for c in saved["completions"]]
