@@ -11,28 +11,64 @@ argument, output, temporary and aliased bytes; the peak estimate is
 
 Settings are those of ``configs/paper.py``: bfloat16 compute, float32 master weights
 and Adam state, the layout's remat policy, scanned layers (compile
-time O(1) in depth), vocabulary chunk 8192, sequences of 2048 tokens, mesh
+time O(1) in depth), vocabulary chunk 8192, the config's sequence length, mesh
 ``(data=1, fsdp=N, tensor=1)``, and the per-device micro-batch of the paper configs
 (``batch_size / (fsdp * grad_accum_steps)`` of the named hardware layout, e.g. h100x8:
 128 pairs / 8 GPUs / 16 micro-batches = 1 pair), whatever N the mesh is simulated at.
-The frozen reference keeps a second copy of the weights in the bfloat16 compute dtype
-(``mio_jax.reference.frozen_params``, sharded like the params); the precomputed reference
-keeps none.
+
+``--modes`` picks the tuning (``configs/paper.py:MODEL,mio,HARDWARE[,lora|qlora]``):
+
+- ``full``: every weight trains (128 pairs x 2048 tokens a step). The frozen reference
+  keeps a second copy of the weights in the bfloat16 compute dtype
+  (``mio_jax.reference.frozen_params``, sharded like the params); the precomputed
+  reference keeps none.
+- ``lora``: the trainable state is the adapters alone (rank 16, alpha 32, all seven linear
+  rows; float32, Adam moments float32); the frozen base is abstract bfloat16 arrays in
+  ``StepConsts.other``, sharded by their logical axes. Reference ``frozen`` is ``base``
+  (the same base with the adapters off, no second copy) or ``precomputed``. 8 pairs x
+  1024 tokens a step on the LoRA layouts h100x1, h200x1, v5p-8.
+- ``qlora``: as lora, with the base's seven linear rows stored as NF4
+  ``quant.QuantizedWeight``s (blocks of 64, float32 scales) and the embeddings, norms and
+  output matrix in bfloat16; also on gpu24gb.
+
+Rows report the trainable parameters, the stored bytes per weight (the float32 masters in
+full mode, the frozen base with LoRA), the peak against the device memory of the layout
+(``HARDWARE[...]["device_gb"]`` in configs/paper.py) and whether it fits. A combination
+configs/paper.py refuses (e.g. full fine-tuning on gpu24gb) shows as an error row.
 
 ``--platform=cpu`` (the default) is XLA:CPU's buffer assignment for the SPMD-partitioned
-program, a stand-in: GPU and TPU compilers fuse and schedule differently.
+program, a stand-in: GPU and TPU compilers fuse and schedule differently. XLA:CPU widens
+bfloat16 dots to float32 and, left alone, hoists that widening of the layer-stacked
+weights out of the scanned layer loop: a float32 copy of every bfloat16 weight, which
+GPU and TPU compiles never make (33 GB more on one device for a bf16 Llama-3-8B LoRA
+base). The CPU compiles therefore run with ``--cpu_xla_flags`` (default: loop-invariant
+code motion off). With it the v5p-8 LoRA row matches libtpu's own figure (31.0 vs 30.9
+GB), QLoRA comes to 30.6 vs 28.6 (XLA:CPU leaves the NF4 code book's broadcasts
+unfused) and v5p-64 full fine-tuning to 40.4 GB against the TPU compiler's 43.5 (61.5
+without the flag); ``--cpu_xla_flags=`` restores XLA:CPU's own pipeline, which the
+2026-11-27 tables used.
 ``--platform=tpu`` compiles for the hardware's REAL topology with libtpu's TPU compiler on
-this machine (``mio_jax.aot``: v5p-64 = ``v5p:4x4x2``, v4-64 = ``v4:4x4x2`` megacore,
-v6e-32 = ``v6e:4x8``; launch/setup.sh installs libtpu into .venv/libtpu), so its figures
-are the chips' own memory analysis.
+this machine (``mio_jax.aot``: v5p-64 = ``v5p:4x4x2``, v5p-8 = ``v5p:2x2x1``, v4-64 =
+``v4:4x4x2`` megacore, v6e-32 = ``v6e:4x8``; launch/setup.sh installs libtpu into
+.venv/libtpu), so its figures are the chips' own memory analysis. GPU layouts have no
+such compiler here: their rows are CPU stand-ins (compiled with the written-out attention;
+the GPU configs run cuDNN's, which stores less).
 
-  D=docs/benchmarks/$(date +%F)   # current results live in dated folders (docs/benchmarks/README.md)
+  D=docs/benchmarks/$(date +%F)  # results live in dated folders (docs/benchmarks/README.md)
   python benchmarks/aot_memory.py --runs=h100x8@8,v5p-64@64,v5p-64@256,v4-64@32 \\
       --out=$D/aot_memory.md --json=$D/aot_memory.json
-  python benchmarks/aot_memory.py --platform=tpu --runs=v5p-64,v4-64,v6e-32 \
+  python benchmarks/aot_memory.py --platform=tpu --runs=v5p-64,v4-64,v6e-32 \\
       --out=$D/aot_memory_tpu.md --json=$D/aot_memory_tpu.json
+  # LoRA / QLoRA at 8 pairs x 1024 tokens (one device each; v5p-8 on 4)
+  python benchmarks/aot_memory.py --runs=h100x1,h200x1,gpu24gb,v5p-8 --modes=lora,qlora \\
+      --references=frozen,precomputed --out=$D/aot_memory_lora.md --json=$D/aot_memory_lora.json
+  python benchmarks/aot_memory.py --platform=tpu --runs=v5p-8 --modes=lora,qlora \\
+      --references=frozen,precomputed --out=$D/aot_memory_lora_tpu.md \\
+      --json=$D/aot_memory_lora_tpu.json
   # smoke test: one model, one reference, one mesh (seconds)
   python benchmarks/aot_memory.py --runs=h100x8@8 --models=llama3_8b --references=precomputed
+  python benchmarks/aot_memory.py --runs=h100x1@1 --models=llama3_8b --modes=lora,qlora \\
+      --references=base
 """
 
 from __future__ import annotations
@@ -83,8 +119,8 @@ HF_CONFIGS = {
 MODES = ("full", "lora", "qlora")
 # XLA:CPU has no bfloat16 dot: it widens bf16 operands to f32, and its loop-invariant code
 # motion then hoists the widening of the scanned, layer-stacked weights out of the layer
-# loop, i.e. a float32 copy of every bfloat16 weight (32 GB for an 8B bf16 LoRA base, the
-# frozen reference's copy in full fine-tuning) that no GPU or TPU compile makes.
+# loop, i.e. float32 copies of the layer weights that no GPU or TPU compile makes (~33 GB
+# for a bf16 8B LoRA base on one device; ~13 GB a device in the h100x8 full rows).
 CPU_XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
@@ -113,6 +149,9 @@ def _abstract_base(o_state, cfg, kind: str, mesh, rules):
         nnx.to_pure_dict(o_state), specs)
     if kind == "none":
         return base
+    # Fills quant's cached NF4 code book here, on the host: first built while tracing under
+    # a mesh of compile-only TPU devices, qwix's table constant would land on one of them.
+    quant.quantize(jax.numpy.ones((1, 64), jax.numpy.float32), kind).dequantize()
     layers = dict(base["layers"])
     for spec in weight_specs(cfg):
         name = spec.path[-1]
@@ -283,7 +322,7 @@ def _worker(a) -> None:
                 except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
                     row = dict(model=model, mode=mode, hardware=a.hardware, devices=a.n,
                                reference=reference,
-                               error=f"{type(e).__name__}: {str(e)[:300]}")
+                               error=f"{type(e).__name__}: {str(e)[:500]}")
                 print("ROW " + json.dumps(row), flush=True)
 
 
@@ -297,8 +336,9 @@ def _table(rows) -> str:
         head = (f"| {r['model']} | {r.get('mode', 'full')} | {r['devices']} | "
                 f"{r['hardware']} |")
         if "error" in r:
+            error = r["error"].replace("|", "/")  # a pipe would split the table's cell
             out.append(f"{head} {r.get('platform', 'cpu')} | {r['reference']} | "
-                       f"error: {r['error']} |")
+                       f"error: {error} |")
             continue
         target = (r.get("device_kind", "") if r.get("platform") == "tpu"
                   else "XLA:CPU stand-in")
@@ -392,9 +432,9 @@ def main(argv=None):
     table = _table(rows)
     print("\n" + table)
     if a.out:
-        flags = [f"--{k}={shlex.quote(str(getattr(a, k)))}" for k in ("runs", "modes", "models", "references",
-                                                     "remat", "seq_len", "grad_accum",
-                                                     "platform", "cpu_xla_flags")
+        keys = ("runs", "modes", "models", "references", "remat", "seq_len", "grad_accum",
+                "platform", "cpu_xla_flags")
+        flags = [f"--{k}={shlex.quote(str(getattr(a, k)))}" for k in keys
                  if getattr(a, k) != p.get_default(k)]
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as f:

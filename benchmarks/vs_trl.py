@@ -33,9 +33,10 @@ fine-tuning, LoRA (against TRL + PEFT), and mio_jax's QLoRA beside them.
   - ``nf4`` / ``gguf``: mio_jax alone, the same adapter on a quantized frozen base
     (``model.lora.quantize``): NF4 blocks of 64, or the Q4_1 blocks of the embedded
     SmolLM2 GGUF (the file DIR was converted from) as the file has them. TRL's QLoRA
-    goes through bitsandbytes, which the TRL env does not have (its 4-bit path is built
-    for CUDA), so these rows set mio_jax's QLoRA step against the TRL + PEFT LoRA row
-    of the same case (fp32 base), when that row ran in this invocation.
+    needs bitsandbytes' 4-bit layers, which target CUDA GPUs and are not in the TRL
+    env, so there is no TRL QLoRA row: these rows set mio_jax's QLoRA step against the
+    TRL + PEFT LoRA row of the same case (fp32 base), when that row ran in this
+    invocation.
 * Checks: at the first step the policy equals the reference in every mode (the
   initial weights, or B = 0), so each framework's first loss must be the loss at zero
   margins (ln 4 for MIO, ln 2 for DPO) within 1e-4; after one identical AdamW update
@@ -90,9 +91,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 MODES = ("full", "lora", "nf4", "gguf")  # nf4 / gguf: LoRA on a quantized base, mio_jax only
 MIO_ONLY_MODES = ("nf4", "gguf")
 FIRST_LOSS_TOL, SECOND_LOSS_TOL = 1e-4, 1e-3
-NO_TRL_QLORA = ("TRL QLoRA not run: it needs bitsandbytes' 4-bit layers, which the TRL env "
-                "does not have (their training path is built for CUDA); the nf4 / gguf rows "
-                "compare against the TRL+peft LoRA row (fp32 base) of the same case")
+NO_TRL_QLORA = ("no TRL QLoRA: TRL's QLoRA needs bitsandbytes' 4-bit layers, which target "
+                "CUDA GPUs and are not in the TRL env (no CPU path is run here); the nf4 / "
+                "gguf rows compare against the TRL+peft LoRA row (fp32 base) of the same case")
 
 
 def ensure_trl_env(path: str) -> str:
@@ -143,9 +144,9 @@ def draw_adapters(cfg, seed: int = LORA_SEED) -> dict:
 
 def _base_storage(other) -> str:
     """How the frozen base's linear rows are held, e.g. "nf4 x7" or "q4_1 x6, f32 x1"."""
-    counts: dict[str, int] = {}
     from mio_jax.models.lora import ROW_TO_PEFT
 
+    counts: dict[str, int] = {}
     for name, value in (other.get("layers") or {}).items():
         if name in ROW_TO_PEFT:
             kind = getattr(value, "kind", None) or str(value.dtype).replace("float", "f")

@@ -6,7 +6,8 @@ and a jitted function whose shardings live on a mesh of them compiles with the T
 compiler: its ``memory_analysis()`` is the chip's own, so a config that does not fit is
 caught before a slice is booked. launch/setup.sh installs libtpu into ``.venv/libtpu``,
 off the import path (CPU and GPU runs never load it); ``tpu_env()`` is the environment of
-a process that uses it. ``benchmarks/aot_memory.py --platform=tpu`` compiles the shipped paper configs.
+a process that uses it. ``benchmarks/aot_memory.py --platform=tpu`` compiles the shipped
+paper configs.
 """
 
 from __future__ import annotations

@@ -81,28 +81,40 @@ class FlopModel:
     matmul_params: int
     n_layers: int
     attn_dim: int
+    adapter_params: int = 0
 
     def train_flops_per_token(self, seq_len: int) -> float:
-        """Forward + backward FLOPs per token of the policy."""
-        return 6.0 * self.matmul_params + 6.0 * self.n_layers * self.attn_dim * seq_len
+        """Forward + backward FLOPs per token of the policy. With LoRA adapters the frozen
+        weights take part in the forward and the input gradients (4N) but get no weight
+        gradient; the adapters get all three (6 per parameter)."""
+        weights = (4.0 * self.matmul_params + 6.0 * self.adapter_params if self.adapter_params
+                   else 6.0 * self.matmul_params)
+        return weights + 6.0 * self.n_layers * self.attn_dim * seq_len
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """Forward-only FLOPs per token (reference model)."""
         return 2.0 * self.matmul_params + 2.0 * self.n_layers * self.attn_dim * seq_len
 
 
-def flop_model(model_cfg, params) -> FlopModel:
-    """``FlopModel`` of a decoder: N (matmul parameters), layers and attention width.
+def flop_model(model_cfg, params=None) -> FlopModel:
+    """``FlopModel`` of a decoder: N (matmul parameters), layers and attention width, and
+    the LoRA adapters' parameters when ``model_cfg.lora`` is set.
 
     Args:
-      model_cfg: the decoder's ``ModelConfig``.
-      params: its parameters (arrays or ``ShapeDtypeStruct``s).
+      model_cfg: the decoder's ``ModelConfig``; the counts come from its weight table
+        (so a quantized base counts its logical weights, not its stored bytes).
+      params: unused (kept for callers that pass the parameters).
     """
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    from mio_jax.models.llama import adapter_rows
+    from mio_jax.models.weights import weight_specs
+
+    del params
+    total = sum(int(np.prod(s.shape(model_cfg))) for s in weight_specs(model_cfg))
     embed = model_cfg.vocab_size * model_cfg.hidden_size
     n = total if model_cfg.tie_word_embeddings else total - embed
+    adapters = sum(int(np.prod(a)) + int(np.prod(b)) for _, _, (a, b) in adapter_rows(model_cfg))
     return FlopModel(n, model_cfg.num_hidden_layers,
-                     model_cfg.num_attention_heads * model_cfg.head_dim)
+                     model_cfg.num_attention_heads * model_cfg.head_dim, adapters)
 
 
 def step_flops(flop_model: FlopModel, *, tokens: float, seq_len: int,

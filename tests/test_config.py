@@ -234,6 +234,8 @@ def _shipped():
     # The CPU defaults train 2 pairs per step: one device (8 would not divide the batch).
     out += [("default.py", a, 1, None) for a in (None, "runlocal")]
     out += [("dpo_default.py", a, 1, None) for a in (None, "runlocal")]
+    out += [("lora_default.py", a, 1, None)
+            for a in (None, "runlocal", "nf4", "int8", "gguf", "gguf,runlocal")]
     out += [("reproduce_small.py", m, 1, None) for m in reproduce_small.METHODS]
     out += [("paper.py", f"{m},{loss},{hw}{'' if mode == 'full' else ',' + mode}{run}",
              *devices[hw]) for m in paper.MODELS for loss in ("mio", "dpo")

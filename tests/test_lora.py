@@ -147,7 +147,7 @@ def test_shared_prompt_accumulation_and_packing_train_like_the_unshared_layout(
                        ("accum", {"train.grad_accum_steps": 2}),
                        ("packed", {"data.packing": True})):
         cfg = tiny_config(*tiny, **LORA, **over, **{"train.steps": 3, "eval.every_steps": 0,
-                                                    "eval.at_start": True,
+                                                    "eval.at_start": True, "mesh.shape": (1, 4, 1),
                                                     "checkpoint.export_hf": False})
         runs[name] = (train.train_and_evaluate(cfg, str(tmp_path / name)), tmp_path / name)
     base = runs["unshared"][0]

@@ -42,6 +42,22 @@ def test_flop_model_counts_tied_embedding_once():
         assert (fm.n_layers, fm.attn_dim) == (2, 32)
 
 
+def test_flop_model_of_lora_counts_no_weight_gradient_for_the_frozen_base():
+    import dataclasses
+
+    from mio_jax.models import lora
+
+    cfg = testing.tiny_model_config()
+    spec = lora.make_spec(rank=4, alpha=8, target_modules="q_proj,down_proj", num_layers=2)
+    fm, full = metrics.flop_model(dataclasses.replace(cfg, lora=spec)), metrics.flop_model(cfg)
+    # q: A [2, 32, 4], B [2, 4, 4, 8]; down: A [2, 64, 4], B [2, 4, 32]
+    assert fm.adapter_params == 2 * (32 * 4 + 4 * 32) + 2 * (64 * 4 + 4 * 32)
+    assert fm.matmul_params == full.matmul_params
+    attn = 6.0 * 2 * 32 * 16
+    assert fm.train_flops_per_token(16) == 4.0 * fm.matmul_params + 6.0 * fm.adapter_params + attn
+    assert full.train_flops_per_token(16) == 6.0 * full.matmul_params + attn
+
+
 # ---- loop behaviour -----------------------------------------------------------------
 
 def test_nan_loss_stops_with_step_and_batch_and_saves_nothing_broken(tiny, tmp_path, tiny_config):
