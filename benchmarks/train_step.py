@@ -82,7 +82,7 @@ def main(argv=None):
     graphdefs = {(r, at, lp): _common.graphdef_for(mcfg, remat_policy=r, attention=at,
                                                     scan_layers=lp == "scan")
                  for r in remats for at in attns for lp in loops}
-    fm = metrics.flop_model(mcfg, params)
+    fm = metrics.flop_model(mcfg)
     unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
     shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
     batches = {"unshared": unshared, "shared": shared}

@@ -12,6 +12,7 @@ adapters on every linear weight, the base as the reference (one model in memory)
 import os
 
 from mio_jax import config as mio_config
+from mio_jax.models.lora import QUANTIZE
 
 default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                               "default.py"))
@@ -19,8 +20,9 @@ default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__
 
 def get_config(arg=None):
     parts = [p for p in (arg or "").split(",") if p]
-    quantize = next((p for p in parts if p in ("nf4", "int8", "gguf")), "none")
-    unknown = [p for p in parts if p not in ("nf4", "int8", "gguf", "runlocal")]
+    stored = [q for q in QUANTIZE if q != "none"]
+    quantize = next((p for p in parts if p in stored), "none")
+    unknown = [p for p in parts if p not in stored + ["runlocal"]]
     if unknown:
         raise ValueError(f"configs/lora_default.py: unknown arg part(s) {unknown}; "
                          "expected nf4 | int8 | gguf and/or runlocal")

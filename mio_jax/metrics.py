@@ -96,19 +96,17 @@ class FlopModel:
         return 2.0 * self.matmul_params + 2.0 * self.n_layers * self.attn_dim * seq_len
 
 
-def flop_model(model_cfg, params=None) -> FlopModel:
+def flop_model(model_cfg) -> FlopModel:
     """``FlopModel`` of a decoder: N (matmul parameters), layers and attention width, and
     the LoRA adapters' parameters when ``model_cfg.lora`` is set.
 
     Args:
       model_cfg: the decoder's ``ModelConfig``; the counts come from its weight table
         (so a quantized base counts its logical weights, not its stored bytes).
-      params: unused (kept for callers that pass the parameters).
     """
     from mio_jax.models.llama import adapter_rows
     from mio_jax.models.weights import weight_specs
 
-    del params
     total = sum(int(np.prod(s.shape(model_cfg))) for s in weight_specs(model_cfg))
     embed = model_cfg.vocab_size * model_cfg.hidden_size
     n = total if model_cfg.tie_word_embeddings else total - embed

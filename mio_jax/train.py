@@ -449,7 +449,7 @@ def train_loop(run: Run, training: Training) -> dict[str, Any]:
                                       config=config)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                              config.log.peak_flops_per_device)
-    throughput = metrics_lib.Throughput(metrics_lib.flop_model(run.model.config, state.params),
+    throughput = metrics_lib.Throughput(metrics_lib.flop_model(run.model.config),
                                         peak, jax.device_count(),
                                         reference_runs=config.reference.mode == "frozen")
     progress = metrics_lib.Progress(total, step, enabled=is_main and config.log.progress_bar)

@@ -25,7 +25,6 @@ from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.llama import Decoder
 
-QUANTIZE = ("none", "int8", "nf4", "gguf")
 
 
 def enabled(config) -> bool:
@@ -54,7 +53,7 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
       ConfigError naming the ``model.lora`` key for adapters that do not fit the model.
     """
     from mio_jax.errors import ConfigError
-    from mio_jax.models import hf_io, peft_io
+    from mio_jax.models import hf_io, peft_io, quant
     from mio_jax.reference import frozen_params
 
     m = config.model
@@ -81,7 +80,7 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
         logging.info("merged the adapter %s into the frozen base", folder)
     # The base is never updated: keep it in the compute dtype (or quantized).
     base = frozen_params(base, m.dtype)
-    if m.lora.quantize in ("int8", "nf4"):
+    if m.lora.quantize in quant.QWIX_KINDS:
         base = quantize_base(base, model.cfg, m.lora.quantize, mesh, rules)
     nnx.replace_by_pure_dict(rest, base)
     model = nnx.merge(graphdef, adapters, rest)
@@ -119,13 +118,9 @@ def quantize_base(base: dict, cfg: ModelConfig, kind: str, mesh, rules) -> dict:
     """``base`` with every stacked linear weight replaced by a ``quant.QuantizedWeight``
     (HF layout ``[L, out, in]``), one row at a time, each field sharded like the weight."""
     from mio_jax.models import quant
-    from mio_jax.models.weights import weight_specs
 
     layers = dict(base["layers"])
-    for spec in weight_specs(cfg):
-        name = spec.path[-1]
-        if not spec.stacked or name not in lora_lib.ROW_TO_PEFT:
-            continue
+    for name, spec in lora_lib.linear_specs(cfg).items():
         w = layers[name]
         block = math.gcd(spec.hf_shape(cfg)[1], 64)  # NF4 blocks of 64 inputs (fewer if
         fn = jax.jit(lambda x, spec=spec, block=block:  # the input width needs it)
@@ -185,19 +180,19 @@ def merged(model: Decoder, dtype: str | None = None) -> Decoder:
     A quantized base is dequantized first. The model itself is not changed."""
     import dataclasses
 
-    from mio_jax.models.weights import weight_specs
+    from mio_jax.models.llama import dense_weight
+    from mio_jax.models.weights import stacked_specs
 
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     base_cfg = dataclasses.replace(cfg, lora=None, param_dtype=dtype)
     _, adapters, rest = split(model)
     layers = dict(rest["layers"])
-    stacked = {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+    stacked = stacked_specs(cfg)
     for name, value in list(layers.items()):
         if hasattr(value, "dequantize"):  # [L, out, in] -> ours, one layer at a time
-            spec = stacked[name]
-            value = jax.vmap(lambda q: spec.from_hf(q.dequantize(jnp.float32), cfg))(value)
-        layers[name] = value
+            layers[name] = jax.vmap(
+                lambda q, spec=stacked[name]: dense_weight(spec, cfg, q, jnp.float32))(value)
     if cfg.lora is not None:
         for row in cfg.lora.rows:
             mask = cfg.lora.layer_mask(row) if cfg.lora.partial(row) else None

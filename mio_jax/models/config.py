@@ -266,9 +266,9 @@ def _validate_lora(cfg) -> None:
                            use_rslora=c.use_rslora, init=c.init)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    quantize = ("none", "int8", "nf4", "gguf")
-    if c.quantize not in quantize:
-        raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of {list(quantize)}")
+    if c.quantize not in lora_lib.QUANTIZE:
+        raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of "
+                          f"{list(lora_lib.QUANTIZE)}")
     if c.quantize == "gguf":
         path = str(cfg.model.path)
         if not (path == "smollm2" or path.endswith(".gguf")):

@@ -282,15 +282,12 @@ def _quantized_rows(cfg: ModelConfig, source) -> dict:
     """Row name -> a function building its `QuantizedWeight` from the GGUF blocks, for the
     stacked linear rows whose layers all share one type the forward decodes."""
     from mio_jax.models import quant
-    from mio_jax.models.lora import ROW_TO_PEFT
+    from mio_jax.models.lora import linear_specs
 
     if not hasattr(source, "raw_blocks"):
         raise ValueError("keep_quantized needs a .gguf model (an HF folder holds no blocks)")
     rows = {}
-    for spec in weight_specs(cfg):
-        name = spec.path[-1]
-        if not spec.stacked or name not in ROW_TO_PEFT:
-            continue
+    for name, spec in linear_specs(cfg).items():
         kinds = {source.kind(n) for n in spec.hf_names(cfg)}
         if len(kinds) != 1 or next(iter(kinds)) not in quant.GGUF_IN_STEP:
             logging.warning("%s: %s has block types %s; dequantized at load instead",

@@ -18,7 +18,7 @@ from flax import nnx
 from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.sharding import DEFAULT_RULES, Rules, constrain
-from mio_jax.models.weights import WeightSpec, axis_sizes, weight_specs
+from mio_jax.models.weights import WeightSpec, axis_sizes, stacked_specs, weight_specs
 
 _NEG = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
 
@@ -209,7 +209,7 @@ def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
         is_causal=True, implementation=implementation)
 
 
-def _dense(spec: WeightSpec, cfg: ModelConfig, a, dt):
+def dense_weight(spec: WeightSpec, cfg: ModelConfig, a, dt):
     """One layer's weight in our layout and the compute dtype; a quantized base weight
     (HF layout, `mio_jax.models.quant`) is dequantized here, one layer at a time."""
     if hasattr(a, "dequantize"):
@@ -254,8 +254,8 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     Returns (x_btd, (k, v)) where k/v are this step's full key/value arrays.
     """
     dt = jnp.dtype(cfg.dtype)
-    specs = {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
-    w = {n: _dense(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
+    specs = stacked_specs(cfg)
+    w = {n: dense_weight(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
     lora = adapters or _Adapters(cfg, p, None, False)
     eps = cfg.rms_norm_eps
     h = _rms_norm_bwd_recompute(x_btd, w["attn_norm"], eps)
@@ -516,7 +516,7 @@ def adapter_rows(cfg: ModelConfig):
     (empty without ``cfg.lora``); axes and shapes include the leading ``layers`` axis."""
     if cfg.lora is None:
         return []
-    specs = {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+    specs = stacked_specs(cfg)
     sizes = dict(axis_sizes(cfg), **{lora_lib.RANK_AXIS: cfg.lora.rank})
     out = []
     for row in cfg.lora.rows:

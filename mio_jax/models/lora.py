@@ -44,6 +44,8 @@ HF_MODULES: dict[str, str] = {
 }
 ALL_LINEAR = tuple(PEFT_TARGETS)
 INITS = ("default", "gaussian")
+# How the frozen base is stored (model.lora.quantize; mio_jax.models.quant).
+QUANTIZE = ("none", "int8", "nf4", "gguf")
 RANK_AXIS = "lora_rank"  # logical axis of the rank dimension (replicated)
 
 
@@ -92,6 +94,14 @@ class LoraSpec:
         for i in self.layers(row):
             mask[i] = 1.0
         return jnp.asarray(mask, jnp.float32)
+
+
+def linear_specs(cfg) -> dict:
+    """The weight-table rows of ``cfg`` that adapters (and a quantized base) apply to: the
+    seven per-layer linear weights, by row name."""
+    from mio_jax.models.weights import stacked_specs
+
+    return {n: s for n, s in stacked_specs(cfg).items() if n in ROW_TO_PEFT}
 
 
 def resolve_targets(target_modules: str | Sequence[str], num_layers: int,

@@ -35,7 +35,7 @@ from mio_jax import paths
 from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.safetensors_file import SafetensorsFile, write_safetensors
-from mio_jax.models.weights import WeightSpec, check_tensors, weight_specs
+from mio_jax.models.weights import WeightSpec, check_tensors, stacked_specs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,10 +59,6 @@ _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
 # Inits that only decide the adapter's starting values (the loaded weights replace them).
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _ADAPTER_NAME = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
-
-
-def _row_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
-    return {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
 
 
 def _peft_name(row_spec: WeightSpec, layer: int, factor: str) -> str:
@@ -91,7 +87,7 @@ def expected_tensors(cfg: ModelConfig, spec: lora_lib.LoraSpec) -> dict[str, tup
       ``[r, in]`` for each ``lora_A`` and ``[out, r]`` for each ``lora_B``, in row then
       layer order, only for the layers each row covers.
     """
-    row_specs = _row_specs(cfg)
+    row_specs = stacked_specs(cfg)
     out: dict[str, tuple[int, ...]] = {}
     for row in spec.rows:
         in_dims, out_dims = _factor_sizes(cfg, row_specs[row])
@@ -118,7 +114,7 @@ def adapter_tensors(cfg: ModelConfig, spec: lora_lib.LoraSpec, adapters) -> dict
       ValueError: a row's factor is missing or has the wrong shape.
     """
     layers = adapters["layers"] if "layers" in adapters else adapters
-    row_specs = _row_specs(cfg)
+    row_specs = stacked_specs(cfg)
     L, r = cfg.num_hidden_layers, spec.rank
     out: dict[str, np.ndarray] = {}
     for row in spec.rows:
@@ -365,7 +361,7 @@ def read_adapter(folder: str, cfg: ModelConfig, *, prefix: str = "model.lora."
                   model_type=cfg.model_type, implied_by=f"{CONFIG_NAME} and the base config",
                   describe=lambda c: f"{weights_path}: tensor {found[c]!r}")
 
-    row_specs = _row_specs(cfg)
+    row_specs = stacked_specs(cfg)
     L, r = cfg.num_hidden_layers, spec.rank
     out: dict[str, np.ndarray] = {}
     for row in spec.rows:

@@ -193,6 +193,11 @@ def weight_specs(cfg: ModelConfig) -> tuple[WeightSpec, ...]:
     return tuple(s for s in TABLES[cfg.model_type] if s.enabled(cfg))
 
 
+def stacked_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+    """The per-layer rows of `cfg` (stacked on `layers`) by name: `{"q": spec, ...}`."""
+    return {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+
+
 def hf_shapes(cfg: ModelConfig) -> dict[str, Shape]:
     """Every HF tensor name of a `cfg` checkpoint -> its HF shape, in table/layer order."""
     return {name: s.hf_shape(cfg) for s in weight_specs(cfg) for name in s.hf_names(cfg)}
