@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from mio_jax import checkpoint, evaluate, metrics, optim, reference, sharding
+from mio_jax import checkpoint, evaluate, metrics, online, optim, reference, sharding
 from mio_jax.data import config as data_config
 from mio_jax.data.config import default_data_config
 from mio_jax.errors import ConfigError
@@ -174,6 +174,37 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.wandb.tags = ""                # comma-separated
     c.log.wandb.dir = ""                 # local folder; "" = $WANDB_DIR, a local workdir, ./wandb
 
+    # Online training (mio_jax.online): R rounds, each sampling K answers to M prompts with
+    # the policy being trained, verifying them, pairing correct with incorrect answers and
+    # training S steps on those pairs (train.batch_size groups each). train.steps and
+    # data.train_path are then unused; reference.mode is "precomputed" (or "none").
+    c.online = ml_collections.ConfigDict()
+    c.online.enabled = False
+    c.online.rounds = 4                  # R
+    c.online.prompts_per_round = 32      # M, per task (and of the JSONL)
+    c.online.samples_per_prompt = 4      # K (>= 2)
+    c.online.steps_per_round = 4         # S
+    c.online.tasks = "basic_arithmetic"  # comma-separated reasoning-gym tasks ("" = none)
+    c.online.task_config = ""            # JSON kwargs of every task's config (difficulty)
+    c.online.jsonl = ""                  # or/and a JSONL of {"question", "answer"} rows
+    # "" = reasoning_gym for tasks, exact_number for the JSONL; or a verifier name
+    # (mio_jax.verifiers.names()) or "module:function" (completion, example) -> score.
+    c.online.verifier = ""
+    c.online.prompt_seed = 0             # round r: item seeds prompt_seed + r*M ...
+    c.online.temperature = 0.8
+    c.online.top_p = 1.0
+    c.online.top_k = 0
+    c.online.max_new_tokens = 96
+    c.online.sample_batch_size = 64      # sequences per generation call
+    # What the round trains on: "best_worst" (the best- and worst-scored answers of a
+    # prompt, one pair), "all_pairs" (every correct x incorrect pair), "group" (one K-way
+    # group: a correct answer first, then the distinct incorrect ones; data.kway_mode).
+    c.online.pairs = "best_worst"
+    c.online.num_negatives = 0           # group: at most N incorrect answers (0 = all)
+    c.online.reference = "initial"       # initial (the starting model) | previous (round start)
+    c.online.eval_every_rounds = 1       # held-out eval (eval.reasoning_tasks) every E rounds
+    c.online.system = evaluate.DEFAULT_SYSTEM  # the system prompt ("" = none)
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)
     c.eval.batch_size = 8
@@ -184,6 +215,7 @@ def base_config() -> ml_collections.ConfigDict:
     # from 1e9 on, disjoint from training data), new tokens per answer.
     c.eval.reasoning_tasks = ""
     c.eval.reasoning_examples = 16
+    c.eval.reasoning_task_config = ""    # JSON kwargs of every task's config (difficulty); "" = defaults
     c.eval.reasoning_max_new_tokens = 96
     return c
 
@@ -379,7 +411,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     packing vs. gradient accumulation (here), ``loss`` and the rules the chosen loss
     imposes on other sections (mio_jax.losses.config), ``optim`` (mio_jax.optim), ``mesh``
     and batch divisibility (here, by ``sharding.mesh_axis_sizes``), ``checkpoint``
-    (mio_jax.checkpoint), ``log`` (mio_jax.metrics), ``eval`` (mio_jax.evaluate).
+    (mio_jax.checkpoint), ``log`` (mio_jax.metrics), ``eval`` (mio_jax.evaluate),
+    ``online`` (mio_jax.online).
 
     Args:
       cfg: the experiment config (resolved or not).
@@ -404,3 +437,4 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     checkpoint.validate_checkpoint_config(cfg)
     metrics.validate_log_config(cfg)
     evaluate.validate_eval_config(cfg)
+    online.validate_online_config(cfg)

@@ -328,7 +328,8 @@ def validate_eval_config(cfg) -> None:
     Rules: ``eval.every_steps >= 0``, ``eval.batch_size >= 1``; with
     ``eval.reasoning_tasks`` set, ``eval.reasoning_examples`` and
     ``eval.reasoning_max_new_tokens`` >= 1 and every task one that ``heldout_examples``
-    can build (reasoning-gym installed, the name known).
+    can build with ``eval.reasoning_task_config`` (reasoning-gym installed, the name and
+    the settings known).
 
     Args:
       cfg: the whole experiment config (reads ``cfg.eval``).
@@ -347,9 +348,13 @@ def validate_eval_config(cfg) -> None:
     if e.reasoning_examples < 1 or e.reasoning_max_new_tokens < 1:
         raise ConfigError("eval.reasoning_examples and eval.reasoning_max_new_tokens "
                           "must be >= 1")
+    try:
+        task_config = parse_task_config(e.get("reasoning_task_config", ""))
+    except ValueError as err:
+        raise ConfigError(f"eval.reasoning_task_config: {err}") from err
     for task in tasks:
         try:
-            heldout_examples(task, 1, seed=0)
+            heldout_examples(task, 1, 0, task_config)
         except (ValueError, ImportError) as err:
             raise ConfigError(f"eval.reasoning_tasks: {task!r}: {err}") from err
 

@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.top_k = 0
     c.max_new_tokens = 256
     c.batch_size = 8  # prompts per sampler call (batch_size * K sequences)
-    c.mode = "pairs"  # "pairs" or "group"
+    c.mode = "pairs"  # "pairs", "best_worst" or "group"
     c.pairs_per_prompt = 1  # mode pairs: first N (correct, incorrect) combinations; 0 = all
     c.num_negatives = 0  # mode group: at most N incorrect samples per row; 0 = all distinct
     c.verifier = ""  # "" = reasoning_gym for tasks, exact_number for JSONL; or name / module:fn
@@ -71,7 +71,9 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
       example: the example (its `task` and `answer` are copied into the rows).
       texts: the K sample texts.
       scores: their verifier scores; `verifiers.is_correct` splits correct / incorrect.
-      mode: "pairs" (conversational rows) or "group" (one K-way row).
+      mode: "pairs" (conversational rows), "best_worst" (one row: the best-scored correct
+        sample against the worst-scored incorrect one, the first of equals) or "group"
+        (one K-way row).
       pairs_per_prompt: mode pairs, keep the first N distinct (correct, incorrect)
         combinations in sample order; 0 keeps all.
       num_negatives: mode group, keep at most N distinct incorrect samples; 0 keeps all.
@@ -84,6 +86,12 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
     if not good or not bad:
         return []
     meta = {"task": evaluate.task_name(example), "answer": str(example["answer"])}
+    if mode == "best_worst":
+        g = max(good, key=lambda i: (scores[i], -i))
+        b = min(bad, key=lambda i: (scores[i], i))
+        return [{"prompt": list(prompt), "chosen": _message(texts[g]),
+                 "rejected": _message(texts[b]), **meta,
+                 "chosen_score": float(scores[g]), "rejected_score": float(scores[b])}]
     if mode == "pairs":
         rows, seen = [], set()
         for g, b in itertools.product(good, bad):
@@ -107,7 +115,10 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
         keep = [good[0]] + negatives
         return [{"prompt": list(prompt), "completions": [_message(texts[i]) for i in keep],
                  "scores": [float(scores[i]) for i in keep], **meta}]
-    raise ValueError(f"pairs: mode must be 'pairs' or 'group', got {mode!r}")
+    raise ValueError(f"pairs: mode must be one of {MODES}, got {mode!r}")
+
+
+MODES = ("pairs", "best_worst", "group")
 
 
 def build(sampler: evaluate.Sampler, examples: Sequence[Mapping[str, Any]], verifier: str | verifiers.Verifier,
@@ -132,8 +143,8 @@ def build(sampler: evaluate.Sampler, examples: Sequence[Mapping[str, Any]], veri
     """
     if num_samples < 2:
         raise ValueError(f"pairs: num_samples must be >= 2, got {num_samples}")
-    if mode not in ("pairs", "group"):
-        raise ValueError(f"pairs: mode must be 'pairs' or 'group', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"pairs: mode must be one of {MODES}, got {mode!r}")
     verify = verifiers.get(verifier) if isinstance(verifier, str) else verifier
     stats = dict(prompts=0, samples=0, correct=0, incorrect=0, all_correct=0, none_correct=0,
                  prompts_with_rows=0, rows=0)

@@ -9,6 +9,13 @@ lines; rows of another split (`"split": "eval"` as `mio_jax.metrics.JsonlWriter`
 keys already prefixed "eval/") are dashed. The legend names each run by its workdir and, when
 `WORKDIR/config.json` exists, its `loss.name`. Workdirs and `--out` are local paths or URLs
 such as `gs://bucket/run` (`mio_jax.paths`).
+
+    python -m mio_jax.plot --rounds WORKDIR [WORKDIR ...] [--out=FILE.png]
+
+draws the per-round panels of online runs (`mio_jax.online`, rows of split "round"): the
+samples' pass rate, the fraction of prompts with signal, all-correct and none-correct
+counts, answer length, the round's rows' chosen log-ratio and logps/chosen after its
+training, and the held-out accuracy with its 95 % interval at the rounds it was measured.
 """
 
 from __future__ import annotations
@@ -74,6 +81,78 @@ def panel_keys(series: Series, panel: str) -> list[str]:
     return sorted(k for k in series if k == panel or (k.endswith("/" + panel) and k.count("/") == panel.count("/") + 1))
 
 
+ROUND_PANELS = ("pass_rate", "signal_fraction", "all_correct", "none_correct",
+                "answer_tokens_mean", "chosen_logratio", "logps_chosen", "rows")
+HELD_OUT = "reasoning/accuracy"
+
+
+def round_series(series: Series) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-round values of an online run: ``ROUND_PANELS`` keys -> (rounds, values), and the
+    held-out accuracy with its interval -> (rounds, [(accuracy, low, high)]); the held-out
+    eval at step 0 is round -1 (before the first round)."""
+    if "round/round" not in series:
+        return {}
+    steps, rounds = series["round/round"]
+    at = dict(zip(steps, (int(r) for r in rounds)))
+    out = {}
+    for key in ROUND_PANELS:
+        if f"round/{key}" in series:
+            st, vals = series[f"round/{key}"]
+            out[key] = ([at[s] for s in st], vals)
+    acc = series.get(f"eval/{HELD_OUT}")
+    if acc:
+        low = dict(zip(*series[f"eval/reasoning/ci95_low"]))
+        high = dict(zip(*series[f"eval/reasoning/ci95_high"]))
+        pts = [(at.get(s, -1 if s == 0 else None), (v, low[s], high[s]))
+               for s, v in zip(*acc)]
+        pts = [(r, v) for r, v in pts if r is not None]
+        out[HELD_OUT] = ([r for r, _ in pts], [v for _, v in pts])
+    return out
+
+
+def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
+    """The per-round panels of online runs (see the module docstring); returns the Figure.
+
+    Raises:
+      ValueError: none of the runs has per-round rows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [round_series(read_metrics(w)) for w in workdirs]
+    labels = list(labels) if labels else [run_label(w) for w in workdirs]
+    panels = [p for p in ROUND_PANELS + (HELD_OUT,) if any(p in r for r in runs)]
+    if not panels:
+        raise ValueError(f"no per-round rows (split 'round') in {list(workdirs)}: "
+                         "are these online runs (online.enabled)?")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            if panel not in run:
+                continue
+            x, y = run[panel]
+            color = colors[i % len(colors)]
+            if panel == HELD_OUT:
+                acc = [v[0] for v in y]
+                err = [[v[0] - v[1] for v in y], [v[2] - v[0] for v in y]]
+                ax.errorbar(x, acc, yerr=err, color=color, marker="o", capsize=3, label=label)
+            else:
+                ax.plot(x, y, color=color, marker="o", label=label)
+        ax.set_title("held-out accuracy (95% CI)" if panel == HELD_OUT else panel)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
     """Draws the standard panels for the runs in `workdirs`.
 
@@ -121,10 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="Plot training curves from metrics.jsonl files.")
     ap.add_argument("workdirs", nargs="+")
-    ap.add_argument("--out", default="", help="PNG path (default: WORKDIR/curves.png of the first run)")
+    ap.add_argument("--rounds", action="store_true", help="per-round panels of online runs")
+    ap.add_argument("--out", default="", help="PNG path (default: WORKDIR/curves.png, or "
+                    "rounds.png with --rounds, of the first run)")
     args = ap.parse_args(argv)
-    out = args.out or paths.join(args.workdirs[0], "curves.png")
-    fig = plot_runs(args.workdirs)
+    out = args.out or paths.join(args.workdirs[0], "rounds.png" if args.rounds else "curves.png")
+    fig = (plot_rounds if args.rounds else plot_runs)(args.workdirs)
     save_figure(fig, out)
     print(f"wrote {out}")
 

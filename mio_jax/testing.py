@@ -136,3 +136,33 @@ class GcsEmulator:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---- verifiers for online-training tests (``online.verifier = "mio_jax.testing:..."``) ----
+
+def parity_verifier(completion: str, example) -> float:
+    """1.0 when the completion has an even number of characters: a rule whose answers are
+    known, and which splits a random model's samples into right and wrong."""
+    del example
+    return float(len(completion) % 2 == 0)
+
+
+KILL_FILE = "MIO_JAX_TEST_KILL_FILE"
+
+
+def killing_verifier(completion: str, example) -> float:
+    """``parity_verifier``, except that when the file named by ``$MIO_JAX_TEST_KILL_FILE``
+    exists it holds a count: each call decrements it, and the call that finds 1 removes the
+    file and SIGKILLs this process (a crash at a known point of a round's sampling)."""
+    path = os.environ.get(KILL_FILE)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            left = int(f.read().strip())
+        if left <= 1:
+            import signal
+
+            os.remove(path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(path, "w") as f:
+            f.write(str(left - 1))
+    return parity_verifier(completion, example)

@@ -36,6 +36,7 @@ from mio_jax import logps as logps_lib
 from mio_jax import losses
 from mio_jax import metrics as metrics_lib
 from mio_jax import models
+from mio_jax import online as online_lib
 from mio_jax import optim
 from mio_jax import paths
 from mio_jax import periodic
@@ -86,13 +87,15 @@ class Data:
 @dataclasses.dataclass(frozen=True)
 class Training:
     """Attributes: state (the ``TrainState`` to continue from), shardings (of the state),
-    tx and schedule (optax), checkpointer."""
+    tx and schedule (optax), checkpointer, data_state (the restored checkpoint's data
+    position, or None when starting afresh)."""
 
     state: step_lib.TrainState
     shardings: step_lib.TrainState
     tx: Any
     schedule: Any
     checkpointer: ckpt_lib.Checkpointer
+    data_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +212,18 @@ def build_data(config, tokenizer, mesh, workdir: str) -> Data:
 
 def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Training:
     """The optimizer and the train state: restored from the newest readable checkpoint
-    (with the data position), else initialised from the model's weights."""
-    tx, schedule = optim.from_config(config.optim, data.total_steps)
+    (with the data position, set into ``data.train``), else initialised from the model's
+    weights."""
+    training = restore_or_init(config, workdir, model, data.total_steps, mesh)
+    if training.data_state is not None:
+        data.train.set_state(training.data_state)
+    return training
+
+
+def restore_or_init(config, workdir: str, model: Model, total_steps: int, mesh) -> Training:
+    """``init_or_restore`` without a pipeline: the restored data position is returned in
+    ``Training.data_state`` for the caller to apply."""
+    tx, schedule = optim.from_config(config.optim, total_steps)
     shardings = sharding_lib.named(mesh, step_lib.state_specs(tx, model.params,
                                                               model.param_specs))
     ckpt = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
@@ -220,15 +233,15 @@ def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Tra
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     restored = ckpt.restore(abstract)
+    data_state = None
     if restored is not None:
         step0, state, data_state, _ = restored
-        data.train.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, step0)
     else:
         state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(
             model.params)
         logging.info("initialised from %s", config.model.path)
-    return Training(state, shardings, tx, schedule, ckpt)
+    return Training(state, shardings, tx, schedule, ckpt, data_state)
 
 
 def build_reference(config, workdir: str, model: Model, data: Data,
@@ -245,44 +258,49 @@ def build_reference(config, workdir: str, model: Model, data: Data,
     if mode == "none":
         return Reference(consts)
     full = step_cfg.full_projection()
-    train_table = _precompute(config, workdir, model, data, full, mesh, data.train.prepared,
-                              "train")
-    eval_table = (None if data.eval_split is None else
-                  _precompute(config, workdir, model, data, full, mesh, data.eval_split, "eval"))
+    lora = model.config.lora is not None  # the reference is the base: adapters off
+    weights_fp = reference_lib.weights_fingerprint(model.other if lora else model.params)
+    cache_dir = (paths.resolve(config.reference.cache_dir) if config.reference.cache_dir
+                 else paths.join(workdir, "reference_cache"))
+
+    def table(split, name):
+        return precompute_table(config, model, data.sharding, mesh, full, split, name,
+                                params=model.params, adapters=not lora, cache_dir=cache_dir,
+                                weights_fp=weights_fp)
+
+    train_table = table(data.train.prepared, "train")
+    eval_table = None if data.eval_split is None else table(data.eval_split, "eval")
     return Reference(consts, train_table, eval_table)
 
 
-def _precompute(config, workdir, model: Model, data: Data, cfg: step_lib.StepConfig, mesh,
-                split: data_lib.PreparedSplit, name: str) -> reference_lib.ReferenceTable:
-    """Reference table of one split: one unshuffled, unshared pass (cached on disk)."""
+def precompute_table(config, model: Model, sharding, mesh, cfg: step_lib.StepConfig,
+                     split: data_lib.PreparedSplit, name: str, *, params, adapters: bool,
+                     cache_dir: str, weights_fp: str) -> reference_lib.ReferenceTable:
+    """Reference log-probs of one split under ``params`` (``adapters=False``: a LoRA
+    model's base): one unshuffled, unshared pass, cached under ``cache_dir`` by the
+    split's contents, ``weights_fp`` and the settings."""
     dcfg = config.data.copy_and_resolve_references()
     with dcfg.unlocked():  # the reference pass reads every group in the [B, K, L] layout
         dcfg.packing = False
         dcfg.shared_prompt = False
-    lora = model.config.lora is not None  # the reference is the base: adapters off
     ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg,
-                                       adapters=not lora))
+                                       adapters=adapters))
 
     def batches():
         return data_lib.make_pipeline(dcfg, model.tokenizer, split="eval",
                                       batch_size=config.reference.batch_size, prepared=split)
 
     def logps_of(host) -> np.ndarray:
-        out = ref_fn(model.params, model.other, data_lib.to_global_arrays(host, data.sharding))
+        out = ref_fn(params, model.other, data_lib.to_global_arrays(host, sharding))
         if jax.process_count() > 1:  # this process's rows, matching its host batch
-            out = multihost_utils.global_array_to_host_local_array(out, mesh,
-                                                                   data.sharding.spec)
+            out = multihost_utils.global_array_to_host_local_array(out, mesh, sharding.spec)
         return np.asarray(jax.device_get(out))
 
     settings = {"dtype": config.model.dtype, "ld_alpha": config.loss.ld_alpha, "split": name,
                 "K": split.K}
     table, path, hit = reference_lib.build_or_load(
-        cache_dir=(paths.resolve(config.reference.cache_dir) if config.reference.cache_dir
-                   else paths.join(workdir, "reference_cache")),
-        batches=batches, ref_fn=logps_of,
-        weights_fp=reference_lib.weights_fingerprint(model.other if lora else model.params),
-        settings=settings,
-        name=name)
+        cache_dir=cache_dir, batches=batches, ref_fn=logps_of, weights_fp=weights_fp,
+        settings=settings, name=name)
     logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
     return _all_processes(table, len(split.groups)) if jax.process_count() > 1 else table
 
@@ -332,19 +350,23 @@ def evaluate(run: Run, params, step: int) -> dict[str, float]:
     return out
 
 
-def _preference_eval(run: Run, params) -> dict[str, float]:
-    if run.data.eval_split is None:
+def _preference_eval(run: Run, params, split: data_lib.PreparedSplit | None = None,
+                     table: reference_lib.ReferenceTable | None = None) -> dict[str, float]:
+    """Weighted means of the preference metrics over ``split`` (default: the eval split,
+    with its precomputed reference ``table``)."""
+    if split is None:
+        split, table = run.data.eval_split, run.reference.eval_table
+    if split is None:
         return {}
     it = data_lib.make_pipeline(run.config.data, run.model.tokenizer, split="eval",
-                                batch_size=run.config.eval.batch_size,
-                                prepared=run.data.eval_split,
+                                batch_size=run.config.eval.batch_size, prepared=split,
                                 row_multiple=run.data.row_multiple)
     eval_fn = _eval_fn(run.model.graphdef, run.step_cfg)
     sums, counts, denom = {}, {}, 0.0
     for i, host in enumerate(it):
         if 0 < run.config.eval.max_batches <= i:
             break
-        batch = device_batch(run, host, run.reference.eval_table)
+        batch = device_batch(run, host, table)
         s, c, d = jax.device_get(eval_fn(params, batch, run.reference.consts))
         for k, v in s.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -363,8 +385,9 @@ def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
     if not tasks:
         return {}
     ecfg = run.config.eval
+    task_config = evaluate_lib.parse_task_config(ecfg.reasoning_task_config)
     examples = [ex for t in tasks for ex in
-                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, seed=0)]
+                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, 0, task_config)]
     model = nnx.merge(run.model.graphdef, params, run.model.other)
 
     def sampler(prompts):
@@ -438,12 +461,28 @@ class _Steps:
         return self.full(state, batch, consts)
 
 
-def train_loop(run: Run, training: Training) -> dict[str, Any]:
-    """Steps from the state's step to ``total_steps``, then the final checkpoint, eval and
-    export. Returns what ``train_and_evaluate`` returns."""
+@dataclasses.dataclass
+class Loop:
+    """The train loop's parts (``mio_jax.periodic``), built by ``make_loop``: writer,
+    progress bar, metrics window, checkpoints, evals and the jitted steps."""
+
+    writer: Any
+    progress: Any
+    window: periodic.MetricsWindow
+    checkpoints: periodic.Checkpoints
+    evals: periodic.Evals
+    steps: _Steps
+
+    def close(self, training: Training) -> None:
+        self.progress.close()
+        self.writer.close()
+        training.checkpointer.close()
+
+
+def make_loop(run: Run, training: Training, step: int, data_iterator) -> Loop:
+    """The loop's parts for a run at ``step`` of ``run.data.total_steps``; checkpoints
+    save ``data_iterator.get_state()`` as the data position."""
     config, total = run.config, run.data.total_steps
-    state = training.state
-    step = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
     writer = metrics_lib.make_writers(run.workdir, enabled=is_main, resume_step=step,
                                       config=config)
@@ -457,33 +496,48 @@ def train_loop(run: Run, training: Training) -> dict[str, Any]:
                                     total_steps=total)
     checkpoints = periodic.Checkpoints(training.checkpointer,
                                        every=config.checkpoint.every_steps,
-                                       data_iterator=run.data.train,
+                                       data_iterator=data_iterator,
                                        config=mio_config.as_dict(config), window=window)
     evals = periodic.Evals(functools.partial(evaluate, run), every=config.eval.every_steps,
                            total_steps=total, writer=writer, window=window)
-    steps = _Steps(run, training)
+    return Loop(writer, progress, window, checkpoints, evals, _Steps(run, training))
+
+
+def run_steps(run: Run, loop: Loop, preemption: periodic.Preemption, state, step: int,
+              stop: int, iterator, table: reference_lib.ReferenceTable | None):
+    """Steps ``step`` -> ``stop`` on ``iterator``'s batches (``table``: their precomputed
+    reference log-probs), with the periodic work. Returns ``(state, step)``."""
+    while step < stop:
+        preemption.check(step, state)
+        host, info = iterator.next_with_info()
+        state, metrics = loop.steps(state, device_batch(run, host, table), info, step)
+        step += 1
+        loop.window.add(step, metrics, info, host.example_id)
+        loop.evals(step, state.params)  # before the checkpoint: a resume from step s
+        loop.checkpoints(step, state)   # finds the eval row of s written
+    return state, step
+
+
+def train_loop(run: Run, training: Training) -> dict[str, Any]:
+    """Steps from the state's step to ``total_steps``, then the final checkpoint, eval and
+    export. Returns what ``train_and_evaluate`` returns."""
+    config, total = run.config, run.data.total_steps
+    state = training.state
+    step = int(jax.device_get(state.step))
+    loop = make_loop(run, training, step, run.data.train)
     try:
-        with periodic.Preemption(checkpoints) as preemption:
+        with periodic.Preemption(loop.checkpoints) as preemption:
             if config.eval.at_start and step == 0:
-                evals.run(0, state.params)
-            while step < total:
-                preemption.check(step, state)
-                host, info = run.data.train.next_with_info()
-                state, metrics = steps(state, device_batch(run, host, run.reference.train_table),
-                                       info, step)
-                step += 1
-                window.add(step, metrics, info, host.example_id)
-                evals(step, state.params)  # before the checkpoint: a resume from step s
-                checkpoints(step, state)   # finds the eval row of s written
-            window.flush()
-            checkpoints.finish(step, state)
-        final_eval = evals.run(step, state.params, "final eval")
+                loop.evals.run(0, state.params)
+            state, step = run_steps(run, loop, preemption, state, step, total, run.data.train,
+                                    run.reference.train_table)
+            loop.window.flush()
+            loop.checkpoints.finish(step, state)
+        final_eval = loop.evals.run(step, state.params, "final eval")
         exported = export(run, state.params) if config.checkpoint.export_hf else None
     finally:
-        progress.close()
-        writer.close()
-        training.checkpointer.close()
-    return {"step": step, "train": window.last, "eval": final_eval, "export": exported,
+        loop.close(training)
+    return {"step": step, "train": loop.window.last, "eval": final_eval, "export": exported,
             "state": state}
 
 
@@ -509,6 +563,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = mio_config.resolve(config)
     mesh = build_mesh(config, workdir)
     model = build_model(config, mesh)
+    if online_lib.enabled(config):
+        return _train_online(config, workdir, mesh, model)
     with jax.set_mesh(mesh):
         data = build_data(config, model.tokenizer, mesh, workdir)
         training = init_or_restore(config, workdir, model, data, mesh)
@@ -518,3 +574,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model = dataclasses.replace(model, params=None)
         run = Run(config, workdir, mesh, model, data, reference, cfg)
         return train_loop(run, training)
+
+
+def _train_online(config, workdir: str, mesh, model: Model) -> dict[str, Any]:
+    """``online.enabled``: the rounds of ``mio_jax.online`` on the same stages (no train
+    pipeline: each round builds its own from the rows it sampled)."""
+    with jax.set_mesh(mesh):
+        row_multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
+        data = Data(None, None, online_lib.total_steps(config),
+                    sharding_lib.batch_sharding(mesh), row_multiple)
+        training = restore_or_init(config, workdir, model, data.total_steps, mesh)
+        initial = None  # LoRA: the base with the adapters off; "previous": the state
+        if model.config.lora is None and config.online.reference == "initial":
+            initial = reference_lib.frozen_params(model.params, model.config.dtype)
+        model = dataclasses.replace(model, params=None)
+        run = Run(config, workdir, mesh, model, data,
+                  Reference(step_lib.StepConsts(model.other)), step_config(config))
+        return online_lib.train_online(run, training, initial)

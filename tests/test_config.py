@@ -237,6 +237,8 @@ def _shipped():
     out += [("lora_default.py", a, 1, None)
             for a in (None, "runlocal", "nf4", "int8", "gguf", "gguf,runlocal")]
     out += [("reproduce_small.py", m, 1, None) for m in reproduce_small.METHODS]
+    out += [("online.py", f"{m}{opt}", 1, None) for m in reproduce_small.METHODS
+            for opt in ("", ",lora", ",runlocal", ",lora,runlocal")]
     out += [("paper.py", f"{m},{loss},{hw}{'' if mode == 'full' else ',' + mode}{run}",
              *devices[hw]) for m in paper.MODELS for loss in ("mio", "dpo")
             for hw, modes in paper.MODES.items() for mode in modes for run in ("", ",runlocal")]

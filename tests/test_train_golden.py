@@ -36,10 +36,12 @@ def test_tiny_run_equals_the_committed_golden_run(variant, tmp_path):
     assert set(WANT) == set(SCRIPT.VARIANTS)
     got = SCRIPT.run_variant(variant, str(tmp_path))
     want = WANT[variant]
-    # the same initial weights and data, so any difference below comes from training
+    # the same initial weights and data, so any difference below comes from training: float32
+    # rounding only (the attention backward that recomputes its probabilities sums in
+    # another order than autodiff did when the golden runs were written: up to ~2e-6)
     _close(got["initial_weights"], want["initial_weights"], "initial weights", 0, 0)
-    _close(got["train"], want["train"], "train metrics", 1e-6, 1e-7)
-    _close(got["eval"], want["eval"], "eval metrics", 1e-6, 1e-7)
-    _close(got["weights"], want["weights"], "exported weights", 1e-6, 1e-6)
+    _close(got["train"], want["train"], "train metrics", 1e-5, 1e-6)
+    _close(got["eval"], want["eval"], "eval metrics", 1e-5, 1e-6)
+    _close(got["weights"], want["weights"], "exported weights", 1e-5, 1e-6)
     # the runs train: the weights moved away from the initial ones
     assert any(got["weights"][k] != want["initial_weights"][k] for k in want["weights"])

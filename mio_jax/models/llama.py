@@ -176,6 +176,11 @@ def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     """Grouped-query attention written out (``model.attention="xla"``): float32 scores,
     masked softmax.
 
+    The backward recomputes the probabilities from the queries and keys (and the softmax's
+    row maxima and sums, saved by the forward) instead of keeping the float32
+    ``[B, KV, H // KV, T, S]`` probabilities of every layer for it: for a 135M model at 256
+    tokens those were a quarter of the train step's saved activations.
+
     Args:
       q_bthk: queries ``[B, T, H, hd]``; k_bskh, v_bskh: keys and values ``[B, S, KV, hd]``
         (H a multiple of KV).
@@ -187,11 +192,47 @@ def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     B, T, H, hd = q_bthk.shape
     KV = k_bskh.shape[2]
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
-    scores = attention_scores(qg, k_bskh)
-    scores = scores * (hd ** -0.5)
+    return _grouped_attention(qg, k_bskh, v_bskh, mask_bts).reshape(B, T, H, hd)
+
+
+def _softmax_parts(qg, k, mask_bts):
+    """Masked, scaled float32 scores -> (probabilities, row maxima, row sums)."""
+    scores = attention_scores(qg, k) * (qg.shape[-1] ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_bthk.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(B, T, H, hd)
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    e = jnp.exp(scores - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / total, top, total
+
+
+@jax.custom_vjp
+def _grouped_attention(qg, k, v, mask_bts):
+    probs, _, _ = _softmax_parts(qg, k, mask_bts)
+    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(qg.dtype), v)
+
+
+def _grouped_attention_fwd(qg, k, v, mask_bts):
+    probs, top, total = _softmax_parts(qg, k, mask_bts)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(qg.dtype), v)
+    return out, (qg, k, v, mask_bts, top, total)
+
+
+def _grouped_attention_bwd(res, d_out):
+    qg, k, v, mask_bts, top, total = res
+    scale = qg.shape[-1] ** -0.5
+    scores = attention_scores(qg, k) * scale
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    probs = jnp.exp(scores - top) / total  # the forward's probabilities, recomputed
+    p = probs.astype(qg.dtype)
+    dv = jnp.einsum("bkgts,btkgh->bskh", p, d_out)
+    dp = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    ds = probs * (dp - jnp.sum(probs * dp, axis=-1, keepdims=True))
+    ds = jnp.where(mask_bts[:, None, None, :, :], ds, 0.0) * scale
+    dq, dk = _attention_scores_bwd((qg, k), ds)
+    return dq, dk, dv.astype(v.dtype), None
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
 def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):

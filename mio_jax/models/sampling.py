@@ -121,6 +121,16 @@ def _generate_padded(graphdef, state, ids_bp, valid_bp, max_new, key, temperatur
     return final[4], final[5]
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host: in a multi-process run the rows may live on other
+    processes' devices (sharded like the batch), so every process gathers them."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def generate_ids(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  eos_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
@@ -165,7 +175,7 @@ def generate_ids(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, max_new
             graphdef, state, jnp.asarray(ids), jnp.asarray(valid), jnp.int32(max_new_tokens),
             jax.random.fold_in(key, start), jnp.float32(temperature), jnp.int32(top_k),
             jnp.float32(top_p), eos, jnp.int32(pad_id), n_new=n_new, use_cache=use_cache)
-        out, lengths = np.asarray(out), np.asarray(lengths)
+        out, lengths = _to_host(out), _to_host(lengths)
         results.extend(out[r, :lengths[r]].tolist() for r in range(len(chunk)))
     return results
 

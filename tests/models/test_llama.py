@@ -295,3 +295,37 @@ def test_mlp_input_backward_equals_autodiff(dtype, bias):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert a.dtype == dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_backward_recomputing_the_probabilities_equals_autodiff(dtype):
+    """`xla_attention` keeps no probabilities for its backward (it recomputes them from q, k
+    and the softmax's row maxima and sums): its output equals the softmax attention written
+    with jax.nn.softmax bit for bit, and its gradients equal autodiff's of that, with a padded
+    key, a fully masked query row and grouped heads."""
+    from mio_jax.models import llama
+
+    kq, kk, kv, kg = jax.random.split(jax.random.key(5), 4)
+    B, T, H, KV, hd = 2, 6, 4, 2, 8
+    q = jax.random.normal(kq, (B, T, H, hd), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, T, KV, hd), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, T, KV, hd), jnp.float32).astype(dtype)
+    g = jax.random.normal(kg, (B, T, H, hd), jnp.float32).astype(dtype)
+    mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, 0)
+    mask = mask.at[0, :, 0].set(False).at[1, 2, :].set(False)  # padded key; empty row
+
+    def plain(q_, k_, v_):
+        qg = q_.reshape(B, T, KV, H // KV, hd)
+        s = llama.attention_scores(qg, k_) * hd ** -0.5
+        s = jnp.where(mask[:, None, None], s, llama._NEG)
+        p = jax.nn.softmax(s, axis=-1).astype(dtype)
+        return jnp.einsum("bkgts,bskh->btkgh", p, v_).reshape(B, T, H, hd)
+
+    out, vjp = jax.vjp(lambda *a: llama.xla_attention(*a, mask), q, k, v)
+    want_out, want_vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
+    tol = 2e-6 if dtype == jnp.float32 else 2e-2
+    for a, b, name in zip(vjp(g), want_vjp(g), "qkv"):
+        assert a.dtype == dtype, name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol, err_msg=name)

@@ -1,0 +1,462 @@
+"""Online training: rounds of sample -> verify -> pair -> train with the policy itself.
+
+``python -m mio_jax.main --config=configs/online.py`` runs ``online.rounds`` rounds. Round r:
+
+  1. prompts: ``online.prompts_per_round`` problems per reasoning-gym task (item seeds
+     ``prompt_seed + r*M`` on, below the held-out range) and/or the next M rows of a JSONL;
+  2. samples: K answers per prompt from the current policy (the train state's own sharded
+     weights, merged into the model in memory: no export, no reload), scored by the verifier;
+  3. pairs: prompts whose K answers are all correct or all incorrect give no row; the others
+     give the best vs the worst answer, every correct x incorrect pair, or one K-way group;
+  4. reference: the log-probs of the round's rows under the initial model (for LoRA, the base
+     with the adapters off) or under the policy at the round's start, computed once;
+  5. train: ``online.steps_per_round`` optimizer steps on the round's rows (shuffled,
+     repeated as needed), with any loss; then a checkpoint, the round's metrics and, every
+     ``online.eval_every_rounds``, the held-out eval.
+
+Every round's files live in ``<workdir>/online/round_<r>/``: prompts.jsonl, samples.jsonl
+(each answer with its score, token count and finish reason), pairs.jsonl, reference and
+policy log-prob caches, and done.json (the round's metrics). A resumed run re-reads them:
+killed while sampling, the round samples again from the checkpoint at its start (the same
+weights and seeds: the same samples); killed while training, it continues from the last
+checkpoint with the round's data position. Either way it ends as an uninterrupted run does.
+The per-round metrics are also rows of ``metrics.jsonl`` with split "round".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from mio_jax import evaluate as evaluate_lib
+from mio_jax import models
+from mio_jax import pairs as pairs_lib
+from mio_jax import paths
+from mio_jax import periodic
+from mio_jax import reference as reference_lib
+from mio_jax import verifiers
+from mio_jax.data import pipeline as data_lib
+from mio_jax.errors import ConfigError
+
+PAIR_RULES = {"best_worst": ("best_worst", 1), "all_pairs": ("pairs", 0), "group": ("group", 0)}
+REFERENCES = ("initial", "previous")
+
+
+# ---- config ------------------------------------------------------------------------------
+
+def enabled(config) -> bool:
+    return bool(config.get("online", {}).get("enabled", False))
+
+
+def validate_online_config(cfg) -> None:
+    """Checks the ``online`` section (when enabled) and what it asks of the others.
+
+    Raises:
+      ConfigError: naming the key.
+    """
+    o = cfg.online
+    if not o.enabled:
+        return
+    for key in ("rounds", "prompts_per_round", "steps_per_round", "max_new_tokens",
+                "sample_batch_size"):
+        if o[key] < 1:
+            raise ConfigError(f"online.{key}={o[key]} must be >= 1")
+    if o.samples_per_prompt < 2:
+        raise ConfigError(f"online.samples_per_prompt={o.samples_per_prompt} must be >= 2 "
+                          "(a pair needs a correct and an incorrect answer to one prompt)")
+    if o.eval_every_rounds < 0:
+        raise ConfigError(f"online.eval_every_rounds={o.eval_every_rounds} must be >= 0")
+    if o.pairs not in PAIR_RULES:
+        raise ConfigError(f"online.pairs={o.pairs!r}: expected one of {sorted(PAIR_RULES)}")
+    if o.reference not in REFERENCES:
+        raise ConfigError(f"online.reference={o.reference!r}: expected one of {REFERENCES}")
+    if cfg.reference.mode not in ("precomputed", "none"):
+        raise ConfigError(
+            f"reference.mode={cfg.reference.mode!r} with online.enabled: an online run "
+            "precomputes each round's reference log-probs (online.reference picks the "
+            "model), so set reference.mode='precomputed' (or 'none' for a reference-free "
+            "loss)")
+    if o.pairs == "group" and cfg.data.kway_mode != "group":
+        raise ConfigError("online.pairs='group' needs data.kway_mode='group' (one K-way "
+                          f"group per prompt), got data.kway_mode={cfg.data.kway_mode!r}")
+    if not o.tasks.strip() and not o.jsonl:
+        raise ConfigError("online.tasks and online.jsonl are both empty: no prompt source")
+    if o.temperature < 0 or not 0 < o.top_p <= 1 or o.top_k < 0:
+        raise ConfigError(f"online.temperature={o.temperature} must be >= 0, online.top_p="
+                          f"{o.top_p} in (0, 1], online.top_k={o.top_k} >= 0")
+    try:
+        evaluate_lib.parse_task_config(o.task_config)
+    except ValueError as e:
+        raise ConfigError(f"online.task_config: {e}") from e
+    last_seed = o.prompt_seed + o.rounds * o.prompts_per_round
+    if o.tasks.strip() and (o.prompt_seed < 0 or last_seed > evaluate_lib.EVAL_SEED_BASE):
+        raise ConfigError(f"online.prompt_seed={o.prompt_seed}: the rounds' item seeds "
+                          f"[{o.prompt_seed}, {last_seed}) must lie below "
+                          f"{evaluate_lib.EVAL_SEED_BASE} (the held-out range)")
+    if o.jsonl and not paths.exists(o.jsonl):
+        raise ConfigError(f"online.jsonl={o.jsonl!r}: file not found")
+    if o.verifier:
+        try:
+            verifiers.get(o.verifier)
+        except ValueError as e:
+            raise ConfigError(f"online.verifier: {e}") from e
+    sources = len([t for t in o.tasks.split(",") if t.strip()]) + bool(o.jsonl)
+    k = o.samples_per_prompt
+    per_prompt = (k // 2) * math.ceil(k / 2) if o.pairs == "all_pairs" else 1
+    most = o.prompts_per_round * sources * per_prompt
+    if most < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is more than a round can ever yield "
+            f"({most} rows: online.prompts_per_round={o.prompts_per_round} x {sources} "
+            f"source(s) x at most {per_prompt} per prompt)")
+
+
+# ---- pure pieces -------------------------------------------------------------------------
+
+def round_examples(config, r: int, jsonl_rows: Sequence[dict] | None = None
+                   ) -> list[tuple[dict, str]]:
+    """Round ``r``'s prompts as ``(example, verifier name)``: M reasoning-gym items per task
+    (item seeds ``prompt_seed + r*M ...``), then the JSONL's rows ``r*M ...`` (cycling)."""
+    o = config.online
+    m = o.prompts_per_round
+    out = []
+    task_config = evaluate_lib.parse_task_config(o.task_config)
+    for task in [t.strip() for t in o.tasks.split(",") if t.strip()]:
+        for ex in evaluate_lib.reasoning_gym_examples(task, m, o.prompt_seed + r * m,
+                                                      task_config):
+            out.append((ex, o.verifier or "reasoning_gym"))
+    if jsonl_rows:
+        n = len(jsonl_rows)
+        out.extend((dict(jsonl_rows[(r * m + i) % n]), o.verifier or "exact_number")
+                   for i in range(m))
+    return out
+
+
+def round_stats(samples: Sequence[dict]) -> dict[str, float]:
+    """What a person watches about a round's samples: pass rate, the fraction of prompts
+    with signal (some right, some wrong), all/none-correct counts, answer lengths."""
+    scores = [[verifiers.is_correct(s["score"]) for s in p["samples"]] for p in samples]
+    tokens = [s["tokens"] for p in samples for s in p["samples"]]
+    n = max(len(scores), 1)
+    good = [sum(s) for s in scores]
+    return {
+        "prompts": float(len(scores)),
+        "pass_rate": float(sum(good)) / max(sum(len(s) for s in scores), 1),
+        "signal_fraction": sum(0 < g < len(s) for g, s in zip(good, scores)) / n,
+        "all_correct": float(sum(g == len(s) for g, s in zip(good, scores))),
+        "none_correct": float(sum(g == 0 for g in good)),
+        "answer_tokens_mean": float(np.mean(tokens)) if tokens else 0.0,
+        "answer_tokens_max": float(max(tokens)) if tokens else 0.0,
+        "truncated_fraction": (sum(s["finish"] == "length" for p in samples
+                                   for s in p["samples"]) / max(len(tokens), 1)),
+        "blank_answers": float(sum(not s["text"].strip() for p in samples
+                                   for s in p["samples"])),
+    }
+
+
+def round_rows(samples: Sequence[dict], rule: str, num_negatives: int = 0) -> list[dict]:
+    """The round's training rows from its scored samples (``rule``: ``PAIR_RULES``). Blank
+    answers (an end-of-sequence token first) are scored and counted but never paired: a
+    preference row needs a completion to train on."""
+    mode, per_prompt = PAIR_RULES[rule]
+    rows = []
+    for p in samples:
+        kept = [s for s in p["samples"] if s["text"].strip()]
+        rows.extend(pairs_lib.rows_for_prompt(
+            p["prompt"], p["example"], [s["text"] for s in kept], [s["score"] for s in kept],
+            mode=mode, pairs_per_prompt=per_prompt, num_negatives=num_negatives))
+    return rows
+
+
+def logratio_metrics(policy: reference_lib.ReferenceTable,
+                     ref: reference_lib.ReferenceTable | None) -> dict[str, float]:
+    """Means over the round's rows of the chosen (column 0) and rejected log-probs under
+    the policy and, with a reference, of the chosen log-ratio log pi - log pi_ref."""
+    present = policy.present_n
+    lp = policy.logps_nk[present]
+    out = {"logps_chosen": float(np.mean(lp[:, 0])),
+           "logps_rejected": float(np.mean(lp[:, 1:]))}
+    if ref is not None:
+        ratio = lp - ref.logps_nk[present]
+        out["chosen_logratio"] = float(np.mean(ratio[:, 0]))
+        out["rejected_logratio"] = float(np.mean(ratio[:, 1:]))
+    return out
+
+
+# ---- files ------------------------------------------------------------------------------
+
+def round_dir(workdir: str, r: int) -> str:
+    return paths.join(workdir, "online", f"round_{r:04d}")
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's answer, for every process (a decision one process takes alone is a hang
+    waiting to happen)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _exists(path: str) -> bool:
+    return _agreed(paths.exists(path) if jax.process_index() == 0 else False)
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    if jax.process_index() == 0:
+        pairs_lib.write_rows(rows, path)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    for i, line in enumerate(paths.read_text(path).splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); this round's file is "
+                             "damaged: move the round folder aside to redo the round") from e
+    return rows
+
+
+# ---- the loop ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _RoundPosition:
+    """What a checkpoint saves as its data position: the round and its pipeline's state."""
+
+    round: int
+    iterator: Any = None
+
+    def get_state(self) -> dict:
+        return {"round": self.round,
+                "iterator": None if self.iterator is None else self.iterator.get_state()}
+
+
+def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]], r: int,
+                 check=None) -> list[dict]:
+    """K scored answers per prompt from ``model`` (same on every process: the same weights,
+    prompts and seeds). ``check()`` runs between generation calls (preemption)."""
+    o = config.online
+    k = o.samples_per_prompt
+    prompts = [evaluate_lib.prompt_messages(ex, o.system) for ex, _ in examples]
+    flat = [p for p in prompts for _ in range(k)]
+    texts, tokens, finish = [], [], []
+    step = max(o.sample_batch_size, 1)
+    for start in range(0, len(flat), step):
+        out = models.generate(model, tokenizer, flat[start:start + step],
+                              max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                              top_p=o.top_p, top_k=o.top_k,
+                              seed=int(config.seed) * 1_000_003 + r * 7919 + start,
+                              batch_size=step)
+        texts += out.texts
+        tokens += [len(t) for t in out.token_ids]
+        finish += out.finish_reasons
+        if check is not None:
+            check()
+    result = []
+    for i, ((ex, verifier), prompt) in enumerate(zip(examples, prompts)):
+        verify = verifiers.get(verifier)
+        own = range(i * k, (i + 1) * k)
+        result.append({"index": i, "example": ex, "verifier": verifier, "prompt": prompt,
+                       "samples": [{"text": texts[j], "score": float(verify(texts[j], ex)),
+                                    "tokens": tokens[j], "finish": finish[j]} for j in own]})
+    return result
+
+
+def train_online(run, training, initial_params) -> dict[str, Any]:
+    """The rounds (``run.data.total_steps`` = rounds x steps_per_round bounds the schedule).
+
+    Args:
+      run: the ``train.Run`` (its data has no train pipeline: each round builds its own).
+      training: the restored or fresh ``train.Training``.
+      initial_params: the starting weights (the "initial" reference of a full-weight run).
+    """
+    from mio_jax import train as train_lib  # the trainer's stages and loop parts
+
+    config, workdir = run.config, run.workdir
+    o = config.online
+    state = training.state
+    step = int(jax.device_get(state.step))
+    position = _RoundPosition(0)
+    loop = train_lib.make_loop(run, training, step, position)
+    lora = run.model.config.lora is not None
+    full = run.step_cfg.full_projection()
+    jsonl_rows = evaluate_lib.jsonl_examples(o.jsonl) if o.jsonl else None
+    restored = training.data_state if isinstance(training.data_state, dict) else None
+    logged = _logged_rounds(workdir)
+    eval_at_start = config.eval.at_start
+    out_rounds = []
+    try:
+        with periodic.Preemption(loop.checkpoints) as preemption:
+            for r in range(o.rounds):
+                rd = round_dir(workdir, r)
+                position.round, position.iterator = r, None
+                done_path = paths.join(rd, "done.json")
+                if _exists(done_path):
+                    done = paths.read_json(done_path)
+                    _log_round(loop, done, logged)
+                    out_rounds.append(done)
+                    continue
+                if r == 0 and eval_at_start and step == 0 and "eval_start" not in logged:
+                    loop.evals.run(0, state.params, "eval at start")
+                start_path = paths.join(rd, "start.json")
+                if _exists(start_path):
+                    start = paths.read_json(start_path)
+                else:
+                    start = {"round": r, "start_step": step}
+                if step < start["start_step"]:
+                    raise RuntimeError(
+                        f"{start_path}: round {r} started at step {start['start_step']} but the "
+                        f"newest checkpoint is step {step}; the checkpoints of this run are "
+                        "missing: restore them, or start again in a new --workdir")
+                # 1-2: prompts and samples (the policy as it is at the round's start)
+                samples_path = paths.join(rd, "samples.jsonl")
+                if _exists(samples_path):
+                    samples = _read_jsonl(samples_path)
+                else:
+                    if step != start["start_step"]:
+                        raise RuntimeError(f"{rd}: samples.jsonl is missing but training of "
+                                           f"round {r} has passed step {start['start_step']}")
+                    examples = round_examples(config, r, jsonl_rows)
+                    _write_jsonl(paths.join(rd, "prompts.jsonl"), [ex for ex, _ in examples])
+                    model = nnx.merge(run.model.graphdef, state.params, run.model.other)
+                    samples = sample_round(config, model, run.model.tokenizer, examples, r,
+                                           check=lambda: preemption.check(step, state))
+                    del model
+                    _write_jsonl(samples_path, samples)
+                stats = round_stats(samples)
+                # 3: rows
+                rows = round_rows(samples, o.pairs, o.num_negatives)
+                n_train = _train_steps(config, len(rows))
+                start.update(rows=len(rows), steps=n_train)
+                if not _exists(start_path):
+                    _write_jsonl(paths.join(rd, "pairs.jsonl"), rows)
+                    if jax.process_index() == 0:
+                        paths.write_json(start_path, start, indent=1)
+                logging.info("round %d: %s; %d rows, %d steps", r, _fmt(stats), len(rows),
+                             n_train)
+                pos_metrics: dict[str, float] = {}
+                if n_train:
+                    split = data_lib.prepare(config.data, run.model.tokenizer, split="train",
+                                             source=rows)
+                    # 4: the reference log-probs of the round's rows
+                    ref_table = None
+                    if config.reference.mode == "precomputed":
+                        previous = o.reference == "previous"
+                        ref_table = train_lib.precompute_table(
+                            config, run.model, run.data.sharding, run.mesh, full, split,
+                            "reference", params=state.params if previous else initial_params,
+                            adapters=previous or not lora,
+                            cache_dir=paths.join(rd, "reference_cache"),
+                            weights_fp=f"online round {r} reference {o.reference}")
+                    # 5: train
+                    it = _round_pipeline(config, run, split, r)
+                    if restored and restored.get("round") == r and step > start["start_step"]:
+                        it.set_state(restored["iterator"])
+                    position.iterator = it
+                    stop = start["start_step"] + n_train
+                    state, step = train_lib.run_steps(run, loop, preemption, state, step, stop,
+                                                      it, ref_table)
+                    loop.window.flush()
+                    # the pairs under the policy after the round's training
+                    policy_table = train_lib.precompute_table(
+                        config, run.model, run.data.sharding, run.mesh, full, split, "policy",
+                        params=state.params, adapters=True,
+                        cache_dir=paths.join(rd, "policy_cache"),
+                        weights_fp=f"online round {r} policy after step {step}")
+                    pos_metrics = logratio_metrics(policy_table, ref_table)
+                loop.checkpoints.save(step, state)  # the next round samples from this step
+                loop.checkpoints.checkpointer.wait()
+                due = o.eval_every_rounds and ((r + 1) % o.eval_every_rounds == 0
+                                               or r + 1 == o.rounds)
+                held_out = train_lib.evaluate(run, state.params, step) if due else {}
+                done = {"round": r, "start_step": start["start_step"], "end_step": step,
+                        "rows": len(rows), "steps": n_train, **stats, **pos_metrics,
+                        "train": loop.window.last if n_train else {}, "eval": held_out}
+                if jax.process_index() == 0:
+                    paths.write_json(done_path, done, indent=1)
+                _log_round(loop, done, logged)
+                out_rounds.append(done)
+            loop.window.flush()
+            loop.checkpoints.finish(step, state)
+        exported = (train_lib.export(run, state.params) if config.checkpoint.export_hf
+                    else None)
+    finally:
+        loop.close(training)
+    last_eval = next((d["eval"] for d in reversed(out_rounds) if d.get("eval")), {})
+    return {"step": step, "train": loop.window.last, "eval": last_eval, "export": exported,
+            "state": state, "rounds": out_rounds}
+
+
+def _train_steps(config, n_rows: int) -> int:
+    """The round's optimizer steps: ``steps_per_round``, or 0 when the round has fewer
+    rows than one batch."""
+    if n_rows < config.train.batch_size:
+        logging.warning("online round: %d rows, fewer than train.batch_size=%d: no training "
+                        "this round", n_rows, config.train.batch_size)
+        return 0
+    return int(config.online.steps_per_round)
+
+
+def _round_pipeline(config, run, split, r: int):
+    dcfg = config.data.copy_and_resolve_references()
+    with dcfg.unlocked():
+        dcfg.num_epochs = 0  # repeat the round's rows as long as its steps need
+    return data_lib.make_pipeline(dcfg, run.model.tokenizer, split="train",
+                                  batch_size=config.train.batch_size,
+                                  seed=int(config.seed) * 1_000_003 + r, prepared=split,
+                                  row_multiple=run.data.row_multiple)
+
+
+def _fmt(stats: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in stats.items())
+
+
+def _scalars(done: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in done.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _logged_rounds(workdir: str) -> set:
+    """Rounds (and "eval_start") whose rows ``metrics.jsonl`` already holds (process 0)."""
+    path = paths.join(workdir, "metrics.jsonl")
+    seen: set = set()
+    if jax.process_index() != 0 or not paths.exists(path):
+        return seen
+    for line in paths.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("split") == "round":
+            seen.add(int(row["round"]))
+        elif row.get("split") == "eval" and row.get("step") == 0:
+            seen.add("eval_start")
+    return seen
+
+
+def _log_round(loop, done: dict, logged: set) -> None:
+    """The round's rows in metrics.jsonl (split "round", and its held-out "eval"), once."""
+    if done["round"] in logged:
+        return
+    if done.get("eval"):
+        loop.writer.write(done["end_step"], done["eval"], "eval")
+    loop.writer.write(done["end_step"], _scalars(done), "round")
+    loop.writer.sync(force=True)
+    logged.add(done["round"])
+    logging.info("round %d done at step %d: %s", done["round"], done["end_step"],
+                 _fmt({k: v for k, v in _scalars(done).items()
+                       if k not in ("round", "start_step", "end_step")}))
+    if done.get("eval"):
+        logging.info("round %d held-out eval: %s", done["round"], _fmt(_scalars(done["eval"])))
+
+
+def total_steps(config) -> int:
+    return int(config.online.rounds) * int(config.online.steps_per_round)
