@@ -352,7 +352,8 @@ def train_online(run, training, initial_params) -> dict[str, Any]:
                         previous = o.reference == "previous"
                         ref_table = train_lib.precompute_table(
                             config, run.model, run.data.sharding, run.mesh, full, split,
-                            "reference", params=state.params if previous else initial_params,
+                            "reference",  # LoRA, initial: this state's adapters, off
+                            params=state.params if previous or lora else initial_params,
                             adapters=previous or not lora,
                             cache_dir=paths.join(rd, "reference_cache"),
                             weights_fp=f"online round {r} reference {o.reference}")

@@ -289,3 +289,19 @@ def test_pod_of_two_processes_equals_one_process(tiny, questions, uninterrupted,
                        devices_per_process=4, env=subprocess_env, cwd=REPO,
                        log_dir=str(work) + "_logs").wait(600)
     _same_runs(str(work), uninterrupted[0])
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_online_lora_trains_the_adapters_with_the_base_as_reference(reference, tiny, tiny_config,
+                                                                    questions, tmp_path):
+    over = _overrides(questions, **{"online.rounds": 2, "online.reference": reference,
+                                    "model.lora.enabled": True, "model.lora.rank": 4,
+                                    "eval.reasoning_tasks": ""})
+    out = train.train_and_evaluate(tiny_config(*tiny, **over), str(tmp_path / "lora"))
+    assert out["step"] == 2 * S
+    assert set(out["state"].params) == {"layers"}  # adapters only
+    assert all("lora" in k for k in out["state"].params["layers"])
+    for r in range(2):
+        done = json.load(open(_round(str(tmp_path / "lora"), r, "done.json")))
+        assert done["rows"] > 0 and np.isfinite(done["chosen_logratio"])
+    assert os.path.isfile(tmp_path / "lora" / "peft_adapter" / "adapter_model.safetensors")
