@@ -305,3 +305,22 @@ def test_online_lora_trains_the_adapters_with_the_base_as_reference(reference, t
         done = json.load(open(_round(str(tmp_path / "lora"), r, "done.json")))
         assert done["rows"] > 0 and np.isfinite(done["chosen_logratio"])
     assert os.path.isfile(tmp_path / "lora" / "peft_adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("rule,loss,extra", [
+    ("best_worst", "dpo", {}), ("best_worst", "rpo", {"loss.rpo_alpha": 1.0}),
+    ("group", "js_multi", {"data.kway_mode": "group", "data.num_negatives": 3}),
+    ("group", "infonce", {"data.kway_mode": "group", "data.num_negatives": 3})])
+def test_every_pair_rule_trains_with_its_losses(rule, loss, extra, tiny, tiny_config, questions,
+                                                tmp_path):
+    over = _overrides(questions, **{"online.rounds": 1, "online.pairs": rule, "loss.name": loss,
+                                    "eval.reasoning_tasks": "", "checkpoint.export_hf": False,
+                                    "online.prompts_per_round": 24, **extra})
+    out = train.train_and_evaluate(tiny_config(*tiny, **over), str(tmp_path / "run"))
+    rows = _read_jsonl(_round(str(tmp_path / "run"), 0, "pairs.jsonl"))
+    samples = _read_jsonl(_round(str(tmp_path / "run"), 0, "samples.jsonl"))
+    signal = sum(0 < sum(s["score"] for s in p["samples"]) < K for p in samples)
+    assert len(rows) == signal  # one row per prompt with signal
+    key = "completions" if rule == "group" else "chosen"
+    assert all(key in r for r in rows)
+    assert out["step"] == S and np.isfinite(out["train"]["loss"])
