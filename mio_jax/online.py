@@ -290,8 +290,8 @@ def train_online(run, training, initial_params) -> dict[str, Any]:
     full = run.step_cfg.full_projection()
     jsonl_rows = evaluate_lib.jsonl_examples(o.jsonl) if o.jsonl else None
     restored = training.data_state if isinstance(training.data_state, dict) else None
-    logged = _logged_rounds(workdir)
-    eval_at_start = config.eval.at_start
+    logged = _logged_rounds(workdir)  # process 0's view; decisions from it are agreed
+    eval_at_start = config.eval.at_start and not _agreed("eval_start" in logged)
     out_rounds = []
     try:
         with periodic.Preemption(loop.checkpoints) as preemption:
@@ -304,7 +304,7 @@ def train_online(run, training, initial_params) -> dict[str, Any]:
                     _log_round(loop, done, logged)
                     out_rounds.append(done)
                     continue
-                if r == 0 and eval_at_start and step == 0 and "eval_start" not in logged:
+                if r == 0 and eval_at_start and step == 0:
                     loop.evals.run(0, state.params, "eval at start")
                 start_path = paths.join(rd, "start.json")
                 if _exists(start_path):
