@@ -127,7 +127,7 @@ def test_task_config_reaches_the_prompts():
 def test_bad_settings(tmp_path, examples):
     with pytest.raises(ValueError, match="num_samples must be >= 2"):
         pairs.build(ScriptedSampler({}), examples, "reasoning_gym", num_samples=1, mode="pairs")
-    with pytest.raises(ValueError, match="mode must be 'pairs' or 'group'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('pairs', 'best_worst', 'group'\)"):
         pairs.build(ScriptedSampler({}), examples, "reasoning_gym", num_samples=2, mode="triples")
     cfg = pairs.default_config()
     cfg.seed = 10**9
@@ -159,3 +159,13 @@ def test_cli_with_a_real_tiny_model(tmp_path):
     assert (s["prompts"], s["samples"], s["correct"] + s["incorrect"]) == (2, 6, 6)
     assert s["all_correct"] + s["none_correct"] + s["prompts_with_rows"] == 2
     assert len(out.read_text().splitlines()) == s["rows"]
+
+
+def test_best_worst_pairs_the_best_correct_with_the_worst_incorrect_answer():
+    prompt = [{"role": "user", "content": "q"}]
+    ex = {"question": "q", "answer": "1"}
+    rows = pairs.rows_for_prompt(prompt, ex, ["a", "b", "c", "d"], [0.5, 1.0, 0.0, 1.0],
+                                 mode="best_worst")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("b", "c")]
+    assert (rows[0]["chosen_score"], rows[0]["rejected_score"]) == (1.0, 0.0)
+    assert pairs.rows_for_prompt(prompt, ex, ["a", "b"], [1.0, 1.0], mode="best_worst") == []
