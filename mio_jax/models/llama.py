@@ -250,6 +250,40 @@ def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
         is_causal=True, implementation=implementation)
 
 
+def cached_attention(q_bthk, k_bksh, v_bksh, mask_bts):
+    """Grouped-query attention of new queries over a KV cache (forward only).
+
+    The cache is stored heads-major, `[B, KV, S, hd]`, the layout both matmuls read
+    directly: with `[B, S, KV, hd]` XLA transposes the whole cache of every layer on
+    every decoded token before the score and value matmuls.
+
+    Args:
+      q_bthk: queries `[B, T, H, hd]`.
+      k_bksh, v_bksh: this layer's cache `[B, KV, S, hd]`.
+      mask_bts: bool `[B, T, S]`, True where query t may attend cache slot s.
+
+    Returns:
+      `[B, T, H, hd]` in the queries' dtype.
+    """
+    B, T, H, hd = q_bthk.shape
+    KV = k_bksh.shape[1]
+    f32 = jnp.float32
+    qg = q_bthk.reshape(B, T, KV, H // KV, hd)
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_bksh, preferred_element_type=f32)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores * (hd ** -0.5), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if T == 1:
+        # One query per row: a product and a sum that XLA fuses into one pass over the
+        # values, in float32 as they are read. As a matmul, B x KV tiny products that
+        # XLA:CPU runs outside its fast kernels, converting a bfloat16 cache to float32
+        # (all of it, every layer, every token) first.
+        out = jnp.sum(probs[:, :, :, 0, :, None] * v_bksh[:, :, None].astype(f32), axis=-2)
+        out = out[:, None].astype(q_bthk.dtype)
+    else:
+        out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(q_bthk.dtype), v_bksh)
+    return out.reshape(B, T, H, hd)
+
+
 def dense_weight(spec: WeightSpec, cfg: ModelConfig, a, dt):
     """One layer's weight in our layout and the compute dtype; a quantized base weight
     (HF layout, `mio_jax.models.quant`) is dequantized here, one layer at a time."""
@@ -286,23 +320,35 @@ def _plus(y, extra):
     return y if extra is None else y + extra
 
 
+def _einsum_f32_out(eq, x, w):
+    """`einsum` with a float32 result rounded once to `x`'s dtype (forward only: used
+    when decoding). With bfloat16 operands a GPU or TPU accumulates in float32 anyway;
+    XLA:CPU then runs a bfloat16 matmul (AMX / AVX512-BF16 where present) that at 16-256
+    rows is 2.5-6x faster than its bfloat16-out one, and than float32. Float32 operands:
+    the plain einsum."""
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None,
            adapters: _Adapters | None = None):
-    """One decoder layer. With `kv=(k_bskh, v_bskh)` the new keys/values are written at
-    slot `index` of the cache and attention runs over the whole cache. `adapters` adds
-    the LoRA updates of the rows that carry one.
+    """One decoder layer. With `kv=(k_bksh, v_bksh)` (this layer's cache) the new keys
+    and values are written at slots index..index+T-1 and attention runs over the whole
+    cache. `adapters` adds the LoRA updates of the rows that carry one.
 
-    Returns (x_btd, (k, v)) where k/v are this step's full key/value arrays.
+    Returns (x_btd, (k, v)): this call's keys/values `[B, T, KV, hd]`, or with `kv` the
+    updated cache.
     """
     dt = jnp.dtype(cfg.dtype)
     specs = stacked_specs(cfg)
     w = {n: dense_weight(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
     lora = adapters or _Adapters(cfg, p, None, False)
     eps = cfg.rms_norm_eps
+    # Training keeps jnp.einsum (its backward's dtypes are chosen in the custom VJPs).
+    mm = jnp.einsum if kv is None else _einsum_f32_out
     h = _rms_norm_bwd_recompute(x_btd, w["attn_norm"], eps)
-    q = _plus(jnp.einsum("btd,dhk->bthk", h, w["q"]), lora.add("q", h, 1))
-    k = _plus(jnp.einsum("btd,dhk->bthk", h, w["k"]), lora.add("k", h, 1))
-    v = _plus(jnp.einsum("btd,dhk->bthk", h, w["v"]), lora.add("v", h, 1))
+    q = _plus(mm("btd,dhk->bthk", h, w["q"]), lora.add("q", h, 1))
+    k = _plus(mm("btd,dhk->bthk", h, w["k"]), lora.add("k", h, 1))
+    v = _plus(mm("btd,dhk->bthk", h, w["v"]), lora.add("v", h, 1))
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
@@ -310,16 +356,21 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"), rules)
     if kv is not None:
-        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        k, v = k.astype(dt), v.astype(dt)
-    k = constrain(k, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
-    v = constrain(v, ("batch", "cache_seq", "kv_heads", "head_dim"), rules)
-    if cfg.attention == "cudnn" and kv is None:
-        attn = fused_attention(q, k, v, mask_bts)
+        cache_axes = ("batch", "kv_heads", "cache_seq", "head_dim")
+        k = jax.lax.dynamic_update_slice(kv[0], jnp.swapaxes(k, 1, 2).astype(kv[0].dtype),
+                                         (0, 0, index, 0))
+        v = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype),
+                                         (0, 0, index, 0))
+        k, v = constrain(k, cache_axes, rules), constrain(v, cache_axes, rules)
+        attn = cached_attention(q, k, v, mask_bts)
     else:
-        attn = xla_attention(q, k, v, mask_bts)
-    out = _plus(jnp.einsum("bthk,hkd->btd", attn, w["o"]), lora.add("o", attn, 2))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"), rules)
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"), rules)
+        if cfg.attention == "cudnn":
+            attn = fused_attention(q, k, v, mask_bts)
+        else:
+            attn = xla_attention(q, k, v, mask_bts)
+    out = _plus(mm("bthk,hkd->btd", attn, w["o"]), lora.add("o", attn, 2))
     if cfg.o_bias:
         out = out + w["o_bias"]
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
@@ -328,9 +379,13 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     if cfg.mlp_bias:
         add_gate = _plus(w["gate_bias"], add_gate)
         add_up = _plus(w["up_bias"], add_up)
-    act = swiglu(h, w["gate"], w["up"], add_gate, add_up)
+    if kv is None:
+        act = swiglu(h, w["gate"], w["up"], add_gate, add_up)
+    else:
+        gate = _plus(mm("btd,df->btf", h, w["gate"]), add_gate)
+        act = jax.nn.silu(gate) * _plus(mm("btd,df->btf", h, w["up"]), add_up)
     act = constrain(act, ("batch", "seq", "mlp"), rules)
-    down = _plus(jnp.einsum("btf,fd->btd", act, w["down"]), lora.add("down", act, 1))
+    down = _plus(mm("btf,fd->btd", act, w["down"]), lora.add("down", act, 1))
     if cfg.mlp_bias:
         down = down + w["down_bias"]
     x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
@@ -438,39 +493,41 @@ class Decoder(nnx.Module):
         w = (self.embed if self.cfg.tie_word_embeddings else self.lm_head)[...]
         return w.astype(self.cfg.dtype)
 
-    def _run_layers(self, x_btd, cos, sin, mask_bts, cache=None):
-        cfg, rules = self.cfg, self.rules
+    def _lora_on(self) -> bool:
+        return self.cfg.lora is not None and getattr(self, "_adapters_on", True)
+
+    def _layer_arrays(self) -> dict[str, jax.Array]:
+        """The stacked per-layer arrays `[L, ...]` one layer call reads: the weights, plus
+        the LoRA layer mask and dropout keys when adapters are on and need them."""
+        cfg = self.cfg
         params = self.layers.arrays()
-        index = None if cache is None else cache["index"]
-        on = cfg.lora is not None and getattr(self, "_adapters_on", True)
+        on = self._lora_on()
         key = getattr(self, "_dropout_key", None) if on else None
         if on and any(cfg.lora.partial(r) for r in cfg.lora.rows):  # [L, rows] layer mask
             params["_lora_mask"] = jnp.stack([cfg.lora.layer_mask(r) for r in cfg.lora.rows], 1)
         if key is not None:
             params["_lora_key"] = jax.random.split(key, cfg.num_hidden_layers)
+        return params
+
+    def _layer_fn(self, cos, sin, mask_bts, index=None):
+        cfg, rules, on = self.cfg, self.rules, self._lora_on()
 
         def layer(x, p, kv):
             adapters = _Adapters(cfg, p, p.get("_lora_key"), on)
             return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index, adapters)
 
-        layer = _remat(layer, cfg.remat_policy)
-        kvs_in = None if cache is None else (cache["k"], cache["v"])
+        return layer
+
+    def _run_layers(self, x_btd, cos, sin, mask_bts):
+        cfg = self.cfg
+        params = self._layer_arrays()
+        layer = _remat(self._layer_fn(cos, sin, mask_bts), cfg.remat_policy)
         if cfg.scan_layers:
-            def step(x, xs):
-                p, kv = xs
-                x, kv_out = layer(x, p, kv)
-                return x, (kv_out if cache is not None else None)
-            x_btd, kv_out = jax.lax.scan(step, x_btd, (params, kvs_in))
+            x_btd, _ = jax.lax.scan(lambda x, p: (layer(x, p, None)[0], None), x_btd, params)
         else:
-            outs = []
             for i in range(cfg.num_hidden_layers):
-                p = {n: a[i] for n, a in params.items()}
-                kv = None if kvs_in is None else (kvs_in[0][i], kvs_in[1][i])
-                x_btd, kv_i = layer(x_btd, p, kv)
-                outs.append(kv_i)
-            kv_out = (None if cache is None else
-                      (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
-        return x_btd, kv_out
+                x_btd, _ = layer(x_btd, {n: a[i] for n, a in params.items()}, None)
+        return x_btd
 
     def _embed(self, input_ids_bt):
         # Gather from a replicated view of the table: gathering from a vocab/embed-sharded
@@ -491,7 +548,7 @@ class Decoder(nnx.Module):
         mask = build_mask(B, T, T, q_slots_bt=slots, kv_valid_bs=pad, attention_mask=full,
                           segment_ids=segment_ids, sliding_window=self.cfg.sliding_window)
         cos, sin = rope_tables(self.cfg, positions)
-        x, _ = self._run_layers(self._embed(input_ids), cos, sin, mask)
+        x = self._run_layers(self._embed(input_ids), cos, sin, mask)
         return _rms_norm(x, self.final_norm[...].astype(self.cfg.dtype), self.cfg.rms_norm_eps)
 
     def logits_from_hidden(self, hidden_btd):
@@ -517,16 +574,49 @@ class Decoder(nnx.Module):
             self.hidden_states(input_ids, attention_mask, positions, segment_ids))
 
     # ---- KV-cache decoding -------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-        """Empty KV cache: k/v `[L, B, S, KV, hd]`, key validity `[B, S]`, write index."""
+    # Decoding runs the layers as a Python loop over weights and caches that are separate
+    # arrays per layer, prepared once per generation (`decode_weights`), not as a scan
+    # over the stacks: XLA:CPU copies a slice of a stacked array into a buffer of its own
+    # before a matmul reads it, which under the decode loop meant copying every weight
+    # (and every layer's cache) on every token, about as many bytes as the matmuls read.
+
+    def decode_weights(self) -> dict:
+        """What `decode` reads, prepared once for many decode steps.
+
+        Returns a pytree: "layers", one dict per layer of that layer's arrays (weights in
+        the compute dtype; quantized weights stay quantized and are expanded in each
+        step, as in the forward); "embed", the embedding table replicated over the mesh
+        (the gather needs it whole); "final_norm"; "out", the output matrix `[V, D]` in
+        the compute dtype. Holding it costs one copy of the layer weights (the stacks are
+        the caller's and stay alive), no more than the gradient a train step holds.
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        specs = stacked_specs(cfg)
+        arrays = self._layer_arrays()
+
+        def one(name, a, i):
+            if name in specs and hasattr(a, "dequantize"):
+                return jax.tree.map(lambda f: f[i], a)
+            return dense_weight(specs[name], cfg, a[i], dt) if name in specs else a[i]
+
+        layers = tuple({n: one(n, a, i) for n, a in arrays.items()}
+                       for i in range(cfg.num_hidden_layers))
+        return {"layers": layers, "embed": constrain(self.embed[...], (None, None), self.rules),
+                "final_norm": self.final_norm[...].astype(dt), "out": self.output_matrix()}
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+        """Empty KV cache: "k"/"v", one `[B, KV, S, hd]` array per layer (compute dtype
+        unless `dtype`), "valid" (key slot holds a real token) `[B, S]`, write "index"."""
         cfg = self.cfg
-        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dt = dtype or cfg.dtype
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+        zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+        return {"k": zeros, "v": tuple(jnp.zeros(shape, dt) for _ in zeros),
                 "valid": jnp.zeros((batch_size, max_len), bool),
                 "index": jnp.zeros((), jnp.int32)}
 
-    def decode(self, input_ids_bt, positions_bt, valid_bt, cache):
+    def decode(self, input_ids_bt, positions_bt, valid_bt, cache, weights=None,
+               last_only: bool = False):
         """Runs `T` new tokens against the cache (prefill when T > 1, one step when T == 1).
 
         Args:
@@ -534,22 +624,37 @@ class Decoder(nnx.Module):
           positions_bt: int `[B, T]` their RoPE positions.
           valid_bt: bool `[B, T]` real tokens (False = left padding).
           cache: from `init_cache` or a previous `decode`.
+          weights: `decode_weights()`, made once outside a decode loop (None: made here).
+          last_only: project only the last position (logits `[B, 1, V]`): a prefill
+            needs no more, and the output projection is a fifth of a small model's work.
         Returns:
           (logits_btv float32, updated cache).
         """
+        cfg = self.cfg
+        w = self.decode_weights() if weights is None else weights
         B, T = input_ids_bt.shape
-        S = cache["k"].shape[2]
+        S = cache["valid"].shape[1]
         index = cache["index"]
         valid = jax.lax.dynamic_update_slice(cache["valid"], valid_bt.astype(bool), (0, index))
         slots = jnp.broadcast_to(index + jnp.arange(T), (B, T))
         mask = build_mask(B, T, S, q_slots_bt=slots, kv_valid_bs=valid,
-                          sliding_window=self.cfg.sliding_window)
-        cos, sin = rope_tables(self.cfg, positions_bt)
-        x, (k, v) = self._run_layers(self._embed(input_ids_bt), cos, sin, mask, cache)
-        x = _rms_norm(x, self.final_norm[...].astype(self.cfg.dtype), self.cfg.rms_norm_eps)
-        new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype),
-                     "valid": valid, "index": index + T}
-        return self.logits_from_hidden(x), new_cache
+                          sliding_window=cfg.sliding_window)
+        cos, sin = rope_tables(cfg, positions_bt)
+        layer = self._layer_fn(cos, sin, mask, index)
+        x = jnp.take(w["embed"], input_ids_bt, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("batch", "seq", "embed"), self.rules)
+        ks, vs = [], []
+        for p, k, v in zip(w["layers"], cache["k"], cache["v"]):
+            x, (k, v) = layer(x, p, (k, v))
+            ks.append(k)
+            vs.append(v)
+        if last_only:
+            x = x[:, -1:]
+        x = _rms_norm(x, w["final_norm"], cfg.rms_norm_eps)
+        logits = jnp.einsum("btd,vd->btv", x, w["out"], preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"), self.rules)
+        new_cache = {"k": tuple(ks), "v": tuple(vs), "valid": valid, "index": index + T}
+        return logits, new_cache
 
 
 def adapter_rows(cfg: ModelConfig):

@@ -1,10 +1,15 @@
 """Batched text generation with a KV cache (greedy, temperature, top-k, top-p).
 
-Prompts are left-padded into shape buckets (powers of two for batch and prompt length,
-and for the number of new tokens) so one compiled program serves many calls. The prompt
-is prefilled in one pass, then a `lax.while_loop` decodes one token per step until every
-row has produced an end-of-sequence token or `max_new_tokens` is reached. Each row keeps
-its own RoPE positions, so left padding does not change a row's tokens.
+Prompts are left-padded into shape buckets (powers of two for the batch and the number
+of new tokens, eighths of a power of two for the prompt length) so one compiled program
+serves many calls. The prompt is prefilled in one pass, then a `lax.while_loop` decodes
+one token per step until every row has produced an end-of-sequence token or
+`max_new_tokens` is reached, with no host round trip in between. Each row keeps its own
+RoPE positions, so left padding does not change a row's tokens.
+
+A step's work is the model's forward for one token per row and the sampling rule: the
+layers' weights and KV caches are separate arrays per layer that the loop reads in
+place (`Decoder.decode_weights`, `Decoder.decode`), and greedy decoding is an argmax.
 """
 
 from __future__ import annotations
@@ -38,11 +43,39 @@ class GenerationResult:
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
+    """The power of two >= n (at least `minimum`)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _length_bucket(n: int) -> int:
+    """Prompt length bucket: n rounded up to a multiple of an eighth of the power of two
+    >= n, and of 8: 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, ... (at most 25 % above n).
+    The prefill's work grows with it; a power of two would cost up to twice the prompt."""
+    step = max(8, _bucket(n) // 8)
+    return -(-int(n) // step) * step
+
+
+def _nucleus_and_top_k(scaled_bv, top_k, top_p):
+    """`scaled_bv` with every entry outside the top-k and outside the top-p nucleus set to
+    -inf (a full sort of each row; `sample_logits` runs it only when either is on)."""
+    V = scaled_bv.shape[-1]
+    desc = -jnp.sort(-scaled_bv, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, V - 1)[None, None], axis=-1)
+    scaled_bv = jnp.where((top_k > 0) & (scaled_bv < kth), -jnp.inf, scaled_bv)
+    desc = jnp.where((top_k > 0) & (desc < kth), -jnp.inf, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    kept = jnp.where(before < top_p, desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(scaled_bv < threshold, -jnp.inf, scaled_bv)
 
 
 def sample_logits(logits_bv, key, temperature, top_k, top_p):
     """Draws one token per row.
+
+    Only the rule asked for runs (`lax.cond` on the traced settings): greedy is an
+    argmax, plain temperature sampling a Gumbel-max draw; the sort that top-k and top-p
+    need (most of a step's time at a 49k vocabulary on a CPU) runs only when one is on.
 
     Args:
       logits_bv: float32 `[B, V]`.
@@ -53,20 +86,19 @@ def sample_logits(logits_bv, key, temperature, top_k, top_p):
     Returns:
       int32 `[B]`.
     """
-    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    scaled = logits_bv / jnp.maximum(temperature, 1e-6)
-    desc = -jnp.sort(-scaled, axis=-1)
-    V = scaled.shape[-1]
-    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, V - 1)[None, None], axis=-1)
-    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
-    desc = jnp.where((top_k > 0) & (desc < kth), -jnp.inf, desc)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
-    kept = jnp.where(before < top_p, desc, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
-    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature <= 0, greedy, sampled)
+    temperature, top_k, top_p = (jnp.asarray(temperature, jnp.float32),
+                                 jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
+
+    def greedy(logits_bv):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def sampled(logits_bv):
+        scaled = logits_bv / jnp.maximum(temperature, 1e-6)
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1), _nucleus_and_top_k,
+                              lambda s, k, p: s, scaled, top_k, top_p)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature <= 0, greedy, sampled, logits_bv)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "use_cache"))
@@ -89,16 +121,21 @@ def _generate_padded(graphdef, state, ids_bp, valid_bp, max_new, key, temperatur
         return tok, done, out, lengths
 
     if use_cache:
+        # The first token comes from the prefill's logits; each loop step then decodes
+        # the last token and picks the next, so n tokens cost n - 1 decode steps.
+        weights = model.decode_weights()
         cache = model.init_cache(B, P + n_new)
-        logits, cache = model.decode(ids_bp, positions, valid_bp, cache)
-        carry = (jnp.int32(0), logits[:, -1], positions[:, -1], done, out, lengths, cache)
+        logits, cache = model.decode(ids_bp, positions, valid_bp, cache, weights, last_only=True)
+        tok, done, out, lengths = pick(0, logits[:, -1], done, out, lengths)
+        carry = (jnp.int32(1), tok, positions[:, -1], done, out, lengths, cache)
 
         def body(c):
-            step, logits_bv, pos, done, out, lengths, cache = c
-            tok, done, out, lengths = pick(step, logits_bv, done, out, lengths)
+            step, tok, pos, done, out, lengths, cache = c
             pos = pos + 1
-            logits, cache = model.decode(tok[:, None], pos[:, None], jnp.ones((B, 1), bool), cache)
-            return step + 1, logits[:, 0], pos, done, out, lengths, cache
+            logits, cache = model.decode(tok[:, None], pos[:, None], jnp.ones((B, 1), bool),
+                                         cache, weights)
+            tok, done, out, lengths = pick(step, logits[:, 0], done, out, lengths)
+            return step + 1, tok, pos, done, out, lengths, cache
     else:
         buf = jnp.concatenate([ids_bp, jnp.full((B, n_new), pad_id, ids_bp.dtype)], axis=1)
         valid = jnp.concatenate([valid_bp, jnp.zeros((B, n_new), valid_bp.dtype)], axis=1)
@@ -164,7 +201,7 @@ def generate_ids(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, max_new
     for start in range(0, len(prompt_ids), step):
         chunk = [list(p) for p in prompt_ids[start:start + step]]
         B = _bucket(len(chunk))
-        P = _bucket(max(len(p) for p in chunk), 8)
+        P = _length_bucket(max(len(p) for p in chunk))
         rows = chunk + [chunk[0]] * (B - len(chunk))
         ids = np.full((B, P), pad_id, np.int32)
         valid = np.zeros((B, P), np.int32)

@@ -1,9 +1,15 @@
-"""KV-cache generation: equal to no-cache decoding, padding-invariant, stops, seeded sampling."""
+"""KV-cache generation: equal to no-cache decoding (greedy and seeded sampling, LoRA and a
+quantized base), padding-invariant, stops; the sampling rules; the cache's dtype; the
+compiled decode loop copies no weight and no cache."""
+
+import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mio_jax.models import generate, generate_ids, load_pretrained
 from mio_jax.models.sampling import sample_logits
@@ -97,3 +103,171 @@ def test_sharded_generation_equals_unsharded(tmp_path, greedy):
     sharded = load_pretrained(write_case("qwen3", str(tmp_path / "q")), mesh=mesh)
     with jax.set_mesh(mesh):
         assert generate_ids(sharded, PROMPTS, max_new_tokens=12) == greedy
+
+
+def test_seeded_sampling_with_the_cache_equals_without(model):
+    for kw in (dict(temperature=0.9, seed=5), dict(temperature=1.3, top_k=7, seed=6),
+               dict(temperature=1.1, top_p=0.8, seed=9),
+               dict(temperature=0.7, top_k=20, top_p=0.95, seed=2)):
+        cached = generate_ids(model, PROMPTS, max_new_tokens=12, **kw)
+        assert generate_ids(model, PROMPTS, max_new_tokens=12, use_cache=False, **kw) == cached
+        assert all(len(c) == 12 for c in cached), kw
+
+
+def test_greedy_is_the_argmax_whatever_top_k_and_top_p_say():
+    logits = jax.random.normal(jax.random.key(1), (5, 300)) * 3.0
+    want = np.argmax(np.asarray(logits), axis=-1)
+    for top_k, top_p in ((0, 1.0), (3, 1.0), (0, 0.5), (10, 0.9)):
+        got = jax.jit(sample_logits)(logits, jax.random.key(2), 0.0, top_k, top_p)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_plain_temperature_sampling_is_the_gumbel_max_draw_of_the_scaled_logits():
+    logits = jax.random.normal(jax.random.key(3), (4, 500))
+    key = jax.random.key(4)
+    got = jax.jit(sample_logits)(logits, key, 0.7, 0, 1.0)
+    want = jax.random.categorical(key, logits / 0.7, axis=-1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def test_only_top_k_and_top_p_sort():
+    """Greedy and plain temperature sampling run branches without a sort (a full sort
+    of every row is most of a decode step at a 49k vocabulary on a CPU)."""
+    jaxpr = jax.make_jaxpr(sample_logits)(jnp.zeros((2, 50)), jax.random.key(0), 1.0, 0, 1.0)
+    (top,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    sampled, greedy = (b.jaxpr for b in top.params["branches"])  # (false, true)
+    assert "argmax" in _primitives(greedy) and "sort" not in _primitives(greedy)
+    (inner,) = [e for e in sampled.eqns if e.primitive.name == "cond"]
+    plain, truncated = (b.jaxpr for b in inner.params["branches"])
+    assert "sort" not in _primitives(plain) and "sort" in _primitives(truncated)
+
+
+def test_cache_is_in_the_compute_dtype(tmp_path):
+    bf16 = load_pretrained(write_case("llama3", str(tmp_path / "l")), dtype="bfloat16")
+    cache = bf16.init_cache(2, 16)
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k"] + cache["v"])
+    assert cache["k"][0].shape == (2, bf16.cfg.num_key_value_heads, 16, bf16.cfg.head_dim)
+    ids = jnp.asarray([[3, 4, 5], [6, 7, 8]], jnp.int32)
+    logits, cache = bf16.decode(ids, jnp.asarray([[0, 1, 2]] * 2), jnp.ones((2, 3), bool), cache)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 3, bf16.cfg.vocab_size)
+    assert all(a.dtype == jnp.bfloat16 for a in cache["k"] + cache["v"])
+    assert int(cache["index"]) == 3
+    assert float(jnp.abs(cache["k"][1][:, :, :3].astype(jnp.float32)).max()) > 0
+    assert float(jnp.abs(cache["k"][1][:, :, 3:].astype(jnp.float32)).max()) == 0
+    # float32 master weights, bfloat16 compute: the cache follows the compute dtype
+    mixed = load_pretrained(str(tmp_path / "l"), dtype="bfloat16", param_dtype="float32")
+    assert mixed.init_cache(1, 8)["v"][0].dtype == jnp.bfloat16
+    out = generate_ids(mixed, PROMPTS, max_new_tokens=6)
+    assert [len(o) for o in out] == [6, 6, 6]
+
+
+def test_decode_steps_equal_the_full_forward(model):
+    """Prefill then one token at a time: each step's logits equal the full forward's at
+    that position (left padding included)."""
+    ids = jnp.asarray([[0, 0, 5, 17, 33, 2], [12, 13, 14, 15, 16, 9]], jnp.int32)
+    valid = ids != 0
+    full = np.asarray(model(ids, attention_mask=valid.astype(jnp.int32)))
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    cache = model.init_cache(2, 8)
+    weights = model.decode_weights()
+    logits, cache = model.decode(ids[:, :4], positions[:, :4], valid[:, :4], cache, weights)
+    np.testing.assert_allclose(np.asarray(logits)[:, 2:], full[:, 2:4], atol=1e-5)
+    for t in (4, 5):
+        logits, cache = model.decode(ids[:, t:t + 1], positions[:, t:t + 1],
+                                     valid[:, t:t + 1], cache, weights)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
+    last, _ = model.decode(ids, positions, valid, model.init_cache(2, 8), last_only=True)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, -1], atol=1e-5)
+
+
+def test_lora_and_quantized_base_decode_like_the_full_forward(tmp_path):
+    from mio_jax.models import adapters, lora
+
+    folder = write_case("llama3", str(tmp_path / "l"))
+    spec = lora.make_spec(rank=4, alpha=8, target_modules="q_proj,v_proj,down_proj",
+                          num_layers=2, layers_to_transform=(1,))
+    m = load_pretrained(folder, lora=spec)
+    rng = np.random.default_rng(0)
+    values = jax.tree.map(lambda a: rng.standard_normal(a.shape) * 0.3,
+                          nnx.to_pure_dict(nnx.state(m, nnx.LoRAParam)))
+    adapters.set_adapters(m, values)
+    graphdef, lora_state, rest = nnx.split(m, nnx.LoRAParam, ...)
+    base = adapters.quantize_base(nnx.to_pure_dict(rest), m.cfg, "nf4", None, None)
+    nnx.replace_by_pure_dict(rest, base)
+    quantized = nnx.merge(graphdef, lora_state, rest)
+    for mdl in (m, quantized):
+        cached = generate_ids(mdl, PROMPTS, max_new_tokens=10)
+        assert generate_ids(mdl, PROMPTS, max_new_tokens=10, use_cache=False) == cached
+    assert generate_ids(m, PROMPTS, max_new_tokens=10) != generate_ids(
+        load_pretrained(folder), PROMPTS, max_new_tokens=10)  # the adapters take part
+
+
+def _computation(hlo: str, name: str) -> list[str]:
+    lines = hlo.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(name + " "))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("}"))
+    return lines[start + 1:end]
+
+
+def _run_by(hlo: str, name: str) -> list[str]:
+    """The instructions of computation `name` and of the loops, branches and calls in it
+    (not the insides of fusions: those write no buffers of their own)."""
+    out = []
+    for line in _computation(hlo, name):
+        out.append(line)
+        refs = re.findall(r"(?:body|to_apply)=(%[\w.\-]+)", line)
+        branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if branches:
+            refs += re.findall(r"%[\w.\-]+", branches.group(1))
+        for ref in refs:
+            out += _run_by(hlo, ref)
+    return out
+
+
+def test_a_decode_step_copies_no_weight_and_no_cache():
+    """In the compiled decode loop nothing but the in-place cache update writes a
+    buffer the size of a layer's weight or cache (slicing the layer stacks inside the
+    loop used to copy every weight, and every layer's cache, on every token)."""
+    from mio_jax.models import init_model, sampling
+    from mio_jax.testing import tiny_model_config
+
+    cfg = tiny_model_config(vocab_size=200, hidden_size=40, intermediate_size=80,
+                            num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=12)
+    graphdef, state = nnx.split(init_model(cfg))
+    B, P, n_new = 2, 8, 8
+    ids = jnp.ones((B, P), jnp.int32)
+    hlo = sampling._generate_padded.lower(
+        graphdef, state, ids, ids, jnp.int32(n_new), jax.random.key(0), jnp.float32(0),
+        jnp.int32(0), jnp.float32(1), jnp.asarray([2]), jnp.int32(0), n_new=n_new,
+        use_cache=True).compile().as_text()
+    loop = next(line for line in hlo.splitlines()
+                if " while(" in line and f"s32[{B},{n_new}]" in line)
+    body = _run_by(hlo, re.search(r"body=(%[\w.\-]+)", loop).group(1))
+    weight_sizes = {40 * 48, 40 * 24, 40 * 80, 200 * 40}  # q/o, k/v, gate/up/down, embed
+    cache_size = B * 2 * (P + n_new) * 12
+    updates = 0
+    for line in body:
+        if " = " not in line or line.split(" = ")[1].split("(")[0].split(" ")[-1] in (
+                "parameter", "get-tuple-element", "bitcast", "tuple"):
+            continue
+        shape = line.split(" = ")[1].split("{")[0].split(" ")[0]
+        if not shape.startswith("f32["):
+            continue
+        size = int(np.prod([int(d) for d in shape[4:-1].split(",") if d]))
+        assert size not in weight_sizes, line
+        if size == cache_size:
+            assert "dynamic-update-slice" in line and " copy(" not in line, line
+            updates += 1
+    assert updates == 2 * cfg.num_hidden_layers  # each layer's k and v, written in place
