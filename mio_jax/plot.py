@@ -110,28 +110,45 @@ def round_series(series: Series) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def _grid(n: int, height: float):
+    """A figure of ``n`` panels, 3 per row: ``(fig, axes, colors)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, height * rows), squeeze=False)
+    return fig, list(axes.flat), plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _finish(fig, axes, n: int, xlabel: str):
+    """Labels, grids and legends of the first ``n`` panels; the rest hidden."""
+    for ax in axes[:n]:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
     """The per-round panels of online runs (see the module docstring); returns the Figure.
 
     Raises:
       ValueError: none of the runs has per-round rows.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [round_series(read_metrics(w)) for w in workdirs]
     labels = list(labels) if labels else [run_label(w) for w in workdirs]
     panels = [p for p in ROUND_PANELS + (HELD_OUT,) if any(p in r for r in runs)]
     if not panels:
         raise ValueError(f"no per-round rows (split 'round') in {list(workdirs)}: "
                          "are these online runs (online.enabled)?")
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes.flat, panels):
+    fig, axes, colors = _grid(len(panels), 3.4)
+    for ax, panel in zip(axes, panels):
         for i, (run, label) in enumerate(zip(runs, labels)):
             if panel not in run:
                 continue
@@ -144,13 +161,7 @@ def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
             else:
                 ax.plot(x, y, color=color, marker="o", label=label)
         ax.set_title("held-out accuracy (95% CI)" if panel == HELD_OUT else panel)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, axes, len(panels), "round")
 
 
 def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
@@ -163,21 +174,13 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
     Returns:
       the matplotlib Figure; each line's label is "<run> <key>" and its data the steps/values read.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [read_metrics(w) for w in workdirs]
     labels = list(labels) if labels else [run_label(w) for w in workdirs]
     panels = [p for p in PANELS + (EVAL_ACCURACY,) if any(panel_keys(s, p) for s in runs)]
     if not panels:
         raise ValueError(f"no plottable metrics ({', '.join(PANELS)}, eval accuracy) in {list(workdirs)}")
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes.flat, panels):
+    fig, axes, colors = _grid(len(panels), 3.6)
+    for ax, panel in zip(axes, panels):
         for r, (series, label) in enumerate(zip(runs, labels)):
             for key in panel_keys(series, panel):
                 steps, values = series[key]
@@ -185,13 +188,7 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
                 ax.plot(steps, values, color=colors[r % len(colors)], ls="-" if train else "--",
                         marker="." if len(steps) < 30 else None, label=f"{label} {key}")
         ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, axes, len(panels), "step")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

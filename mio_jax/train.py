@@ -191,6 +191,11 @@ def data_cache_dir(config, workdir: str) -> str | None:
     return config.data.cache_dir or paths.join(workdir, "data_cache")
 
 
+def _row_multiple(mesh) -> int:
+    """Packed rows per process come in multiples of its data-parallel devices."""
+    return max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
+
+
 def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     """The train pipeline (this process's share of each global batch) and the eval split."""
     cache_dir = data_cache_dir(config, workdir)
@@ -203,7 +208,7 @@ def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     steps_per_epoch = len(train_split.groups) // config.train.batch_size
     total_steps = (math.ceil(config.train.epochs * steps_per_epoch) if config.train.epochs > 0
                    else int(config.train.steps))
-    row_multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
+    row_multiple = _row_multiple(mesh)
     train = data_lib.make_pipeline(config.data, tokenizer, split="train",
                                    batch_size=config.train.batch_size, seed=config.seed,
                                    prepared=train_split, row_multiple=row_multiple)
@@ -580,9 +585,8 @@ def _train_online(config, workdir: str, mesh, model: Model) -> dict[str, Any]:
     """``online.enabled``: the rounds of ``mio_jax.online`` on the same stages (no train
     pipeline: each round builds its own from the rows it sampled)."""
     with jax.set_mesh(mesh):
-        row_multiple = max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
         data = Data(None, None, online_lib.total_steps(config),
-                    sharding_lib.batch_sharding(mesh), row_multiple)
+                    sharding_lib.batch_sharding(mesh), _row_multiple(mesh))
         training = restore_or_init(config, workdir, model, data.total_steps, mesh)
         initial = None  # LoRA: the base with the adapters off; "previous": the state
         if model.config.lora is None and config.online.reference == "initial":
