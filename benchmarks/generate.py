@@ -22,6 +22,13 @@ produce the same greedy tokens and reports for how many tokens they agree.
   .venv/bin/python benchmarks/generate.py --vs-llamacpp --batch-sizes=1,16,64 \\
       --json=docs/benchmarks/2026-12-02/generate_vs_llamacpp.json \\
       > docs/benchmarks/2026-12-02/generate_vs_llamacpp.txt
+
+`--sampling` times the sampling rules side by side on the embedded model (float32, chat
+prompts, no EOS): greedy, temperature 0.8, top-p 0.95 and top-k 50 (the row cut by
+bisection, as shipped), and top-p 0.95 with each row sorted (the textbook rule this
+replaced, patched in for the comparison), with the median of `--repeats` calls.
+
+  .venv/bin/python benchmarks/generate.py --sampling --batch-sizes=16,64 --max-new-tokens=48
 """
 
 import argparse
@@ -307,6 +314,60 @@ def cache_vs_no_cache(args, batch_sizes):
             print(f"| {bs} | {cache} | {tokens} | {dt:.2f} | {v:.1f} |")
 
 
+def _sorted_top_k_and_nucleus(scaled_bv, top_k, top_p):
+    """The textbook top-k / top-p cut (a sort of each row), for `--sampling`'s comparison."""
+    import jax
+    import jax.numpy as jnp
+
+    V = scaled_bv.shape[-1]
+    desc = -jnp.sort(-scaled_bv, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, V - 1)[None, None], axis=-1)
+    scaled_bv = jnp.where((top_k > 0) & (scaled_bv < kth), -jnp.inf, scaled_bv)
+    desc = jnp.where((top_k > 0) & (desc < kth), -jnp.inf, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    kept = jnp.where(jnp.cumsum(probs, axis=-1) - probs < top_p, desc, jnp.inf)
+    return jnp.where(scaled_bv < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, scaled_bv)
+
+
+def sampling_rules(args, batch_sizes):
+    import jax
+
+    from mio_jax.models import sampling
+
+    path = models.smollm2_gguf_path()
+    tok = models.load_tokenizer(path)
+    model = models.load_pretrained(path, dtype="float32")
+    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    n = args.max_new_tokens
+    rules = (("greedy", dict(temperature=0.0), False),
+             ("temperature 0.8", dict(temperature=0.8), False),
+             ("top-p 0.95 (bisection)", dict(temperature=0.8, top_p=0.95), False),
+             ("top-k 50 (bisection)", dict(temperature=0.8, top_k=50), False),
+             ("top-p 0.95 (sorted rows)", dict(temperature=0.8, top_p=0.95), True))
+    shipped = sampling._top_k_and_nucleus
+    print(f"SmolLM2-135M-Instruct float32; {n} new tokens per row, no EOS; median of "
+          f"{args.repeats} calls after a compiling one")
+    print("| batch | rule | seconds | tokens/s | vs greedy |")
+    print("|---|---|---|---|---|")
+    for bs in batch_sizes:
+        rows = [prompt_ids[r % len(prompt_ids)] for r in range(bs)]
+        greedy = None
+        for name, kw, sort in rules:
+            sampling._top_k_and_nucleus = _sorted_top_k_and_nucleus if sort else shipped
+            jax.clear_caches()  # the patched rule is traced afresh
+            models.generate_ids(model, rows, max_new_tokens=n, eos_ids=[-7], seed=0, **kw)
+            times = []
+            for r in range(args.repeats):
+                t0 = time.perf_counter()
+                models.generate_ids(model, rows, max_new_tokens=n, eos_ids=[-7], seed=r + 1, **kw)
+                times.append(time.perf_counter() - t0)
+            dt = statistics.median(times)
+            greedy = greedy or dt
+            print(f"| {bs} | {name} | {dt:.2f} | {bs * n / dt:.1f} | {greedy / dt:.2f}x |",
+                  flush=True)
+    sampling._top_k_and_nucleus = shipped
+
+
 def mio_only(args, batch_sizes):
     """Worker of `--baseline`: the mio_jax timings alone, as JSON rows in `--json`."""
     path = models.smollm2_gguf_path()
@@ -326,6 +387,8 @@ def main():
     parser.add_argument("--batch-sizes", default=None,
                         help="default 1,16 (1,16,64 with --vs-llamacpp)")
     parser.add_argument("--vs-llamacpp", action="store_true")
+    parser.add_argument("--sampling", action="store_true",
+                        help="the sampling rules side by side (greedy, temperature, top-p, top-k)")
     parser.add_argument("--variants", default="float32,bfloat16,q4_1",
                         help="mio_jax variants of --vs-llamacpp: " + ",".join(VARIANTS))
     parser.add_argument("--llamacpp-env", default="/work/llamacpp_env")
@@ -343,6 +406,8 @@ def main():
     batch_sizes = [int(b) for b in sizes.split(",")]
     if args.mio_only:
         mio_only(args, batch_sizes)
+    elif args.sampling:
+        sampling_rules(args, batch_sizes)
     elif args.vs_llamacpp:
         vs_llamacpp(args, batch_sizes)
     else:

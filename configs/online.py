@@ -80,6 +80,7 @@ def get_config(arg=None):
     c.eval.reasoning_task_config = TASK_CONFIG
     c.eval.reasoning_examples = 100
     c.eval.reasoning_max_new_tokens = 96
+    c.eval.reasoning_batch_size = 64
 
     if "lora" in options:
         c.model.lora.enabled = True

@@ -3,19 +3,24 @@
     python launch/online_report.py --runs=workdirs/online_study --out=docs/results/online
 
 Reads every `<runs>/<method>_seed<k>/` (an online run: `online/round_*/done.json`,
-`metrics.jsonl`, `reasoning_eval/step_*.json`, `config.json`) and `<runs>/wall_times.tsv`;
-writes into `<out>`: `results.md` (set-up, per-run and per-method tables: held-out accuracy
-before and after with Wilson 95 % intervals, the pooled accuracy of each method's seeds,
-the per-round pass rate, signal, chosen log-ratio and logps/chosen), `rounds.png`
-(`mio_jax.plot.plot_rounds` of every run), `metrics/<run>.jsonl`, `rounds/<run>.json` (the
-rounds' done.json) and `eval/<run>/step_<N>.json` (the held-out evaluations with their
-completions). The reading is written by hand in `<out>/README.md`.
+`metrics.jsonl`, `reasoning_eval/step_*.json`, `config.json`), `<runs>/wall_times.tsv` and
+`<runs>/base_eval.json` (the base model's held-out eval, made once by the first run: it is
+the same for every run); writes into `<out>`: `results.md` (set-up, per-run and per-method
+tables: held-out accuracy before and after with Wilson 95 % intervals, the pooled accuracy
+of each method's seeds, the per-round pass rate, signal, chosen log-ratio and
+logps/chosen), `rounds.png` (`mio_jax.plot.plot_rounds` of every run), `methods.png`
+(`plot_methods`: each method's seeds together), `metrics/<run>.jsonl`,
+`rounds/<run>.json` (the rounds' done.json), `samples/<run>.jsonl.gz` and
+`pairs/<run>.jsonl.gz` (every round's samples with their verdicts, and its rows, each line
+with its "round"), `eval/<run>/step_<N>.json` (the held-out
+evaluations with their completions) and `eval/base.json`. The reading is written by hand in `<out>/README.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import re
@@ -54,6 +59,60 @@ def _pooled(results: list[dict]) -> str:
     return f"{correct / max(n, 1):.3f} ({correct}/{n}) [{lo:.3f}, {hi:.3f}]"
 
 
+METHOD_PANELS = ("pass_rate", "signal_fraction", "chosen_logratio", "logps_chosen",
+                 "rejected_logratio", "answer_tokens_mean")
+
+
+def plot_methods(by_method: dict, base: dict | None):
+    """Per method, the mean over its seeds of each round's value (band: the seeds' range),
+    and the held-out accuracy pooled over seeds (before: the base model) with its 95 %
+    Wilson interval; returns the Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    axes = axes.ravel()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, rs) in enumerate(sorted(by_method.items())):
+        color = colors[i % len(colors)]
+        n = min(len(r["rounds"]) for r in rs)
+        for ax, key in zip(axes, METHOD_PANELS):
+            vals = [[r["rounds"][j].get(key, float("nan")) for r in rs] for j in range(n)]
+            ax.plot(range(n), [sum(v) / len(v) for v in vals], marker="o", color=color,
+                    label=f"{method} ({len(rs)} seeds)")
+            ax.fill_between(range(n), [min(v) for v in vals], [max(v) for v in vals],
+                            color=color, alpha=0.15)
+            ax.set_title(key)
+            ax.set_xlabel("round")
+        points = []
+        if base is not None:
+            points.append((-1, base["overall"]["correct"], base["overall"]["n"]))
+        steps = sorted(set.intersection(*(set(r["evals"]) for r in rs)) - {0})
+        per_round = {s: j for j, s in enumerate(d["end_step"] for d in rs[0]["rounds"])}
+        for step in steps:
+            correct = sum(r["evals"][step]["overall"]["correct"] for r in rs)
+            total = sum(r["evals"][step]["overall"]["n"] for r in rs)
+            points.append((per_round.get(step, n - 1), correct, total))
+        acc = [c / t for _, c, t in points]
+        ci = [evaluate.wilson_interval(c, t) for _, c, t in points]
+        ax = axes[len(METHOD_PANELS)]
+        ax.errorbar([x + 0.05 * i for x, _, _ in points], acc,
+                    yerr=[[a - lo for a, (lo, _) in zip(acc, ci)],
+                          [hi - a for a, (_, hi) in zip(acc, ci)]],
+                    marker="o", capsize=3, color=color, label=method)
+        ax.set_title("held-out accuracy, seeds pooled (95% CI)")
+        ax.set_xlabel("round (-1: base model)")
+    axes[-1].axis("off")
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True)
@@ -72,7 +131,12 @@ def main(argv=None) -> None:
         for line in open(wall_file):
             name, secs = line.split("\t")
             walls[name] = int(secs)
-    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(os.path.join(a.out, "eval"), exist_ok=True)
+    base = None
+    base_file = os.path.join(a.runs, "base_eval.json")
+    if os.path.isfile(base_file):
+        base = json.load(open(base_file))
+        shutil.copy(base_file, os.path.join(a.out, "eval", "base.json"))
     for name, run in runs.items():
         for sub in ("metrics", "rounds", os.path.join("eval", name)):
             os.makedirs(os.path.join(a.out, sub), exist_ok=True)
@@ -80,6 +144,13 @@ def main(argv=None) -> None:
                     os.path.join(a.out, "metrics", f"{name}.jsonl"))
         with open(os.path.join(a.out, "rounds", f"{name}.json"), "w") as f:
             json.dump(run["rounds"], f, indent=1)
+        for kind in ("samples", "pairs"):  # every round's file, one gzipped JSONL per run
+            os.makedirs(os.path.join(a.out, kind), exist_ok=True)
+            with gzip.open(os.path.join(a.out, kind, f"{name}.jsonl.gz"), "wt") as f:
+                for r in range(len(run["rounds"])):
+                    path = os.path.join(run["path"], "online", f"round_{r:04d}", f"{kind}.jsonl")
+                    for line in open(path):
+                        f.write(json.dumps({"round": r, **json.loads(line)}) + "\n")
         for step, result in run["evals"].items():
             with open(os.path.join(a.out, "eval", name, f"step_{step}.json"), "w") as f:
                 json.dump(result, f, indent=1)
@@ -104,8 +175,11 @@ def main(argv=None) -> None:
              f"({first['optim']['schedule']}, warmup {first['optim']['warmup_steps']}) over "
              f"the run's {o['rounds'] * o['steps_per_round']} steps.",
              f"- Held-out: greedy, {first['eval']['reasoning_examples']} problems per "
-             "evaluation (item seeds from 1e9), the training task and difficulty; before "
-             f"training and every {o['eval_every_rounds']} rounds.", ""]
+             "evaluation (item seeds from 1e9), the training task and difficulty; the base "
+             "model once (the same for every run: greedy on the same problems) and every "
+             f"{o['eval_every_rounds']} rounds of each run.", ""]
+    if base is not None:
+        lines += [f"Base model, held-out: {_acc(base)}.", ""]
     lines += ["## Runs", "", "| run | loss | beta | held-out before | held-out after [95% CI] | "
               "pass rate round 0 -> last | chosen log-ratio (last round) | logps/chosen "
               "(last round) | rows | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -113,6 +187,8 @@ def main(argv=None) -> None:
     for n in names:
         run = runs[n]
         ev = list(run["evals"].values())
+        if 0 not in run["evals"] and base is not None:
+            ev = [base] + ev
         rd = run["rounds"]
         by_method[run["method"]].append(run)
         lines.append(
@@ -125,10 +201,12 @@ def main(argv=None) -> None:
     lines += ["", "## Methods (seeds pooled)", "", "| method | seeds | held-out after, pooled "
               "[95% CI] | pass rate last round (mean) |", "|---|---|---|---|"]
     for method, rs in sorted(by_method.items()):
-        finals = [list(r["evals"].values())[-1] for r in rs if len(r["evals"]) > 1]
+        finals = [list(r["evals"].values())[-1] for r in rs
+                  if max(r["evals"], default=0) > 0]
         last = [r["rounds"][-1]["pass_rate"] for r in rs]
         lines.append(f"| {method} | {len(rs)} | {_pooled(finals) if finals else '-'} | "
                      f"{sum(last) / len(last):.3f} |")
+    plot.save_figure(plot_methods(by_method, base), os.path.join(a.out, "methods.png"))
     lines += ["", "## Per round (mean over seeds)", ""]
     keys = ("pass_rate", "signal_fraction", "rows", "chosen_logratio", "logps_chosen",
             "answer_tokens_mean")
@@ -142,7 +220,7 @@ def main(argv=None) -> None:
         lines += ["", f"Total wall time of the runs on this machine: {sum(walls.values())} s."]
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {a.out}/results.md, rounds.png and the runs' files ({len(runs)} runs)")
+    print(f"wrote {a.out}/results.md, rounds.png, methods.png and the runs' files ({len(runs)} runs)")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.reasoning_examples = 16
     c.eval.reasoning_task_config = ""    # JSON kwargs of every task's config (difficulty); "" = defaults
     c.eval.reasoning_max_new_tokens = 96
+    c.eval.reasoning_batch_size = 16      # prompts per generation batch (greedy)
     return c
 
 

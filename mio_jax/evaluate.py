@@ -326,10 +326,10 @@ def validate_eval_config(cfg) -> None:
     """Checks the ``eval`` section of a training config.
 
     Rules: ``eval.every_steps >= 0``, ``eval.batch_size >= 1``; with
-    ``eval.reasoning_tasks`` set, ``eval.reasoning_examples`` and
-    ``eval.reasoning_max_new_tokens`` >= 1 and every task one that ``heldout_examples``
-    can build with ``eval.reasoning_task_config`` (reasoning-gym installed, the name and
-    the settings known).
+    ``eval.reasoning_tasks`` set, ``eval.reasoning_examples``,
+    ``eval.reasoning_max_new_tokens`` and ``eval.reasoning_batch_size`` >= 1 and every task
+    one that ``heldout_examples`` can build with ``eval.reasoning_task_config``
+    (reasoning-gym installed, the name and the settings known).
 
     Args:
       cfg: the whole experiment config (reads ``cfg.eval``).
@@ -345,9 +345,9 @@ def validate_eval_config(cfg) -> None:
     tasks = reasoning_tasks(cfg)
     if not tasks:
         return
-    if e.reasoning_examples < 1 or e.reasoning_max_new_tokens < 1:
-        raise ConfigError("eval.reasoning_examples and eval.reasoning_max_new_tokens "
-                          "must be >= 1")
+    for key in ("reasoning_examples", "reasoning_max_new_tokens", "reasoning_batch_size"):
+        if e.get(key, 1) < 1:
+            raise ConfigError(f"eval.{key}={e.get(key)} must be >= 1")
     try:
         task_config = parse_task_config(e.get("reasoning_task_config", ""))
     except ValueError as err:

@@ -44,6 +44,7 @@ from mio_jax import periodic
 from mio_jax import reference as reference_lib
 from mio_jax import verifiers
 from mio_jax.data import pipeline as data_lib
+from mio_jax.data import sources as data_sources
 from mio_jax.errors import ConfigError
 
 PAIR_RULES = {"best_worst": ("best_worst", 1), "all_pairs": ("pairs", 0), "group": ("group", 0)}
@@ -215,14 +216,11 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    for i, line in enumerate(paths.read_text(path).splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); this round's file is "
-                             "damaged: move the round folder aside to redo the round") from e
-    return rows
+    try:
+        return [row for _, row in data_sources.iter_jsonl(path)]
+    except ValueError as e:
+        raise ValueError(f"{e}; this round's file is damaged: move the round folder aside "
+                         "to redo the round") from e
 
 
 # ---- the loop ---------------------------------------------------------------------------

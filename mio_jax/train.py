@@ -398,7 +398,8 @@ def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
     def sampler(prompts):
         return list(models.generate(model, run.model.tokenizer, list(prompts), temperature=0.0,
                                     max_new_tokens=ecfg.reasoning_max_new_tokens,
-                                    batch_size=min(len(prompts), 16)).texts)
+                                    batch_size=min(len(prompts),
+                                                   ecfg.get("reasoning_batch_size", 16))).texts)
 
     result = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
     if jax.process_index() == 0:

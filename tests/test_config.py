@@ -100,7 +100,9 @@ RULES = [
     ({"log.peak_flops_per_device": -1.0}, "log.peak_flops_per_device=-1.0"),
     ({"eval.every_steps": -1}, "eval.every_steps=-1"),
     ({"eval.reasoning_tasks": "basic_arithmetic", "eval.reasoning_examples": 0},
-     "eval.reasoning_examples and eval.reasoning_max_new_tokens must be >= 1"),
+     "eval.reasoning_examples=0 must be >= 1"),
+    ({"eval.reasoning_tasks": "basic_arithmetic", "eval.reasoning_batch_size": 0},
+     "eval.reasoning_batch_size=0 must be >= 1"),
     ({"eval.reasoning_tasks": "basic_arithmetic,nope"}, "eval.reasoning_tasks: 'nope'"),
 ]
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import run_compare
 from mio_jax import local_pod, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
 POD_TIMEOUT = 300
 
 
@@ -50,38 +50,9 @@ def _one_process(files, workdir, overrides, tiny_config):
     return train.train_and_evaluate(tiny_config(*files, **overrides), str(workdir))
 
 
-def _rows(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def _weights(workdir):
-    folder = os.path.join(workdir, "hf_export")
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, name)))
-    return out
-
-
-def _same_run(pod_dir, ref_dir, *, rel=2e-5, abs_=2e-5, weights=True) -> dict:
+def _same_run(pod_dir, ref_dir, **kw) -> dict:
     """Asserts metrics.jsonl and hf_export agree; returns the largest differences."""
-    a, b = _rows(pod_dir), _rows(ref_dir)
-    assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
-    worst = 0.0
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys(), (ra["step"], ra.keys() ^ rb.keys())
-        for k in ra:
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), (ra["split"], ra["step"], k)
-                worst = max(worst, abs(ra[k] - rb[k]))
-    out = {"metrics_max_abs": worst, "rows": len(a)}
-    if weights:
-        wa, wb = _weights(pod_dir), _weights(ref_dir)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            np.testing.assert_allclose(wa[k], wb[k], rtol=1e-4, atol=2e-5, err_msg=k)
-        out["weights_max_abs"] = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+    out = run_compare.assert_same_run(pod_dir, ref_dir, **kw)
     print(f"{pod_dir}: {out}")
     return out
 
@@ -196,7 +167,7 @@ def test_preemption_of_any_process_checkpoints_one_step_and_resumes_exactly(
     dst = tmp_path / "converted"
     subprocess.run([sys.executable, "-m", "mio_jax.convert", str(work), str(dst)], check=True,
                    env=subprocess_env, cwd=ROOT, capture_output=True)
-    got, want = load_file(str(dst / "model.safetensors")), _weights(work)
+    got, want = load_file(str(dst / "model.safetensors")), run_compare.exported_weights(work)
     assert got.keys() == want.keys()
     for k in got:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)

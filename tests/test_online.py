@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import run_compare
 
 from mio_jax import config as mio_config
 from mio_jax import online, testing, train
@@ -16,7 +17,6 @@ from mio_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M, K, S, R = 12, 4, 3, 3  # prompts per round, samples per prompt, steps per round, rounds
-TIMING = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
-def _rows(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+_rows = run_compare.metrics_rows
 
 
 def _round(workdir, r, name):
@@ -59,27 +57,14 @@ def _round(workdir, r, name):
 
 def _same_runs(a, b, *, rel=2e-5):
     """Two online workdirs agree: every round's samples and rows exactly, the metrics rows
-    (timing aside) and the exported weights closely."""
+    (timing aside) and the exported weights closely (`run_compare`)."""
     def rows(path):  # the verifier's name aside (the killed runs name the killing twin)
         return [{k: v for k, v in x.items() if k != "verifier"} for x in _read_jsonl(path)]
 
     for r in range(R):
         for name in ("prompts.jsonl", "samples.jsonl", "pairs.jsonl"):
             assert rows(_round(a, r, name)) == rows(_round(b, r, name)), (r, name)
-    ra, rb = _rows(a), _rows(b)
-    assert [(x["split"], x["step"]) for x in ra] == [(x["split"], x["step"]) for x in rb]
-    for x, y in zip(ra, rb):
-        assert x.keys() == y.keys()
-        for k, v in x.items():
-            if isinstance(v, float):
-                assert v == pytest.approx(y[k], rel=rel, abs=rel), (x["split"], x["step"], k)
-    from safetensors.numpy import load_file
-
-    wa = load_file(os.path.join(a, "hf_export", "model.safetensors"))
-    wb = load_file(os.path.join(b, "hf_export", "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    run_compare.assert_same_run(a, b, rel=rel, abs_=rel, weight_rtol=1e-5, weight_atol=1e-6)
 
 
 # ---- pure pieces ------------------------------------------------------------------------
@@ -114,6 +99,16 @@ def test_round_rows_and_stats_follow_the_rules():
     group = online.round_rows(samples, "group")
     assert [len(r["completions"]) for r in group] == [3, 4]
     assert [r["scores"][0] for r in group] == [1.0, 1.0]
+
+
+def test_a_damaged_round_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"prompt": 1}\n\n{"prompt": 2\n')
+    with pytest.raises(ValueError, match=r"samples.jsonl:3: not valid JSON.*move the round "
+                                         r"folder aside"):
+        online._read_jsonl(str(path))
+    path.write_text('{"prompt": 1}\n{"prompt": 2}\n')
+    assert online._read_jsonl(str(path)) == [{"prompt": 1}, {"prompt": 2}]
 
 
 def test_round_examples_cycle_the_jsonl(questions):
@@ -276,6 +271,50 @@ def test_plot_rounds_draws_each_runs_round_panels(uninterrupted, tmp_path):
     assert list(held.lines[0].get_xdata()) == [-1, 1, 2]  # before round 0, rounds 1 and 2
     plot.main(["--rounds", work, f"--out={tmp_path / 'rounds.png'}"])
     assert (tmp_path / "rounds.png").stat().st_size > 0
+
+
+def test_study_report_tables_come_from_the_runs_files(uninterrupted, tmp_path):
+    # launch/online_report.py on two copies of the tiny run, the second without its own
+    # start eval (the study's later runs skip it and take the shared base_eval.json).
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "online_report", os.path.join(REPO, "launch", "online_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    work, _ = uninterrupted
+    runs = tmp_path / "runs"
+    for name in ("mio_seed0", "dpo_seed1"):
+        shutil.copytree(work, runs / name, ignore=shutil.ignore_patterns("checkpoints"))
+    os.remove(runs / "dpo_seed1" / "reasoning_eval" / "step_0.json")
+    shutil.copy(runs / "mio_seed0" / "reasoning_eval" / "step_0.json", runs / "base_eval.json")
+    (runs / "wall_times.tsv").write_text("mio_seed0\t12\ndpo_seed1\t34\n")
+    out = tmp_path / "out"
+    report.main([f"--runs={runs}", f"--out={out}"])
+    text = (out / "results.md").read_text()
+    base = json.load(open(runs / "base_eval.json"))["overall"]
+    last = json.load(open(os.path.join(work, "reasoning_eval", f"step_{R * S}.json")))["overall"]
+    dones = [json.load(open(_round(work, r, "done.json"))) for r in range(R)]
+    row = next(line for line in text.splitlines() if line.startswith("| dpo_seed1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith(f"{base['accuracy']:.3f} ({base['correct']}/{base['n']})")
+    assert cells[4].startswith(f"{last['accuracy']:.3f} ({last['correct']}/{last['n']})")
+    assert cells[5] == f"{dones[0]['pass_rate']:.3f} -> {dones[-1]['pass_rate']:.3f}"
+    assert cells[8] == str(sum(d["rows"] for d in dones)) and cells[9] == "34"
+    pooled = next(line for line in text.splitlines() if line.startswith("| dpo |"))
+    assert f"({last['correct']}/{last['n']})" in pooled
+    assert "Total wall time of the runs on this machine: 46 s." in text
+    assert (out / "rounds.png").stat().st_size > 0 and (out / "methods.png").stat().st_size > 0
+    assert (out / "eval" / "base.json").is_file()
+    assert json.load(open(out / "rounds" / "mio_seed0.json")) == dones
+    import gzip
+
+    pairs = [json.loads(line) for line in gzip.open(out / "pairs" / "dpo_seed1.jsonl.gz", "rt")]
+    assert [sum(p["round"] == r for p in pairs) for r in range(R)] == [d["rows"] for d in dones]
+    samples = [json.loads(line) for line in gzip.open(out / "samples" / "mio_seed0.jsonl.gz", "rt")]
+    assert [{k: v for k, v in x.items() if k != "round"} for x in samples if x["round"] == 1] \
+        == _read_jsonl(_round(work, 1, "samples.jsonl"))
 
 
 def test_pod_of_two_processes_equals_one_process(tiny, questions, uninterrupted, tmp_path,

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mio_jax.models import generate, generate_ids, load_pretrained
+from mio_jax.models import sampling
 from mio_jax.models.sampling import sample_logits
 from tiny_checkpoints import tiny_tokenizer, write_case
 
@@ -73,6 +74,60 @@ def test_sample_logits_respects_top_k_and_top_p():
     assert set(nucleus.tolist()) == {0, 1}
     everything = np.asarray(draw(keys, 0, 1.0))
     assert set(everything.tolist()) == {0, 1, 2, 3}
+
+
+def _sorted_rule(scaled_bv, top_k, top_p):
+    """Top-k then top-p by sorting each row (the textbook rule, as numpy): -inf outside."""
+    x = np.asarray(scaled_bv, np.float64)
+    out = np.full_like(x, -np.inf)
+    for r, row in enumerate(x):
+        desc = np.sort(row)[::-1]
+        if top_k > 0:
+            row = np.where(row < desc[min(top_k, len(row)) - 1], -np.inf, row)
+            desc = np.sort(row)[::-1]
+        probs = np.exp(desc - desc.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        threshold = desc[before < top_p].min() if top_p < 1 else -np.inf
+        out[r] = np.where(row < threshold, -np.inf, row)
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (20, 1.0), (10, 0.7), (0, 0.5),
+                                         (3000, 0.95), (0, 0.99)])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+def test_the_bisection_cut_equals_the_sorted_rule(top_k, top_p, scale):
+    # Flat to peaked rows of a 49k vocabulary (nuclei of a few to tens of thousands of
+    # tokens): the kept set is the sorted rule's, entry for entry.
+    logits = jax.random.normal(jax.random.key(7), (4, 49152)) * scale
+    got = np.asarray(jax.jit(sampling._top_k_and_nucleus)(logits, top_k, top_p))
+    want = _sorted_rule(logits, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_array_equal(got[np.isfinite(got)], np.asarray(logits)[np.isfinite(want)])
+
+
+def test_ties_with_the_smallest_kept_value_stay_in():
+    # 100 equal logits and top_p 0.5: half their mass reaches 0.5, and all 100 stay.
+    logits = jnp.concatenate([jnp.zeros((1, 100)), jnp.full((1, 50), -30.0),
+                              jnp.full((1, 2), 5.0), jnp.full((1, 3), -jnp.inf)], axis=1)
+    got = np.asarray(sampling._top_k_and_nucleus(logits, 0, 0.5))
+    assert np.isfinite(got).sum() == 2 and np.isfinite(got[0, -5:-3]).all()
+    got = np.asarray(sampling._top_k_and_nucleus(logits, 0, 0.999))
+    assert np.isfinite(got).sum() == 102
+    got = np.asarray(sampling._top_k_and_nucleus(logits, 4, 1.0))  # 3rd..102nd tie: kept
+    assert np.isfinite(got).sum() == 102
+    np.testing.assert_array_equal(got, _sorted_rule(logits, 4, 1.0))
+
+
+def test_draws_follow_the_cut_rows_probabilities():
+    logits = jax.random.normal(jax.random.key(12), (2, 1000)) * 4.0
+    want = np.asarray(jax.nn.softmax(jnp.asarray(_sorted_rule(logits, 10, 0.8)), axis=-1))
+    keys = jax.random.split(jax.random.key(8), 4000)
+    got = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 10, 0.8)))(keys))
+    for row in range(2):
+        freq = np.bincount(got[:, row], minlength=1000) / len(keys)
+        assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want[row]))
+        assert abs(freq - want[row]).sum() < 0.1
 
 
 def test_text_chat_prompts_and_stop_strings(model):
@@ -141,16 +196,19 @@ def _primitives(jaxpr) -> set[str]:
     return names
 
 
-def test_only_top_k_and_top_p_sort():
-    """Greedy and plain temperature sampling run branches without a sort (a full sort
-    of every row is most of a decode step at a 49k vocabulary on a CPU)."""
+def test_no_rule_sorts_the_vocabulary():
+    """Greedy is an argmax, plain temperature sampling a draw of the scaled row, and top-k /
+    top-p cut the row by bisection (a loop of passes over it): no branch sorts (a full sort
+    of every row was most of a decode step at a 49k vocabulary on a CPU)."""
     jaxpr = jax.make_jaxpr(sample_logits)(jnp.zeros((2, 50)), jax.random.key(0), 1.0, 0, 1.0)
+    assert "sort" not in _primitives(jaxpr.jaxpr)
     (top,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
     sampled, greedy = (b.jaxpr for b in top.params["branches"])  # (false, true)
-    assert "argmax" in _primitives(greedy) and "sort" not in _primitives(greedy)
+    assert "argmax" in _primitives(greedy)
     (inner,) = [e for e in sampled.eqns if e.primitive.name == "cond"]
     plain, truncated = (b.jaxpr for b in inner.params["branches"])
-    assert "sort" not in _primitives(plain) and "sort" in _primitives(truncated)
+    loops = {"while", "scan"}
+    assert not loops & _primitives(plain) and loops & _primitives(truncated)
 
 
 def test_cache_is_in_the_compute_dtype(tmp_path):
