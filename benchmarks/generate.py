@@ -172,6 +172,13 @@ def chat_ids(tok, text: str) -> list[int]:
     return list(tok(chat, add_special_tokens=False)["input_ids"])
 
 
+def smollm2_chat_prompts() -> tuple[str, list[list[int]]]:
+    """The embedded GGUF's path and `PROMPTS` as chat-template ids."""
+    path = models.smollm2_gguf_path()
+    tok = models.load_tokenizer(path)
+    return path, [chat_ids(tok, p) for p in PROMPTS]
+
+
 def agreement(a, b) -> int:
     """Length of the common prefix of two token lists."""
     n = 0
@@ -183,9 +190,7 @@ def agreement(a, b) -> int:
 
 
 def vs_llamacpp(args, batch_sizes):
-    path = models.smollm2_gguf_path()
-    tok = models.load_tokenizer(path)
-    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    path, prompt_ids = smollm2_chat_prompts()
     n = args.max_new_tokens
     peak32 = _common.matmul_peak_flops(dtype="float32")
     peak16 = _common.matmul_peak_flops(dtype="bfloat16")
@@ -334,10 +339,8 @@ def sampling_rules(args, batch_sizes):
 
     from mio_jax.models import sampling
 
-    path = models.smollm2_gguf_path()
-    tok = models.load_tokenizer(path)
+    path, prompt_ids = smollm2_chat_prompts()
     model = models.load_pretrained(path, dtype="float32")
-    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
     n = args.max_new_tokens
     rules = (("greedy", dict(temperature=0.0), False),
              ("temperature 0.8", dict(temperature=0.8), False),
@@ -370,9 +373,7 @@ def sampling_rules(args, batch_sizes):
 
 def mio_only(args, batch_sizes):
     """Worker of `--baseline`: the mio_jax timings alone, as JSON rows in `--json`."""
-    path = models.smollm2_gguf_path()
-    tok = models.load_tokenizer(path)
-    prompt_ids = [chat_ids(tok, p) for p in PROMPTS]
+    path, prompt_ids = smollm2_chat_prompts()
     variants = [v for v in args.variants.split(",") if v]
     mio = time_variants(path, prompt_ids, variants, batch_sizes, args.max_new_tokens,
                         args.repeats)

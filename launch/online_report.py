@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -52,9 +53,14 @@ def _acc(result: dict) -> str:
     return f"{o['accuracy']:.3f} ({o['correct']}/{o['n']}) [{o['ci95'][0]:.3f}, {o['ci95'][1]:.3f}]"
 
 
+def _pooled_counts(results: list[dict]) -> tuple[int, int]:
+    """(correct, n) of several evaluations together."""
+    return (sum(r["overall"]["correct"] for r in results),
+            sum(r["overall"]["n"] for r in results))
+
+
 def _pooled(results: list[dict]) -> str:
-    correct = sum(r["overall"]["correct"] for r in results)
-    n = sum(r["overall"]["n"] for r in results)
+    correct, n = _pooled_counts(results)
     lo, hi = evaluate.wilson_interval(correct, n)
     return f"{correct / max(n, 1):.3f} ({correct}/{n}) [{lo:.3f}, {hi:.3f}]"
 
@@ -67,15 +73,11 @@ def plot_methods(by_method: dict, base: dict | None):
     """Per method, the mean over its seeds of each round's value (band: the seeds' range),
     and the held-out accuracy pooled over seeds (before: the base model) with its 95 %
     Wilson interval; returns the Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
-    axes = axes.ravel()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_panels = len(METHOD_PANELS) + 1
+    fig, axes, colors = plot.panel_grid(n_panels, 3.4)
+    held = axes[len(METHOD_PANELS)]
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         color = colors[i % len(colors)]
         n = min(len(r["rounds"]) for r in rs)
@@ -86,30 +88,20 @@ def plot_methods(by_method: dict, base: dict | None):
             ax.fill_between(range(n), [min(v) for v in vals], [max(v) for v in vals],
                             color=color, alpha=0.15)
             ax.set_title(key)
-            ax.set_xlabel("round")
-        points = []
-        if base is not None:
-            points.append((-1, base["overall"]["correct"], base["overall"]["n"]))
+        points = [] if base is None else [(-1, _pooled_counts([base]))]
         steps = sorted(set.intersection(*(set(r["evals"]) for r in rs)) - {0})
         per_round = {s: j for j, s in enumerate(d["end_step"] for d in rs[0]["rounds"])}
-        for step in steps:
-            correct = sum(r["evals"][step]["overall"]["correct"] for r in rs)
-            total = sum(r["evals"][step]["overall"]["n"] for r in rs)
-            points.append((per_round.get(step, n - 1), correct, total))
-        acc = [c / t for _, c, t in points]
-        ci = [evaluate.wilson_interval(c, t) for _, c, t in points]
-        ax = axes[len(METHOD_PANELS)]
-        ax.errorbar([x + 0.05 * i for x, _, _ in points], acc,
-                    yerr=[[a - lo for a, (lo, _) in zip(acc, ci)],
-                          [hi - a for a, (_, hi) in zip(acc, ci)]],
-                    marker="o", capsize=3, color=color, label=method)
-        ax.set_title("held-out accuracy, seeds pooled (95% CI)")
-        ax.set_xlabel("round (-1: base model)")
-    axes[-1].axis("off")
-    for ax in axes:
+        points += [(per_round.get(step, n - 1), _pooled_counts([r["evals"][step] for r in rs]))
+                   for step in steps]
+        plot.accuracy_errorbar(
+            held, [x + 0.05 * i for x, _ in points],
+            [(c / t, *evaluate.wilson_interval(c, t)) for _, (c, t) in points],
+            color=color, label=method)
+    held.set_title("held-out accuracy, seeds pooled (95% CI)")
+    fig = plot.finish_panels(fig, axes, n_panels, "round")
+    held.set_xlabel("round (-1: base model)")
+    for ax in axes[:n_panels]:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -146,7 +138,10 @@ def main(argv=None) -> None:
             json.dump(run["rounds"], f, indent=1)
         for kind in ("samples", "pairs"):  # every round's file, one gzipped JSONL per run
             os.makedirs(os.path.join(a.out, kind), exist_ok=True)
-            with gzip.open(os.path.join(a.out, kind, f"{name}.jsonl.gz"), "wt") as f:
+            # mtime 0 and no name in the header: the same runs give the same bytes
+            with open(os.path.join(a.out, kind, f"{name}.jsonl.gz"), "wb") as raw, \
+                    gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
+                    io.TextIOWrapper(gz, encoding="utf-8") as f:
                 for r in range(len(run["rounds"])):
                     path = os.path.join(run["path"], "online", f"round_{r:04d}", f"{kind}.jsonl")
                     for line in open(path):

@@ -110,7 +110,7 @@ def round_series(series: Series) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def _grid(n: int, height: float):
+def panel_grid(n: int, height: float):
     """A figure of ``n`` panels, 3 per row: ``(fig, axes, colors)``."""
     import matplotlib
 
@@ -123,7 +123,7 @@ def _grid(n: int, height: float):
     return fig, list(axes.flat), plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _finish(fig, axes, n: int, xlabel: str):
+def finish_panels(fig, axes, n: int, xlabel: str):
     """Labels, grids and legends of the first ``n`` panels; the rest hidden."""
     for ax in axes[:n]:
         ax.set_xlabel(xlabel)
@@ -133,6 +133,13 @@ def _finish(fig, axes, n: int, xlabel: str):
         ax.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def accuracy_errorbar(ax, x, points, **style):
+    """Draws accuracies with their intervals: ``points`` are ``(accuracy, low, high)``."""
+    acc = [v[0] for v in points]
+    err = [[v[0] - v[1] for v in points], [v[2] - v[0] for v in points]]
+    ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, **style)
 
 
 def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
@@ -147,7 +154,7 @@ def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
     if not panels:
         raise ValueError(f"no per-round rows (split 'round') in {list(workdirs)}: "
                          "are these online runs (online.enabled)?")
-    fig, axes, colors = _grid(len(panels), 3.4)
+    fig, axes, colors = panel_grid(len(panels), 3.4)
     for ax, panel in zip(axes, panels):
         for i, (run, label) in enumerate(zip(runs, labels)):
             if panel not in run:
@@ -155,13 +162,11 @@ def plot_rounds(workdirs: Sequence[str], labels: Sequence[str] | None = None):
             x, y = run[panel]
             color = colors[i % len(colors)]
             if panel == HELD_OUT:
-                acc = [v[0] for v in y]
-                err = [[v[0] - v[1] for v in y], [v[2] - v[0] for v in y]]
-                ax.errorbar(x, acc, yerr=err, color=color, marker="o", capsize=3, label=label)
+                accuracy_errorbar(ax, x, y, color=color, label=label)
             else:
                 ax.plot(x, y, color=color, marker="o", label=label)
         ax.set_title("held-out accuracy (95% CI)" if panel == HELD_OUT else panel)
-    return _finish(fig, axes, len(panels), "round")
+    return finish_panels(fig, axes, len(panels), "round")
 
 
 def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
@@ -179,7 +184,7 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
     panels = [p for p in PANELS + (EVAL_ACCURACY,) if any(panel_keys(s, p) for s in runs)]
     if not panels:
         raise ValueError(f"no plottable metrics ({', '.join(PANELS)}, eval accuracy) in {list(workdirs)}")
-    fig, axes, colors = _grid(len(panels), 3.6)
+    fig, axes, colors = panel_grid(len(panels), 3.6)
     for ax, panel in zip(axes, panels):
         for r, (series, label) in enumerate(zip(runs, labels)):
             for key in panel_keys(series, panel):
@@ -188,7 +193,7 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
                 ax.plot(steps, values, color=colors[r % len(colors)], ls="-" if train else "--",
                         marker="." if len(steps) < 30 else None, label=f"{label} {key}")
         ax.set_title(panel)
-    return _finish(fig, axes, len(panels), "step")
+    return finish_panels(fig, axes, len(panels), "step")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
