@@ -32,7 +32,8 @@ EXTRAS = {
     "gcs": GCS,
     "wandb": WANDB,
     # The tests run gs:// paths against a local GCS emulator and log to wandb offline.
-    "test": ["pytest>=8.0", "gcp-storage-emulator>=2024.8", *GCS, *WANDB],
+    # pytest-xdist: the default suite runs on 2 workers (pytest.ini; -n 0 for one process).
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8", *GCS, *WANDB],
     # Procedural reasoning problems with verifiers, used to build the
     # committed preference set and for reasoning evaluation.
     "reasoning": ["reasoning-gym>=0.1.25"],

@@ -129,7 +129,7 @@ def _abstract_base(o_state, cfg, kind: str, mesh, rules):
     weight in the compute dtype, sharded by its logical axes; with ``kind`` int8 / nf4 the
     seven stacked linear rows are ``quant.QuantizedWeight``s of abstract fields (HF layout,
     blocks of ``gcd(in, 64)`` as ``adapters.quantize_base`` picks), each field sharded as
-    ``adapters.place_quantized`` shards the concrete ones."""
+    ``quant.place_quantized`` shards the concrete ones."""
     import math
 
     import jax

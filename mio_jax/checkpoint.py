@@ -33,9 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from mio_jax import paths
+from mio_jax import distributed, paths
 from mio_jax.errors import ConfigError
 
 
@@ -108,13 +107,6 @@ def state_differences(saved, wanted, limit: int = 6) -> list[str]:
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
-def _agree(code: int) -> np.ndarray:
-    """Every process's outcome code for the same step, in process order."""
-    if jax.process_count() == 1:
-        return np.array([code])
-    return np.asarray(multihost_utils.process_allgather(np.array([code], np.int32))).reshape(-1)
-
-
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``.
 
@@ -133,8 +125,11 @@ class Checkpointer:
         self._keep, self._async = keep, async_save
         self._attempts, self._wait = max(int(read_attempts), 1), retry_wait
         self.unreadable: list[int] = []  # steps found unreadable (left untouched)
+        # Orbax's preservation policy (max_to_keep is its deprecated spelling): the latest
+        # `keep` steps stay, older ones are deleted once a newer one is committed.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep, enable_async_checkpointing=self._async, create=True)
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=self._keep),
+            enable_async_checkpointing=self._async, create=True)
         # Explicit handlers: the saved state's metadata (structure, shapes, dtypes) can then
         # be read before a restore is tried.
         self._mngr = ocp.CheckpointManager(
@@ -228,7 +223,7 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             code, result = self._read(step, abstract_state)
-            codes = _agree(code)
+            codes = distributed.process_values(code)
             if (codes == _MISMATCH).any():
                 where = [int(i) for i in np.flatnonzero(codes == _MISMATCH)]
                 detail = result if code == _MISMATCH else f"reported by process(es) {where}"

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from mio_jax import checkpoint, evaluate, metrics, online, optim, reference, sharding
+from mio_jax import checkpoint, evaluate, metrics, online_config, optim, reference, sharding
 from mio_jax.data import config as data_config
 from mio_jax.data.config import default_data_config
 from mio_jax.errors import ConfigError
@@ -438,4 +438,4 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     checkpoint.validate_checkpoint_config(cfg)
     metrics.validate_log_config(cfg)
     evaluate.validate_eval_config(cfg)
-    online.validate_online_config(cfg)
+    online_config.validate_online_config(cfg)

@@ -28,8 +28,12 @@ import argparse
 import dataclasses
 import sys
 
-from mio_jax import paths
+from mio_jax import checkpoint, models, paths
+from mio_jax.models import (adapters, load_pretrained, peft_io, resolve_model_path,
+                            save_pretrained)
+from mio_jax.models.gguf_io import open_gguf, read_gguf
 from mio_jax.models.hf_io import parse_size, write_hf_folder
+from mio_jax.models.tokenizer import load_tokenizer
 
 __all__ = ["DTYPES", "checkpoint_location", "convert", "convert_checkpoint", "main", "parse_size",
            "write_hf_folder"]
@@ -74,9 +78,6 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
     import jax
     import ml_collections
     from flax import nnx
-
-    from mio_jax import checkpoint, models
-    from mio_jax.models import adapters, peft_io, resolve_model_path
 
     ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -135,10 +136,6 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
     Returns:
       `dst`.
     """
-    from mio_jax.models import load_pretrained, resolve_model_path, save_pretrained
-    from mio_jax.models.gguf_io import open_gguf, read_gguf
-    from mio_jax.models.tokenizer import load_tokenizer
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} not in {DTYPES}")
     parse_size(max_shard_size)

@@ -15,7 +15,9 @@ import sys
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def multi_process_env(env: Mapping[str, str] | None = None) -> bool:
@@ -72,3 +74,26 @@ def refuse_multi_process(command: str) -> None:
               "host, on a Hugging Face folder (a run's hf_export, or `python -m "
               "mio_jax.convert WORKDIR DST`).", file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+# ---- agreement across processes: a decision one process takes alone is a hang waiting
+# for a pod. Every function below is a collective: all processes must call it together.
+
+def process_values(value: int) -> np.ndarray:
+    """Every process's integer ``value``, in process order (one all-gather)."""
+    if jax.process_count() == 1:
+        return np.array([int(value)])
+    return np.asarray(multihost_utils.process_allgather(
+        np.array([int(value)], np.int32))).reshape(-1)
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` holds on every process."""
+    return bool(np.all(process_values(int(bool(flag)))))
+
+
+def from_process_zero(flag: bool) -> bool:
+    """Process 0's ``flag``, for every process (e.g. what process 0 read from a file)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))

@@ -20,9 +20,11 @@ import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from mio_jax import distributed, paths, verifiers
+from mio_jax import distributed, models, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
+from mio_jax.data.sources import iter_jsonl
 from mio_jax.errors import ConfigError
+from mio_jax.models import adapters
 
 EVAL_SEED_BASE = 10**9
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
@@ -197,8 +199,6 @@ def check_training_seeds(seed: int, num_examples: int) -> None:
 
 def jsonl_examples(path: str, num_examples: int = 0) -> list[dict[str, Any]]:
     """Rows of a JSONL file with `question` and `answer` (first `num_examples` if > 0)."""
-    from mio_jax.data.sources import iter_jsonl
-
     rows = []
     for line_no, row in iter_jsonl(path):
         for key in ("question", "answer"):
@@ -228,9 +228,6 @@ def make_sampler(model_path: str, *, max_new_tokens: int = 256, temperature: flo
     `batch_size`. Each call advances the seed, so calling again gives fresh samples.
     `adapter`: a PEFT LoRA folder (e.g. a run's `peft_adapter/`) applied to the model.
     """
-    from mio_jax import models
-    from mio_jax.models import adapters
-
     model = (adapters.load_with_adapter(model_path, adapter, dtype=dtype) if adapter
              else models.load_pretrained(model_path, dtype=dtype))
     tokenizer = models.load_tokenizer(model_path)

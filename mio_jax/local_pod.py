@@ -37,11 +37,15 @@ def free_port() -> int:
 
 def process_env(index: int, num_processes: int, devices_per_process: int, port: int,
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of process ``index``: the pod contract plus D simulated devices."""
+    """The environment of process ``index``: the pod contract plus D simulated devices (the
+    base's other XLA flags kept, e.g. ``--xla_cpu_max_isa=AVX2``)."""
     env = dict(os.environ if base is None else base)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
                JAX_PROCESS_ID=str(index), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+               XLA_FLAGS=" ".join(
+                   [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]))
     return env
 
 

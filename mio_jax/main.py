@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mio_jax import config as mio_config
-from mio_jax import distributed, train
+from mio_jax import distributed, online, online_config, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/*.py or your own).",
                                 lock_config=True)
@@ -66,7 +66,9 @@ def main(argv):
                  jax.devices())
     logging.info("config (resolved: every key with the value this run uses):\n%s", config)
     try:
-        result = train.train_and_evaluate(config, flags.FLAGS.workdir)
+        # an online run's rounds build on the trainer's stages; main picks the driver
+        driver = online if online_config.enabled(config) else train
+        result = driver.train_and_evaluate(config, flags.FLAGS.workdir)
     except (mio_config.ConfigError, FileNotFoundError, ValueError) as e:
         if isinstance(e, mio_config.ConfigError):
             _fail(str(e))

@@ -37,9 +37,13 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
+from tqdm import tqdm
 
 from mio_jax import paths
 from mio_jax.errors import ConfigError
+from mio_jax.models.llama import adapter_rows
+from mio_jax.models.weights import weight_specs
 
 # Dense (no sparsity) peak FLOP/s per device in bfloat16, from vendor sheets.
 PEAK_FLOPS = {
@@ -104,9 +108,6 @@ def flop_model(model_cfg) -> FlopModel:
       model_cfg: the decoder's ``ModelConfig``; the counts come from its weight table
         (so a quantized base counts its logical weights, not its stored bytes).
     """
-    from mio_jax.models.llama import adapter_rows
-    from mio_jax.models.weights import weight_specs
-
     total = sum(int(np.prod(s.shape(model_cfg))) for s in weight_specs(model_cfg))
     embed = model_cfg.vocab_size * model_cfg.hidden_size
     n = total if model_cfg.tie_word_embeddings else total - embed
@@ -392,25 +393,41 @@ def make_writers(workdir: str, enabled: bool = True, resume_step: int | None = N
                TensorBoardWriter(paths.join(workdir, "tb"), resume_step)]
     wandb_cfg = None if config is None else config.log.get("wandb")
     if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-        from mio_jax import config as mio_config  # imports this module
-
         try:
-            writers.append(WandbWriter(workdir, wandb_cfg, mio_config.as_dict(config),
-                                       resume_step))
+            writers.append(WandbWriter(workdir, wandb_cfg, config.to_dict(), resume_step))
         except BaseException:
             MultiWriter(writers).close()
             raise
     return MultiWriter(writers)
 
 
+class _AboveTheBar:
+    """A text stream whose lines tqdm prints above its bar (a log line never shares the
+    bar's terminal line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class Progress:
-    """Console progress bar: step, ETA, loss and reward accuracy (tqdm)."""
+    """Console progress bar: step, ETA, loss and reward accuracy (tqdm). While it is shown,
+    absl's log lines are printed above it, each on its own line."""
 
     def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True):
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total_steps, initial=initial_step, disable=not enabled,
                          dynamic_ncols=True, file=sys.stderr, desc="train")
+        self._handler, self._stream = None, None
+        if enabled:
+            self._handler = absl_logging.get_absl_handler().python_handler
+            self._stream = self._handler.stream
+            self._handler.stream = _AboveTheBar(self._stream)
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
         self._bar.n = step
@@ -425,6 +442,8 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+        if self._handler is not None:
+            self._handler.stream, self._handler = self._stream, None
 
 
 def _py(v):

@@ -27,98 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
+from mio_jax import config as mio_config
+from mio_jax import distributed
 from mio_jax import evaluate as evaluate_lib
 from mio_jax import models
 from mio_jax import pairs as pairs_lib
 from mio_jax import paths
 from mio_jax import periodic
 from mio_jax import reference as reference_lib
+from mio_jax import sharding as sharding_lib
+from mio_jax import train_step as step_lib
+from mio_jax import train as train_lib
 from mio_jax import verifiers
 from mio_jax.data import pipeline as data_lib
 from mio_jax.data import sources as data_sources
-from mio_jax.errors import ConfigError
-
-PAIR_RULES = {"best_worst": ("best_worst", 1), "all_pairs": ("pairs", 0), "group": ("group", 0)}
-REFERENCES = ("initial", "previous")
-
-
-# ---- config ------------------------------------------------------------------------------
-
-def enabled(config) -> bool:
-    return bool(config.get("online", {}).get("enabled", False))
-
-
-def validate_online_config(cfg) -> None:
-    """Checks the ``online`` section (when enabled) and what it asks of the others.
-
-    Raises:
-      ConfigError: naming the key.
-    """
-    o = cfg.online
-    if not o.enabled:
-        return
-    for key in ("rounds", "prompts_per_round", "steps_per_round", "max_new_tokens",
-                "sample_batch_size"):
-        if o[key] < 1:
-            raise ConfigError(f"online.{key}={o[key]} must be >= 1")
-    if o.samples_per_prompt < 2:
-        raise ConfigError(f"online.samples_per_prompt={o.samples_per_prompt} must be >= 2 "
-                          "(a pair needs a correct and an incorrect answer to one prompt)")
-    if o.eval_every_rounds < 0:
-        raise ConfigError(f"online.eval_every_rounds={o.eval_every_rounds} must be >= 0")
-    if o.pairs not in PAIR_RULES:
-        raise ConfigError(f"online.pairs={o.pairs!r}: expected one of {sorted(PAIR_RULES)}")
-    if o.reference not in REFERENCES:
-        raise ConfigError(f"online.reference={o.reference!r}: expected one of {REFERENCES}")
-    if cfg.reference.mode not in ("precomputed", "none"):
-        raise ConfigError(
-            f"reference.mode={cfg.reference.mode!r} with online.enabled: an online run "
-            "precomputes each round's reference log-probs (online.reference picks the "
-            "model), so set reference.mode='precomputed' (or 'none' for a reference-free "
-            "loss)")
-    if o.pairs == "group" and cfg.data.kway_mode != "group":
-        raise ConfigError("online.pairs='group' needs data.kway_mode='group' (one K-way "
-                          f"group per prompt), got data.kway_mode={cfg.data.kway_mode!r}")
-    if not o.tasks.strip() and not o.jsonl:
-        raise ConfigError("online.tasks and online.jsonl are both empty: no prompt source")
-    if o.temperature < 0 or not 0 < o.top_p <= 1 or o.top_k < 0:
-        raise ConfigError(f"online.temperature={o.temperature} must be >= 0, online.top_p="
-                          f"{o.top_p} in (0, 1], online.top_k={o.top_k} >= 0")
-    try:
-        evaluate_lib.parse_task_config(o.task_config)
-    except ValueError as e:
-        raise ConfigError(f"online.task_config: {e}") from e
-    last_seed = o.prompt_seed + o.rounds * o.prompts_per_round
-    if o.tasks.strip() and (o.prompt_seed < 0 or last_seed > evaluate_lib.EVAL_SEED_BASE):
-        raise ConfigError(f"online.prompt_seed={o.prompt_seed}: the rounds' item seeds "
-                          f"[{o.prompt_seed}, {last_seed}) must lie below "
-                          f"{evaluate_lib.EVAL_SEED_BASE} (the held-out range)")
-    if o.jsonl and not paths.exists(o.jsonl):
-        raise ConfigError(f"online.jsonl={o.jsonl!r}: file not found")
-    if o.verifier:
-        try:
-            verifiers.get(o.verifier)
-        except ValueError as e:
-            raise ConfigError(f"online.verifier: {e}") from e
-    sources = len([t for t in o.tasks.split(",") if t.strip()]) + bool(o.jsonl)
-    k = o.samples_per_prompt
-    per_prompt = (k // 2) * math.ceil(k / 2) if o.pairs == "all_pairs" else 1
-    most = o.prompts_per_round * sources * per_prompt
-    if most < cfg.train.batch_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is more than a round can ever yield "
-            f"({most} rows: online.prompts_per_round={o.prompts_per_round} x {sources} "
-            f"source(s) x at most {per_prompt} per prompt)")
-
+from mio_jax.online_config import PAIR_RULES, REFERENCES, enabled, total_steps  # noqa: F401
 
 # ---- pure pieces -------------------------------------------------------------------------
 
@@ -198,16 +128,8 @@ def round_dir(workdir: str, r: int) -> str:
     return paths.join(workdir, "online", f"round_{r:04d}")
 
 
-def _agreed(flag: bool) -> bool:
-    """Process 0's answer, for every process (a decision one process takes alone is a hang
-    waiting to happen)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
 def _exists(path: str) -> bool:
-    return _agreed(paths.exists(path) if jax.process_index() == 0 else False)
+    return distributed.from_process_zero(jax.process_index() == 0 and paths.exists(path))
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
@@ -268,6 +190,31 @@ def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]],
     return result
 
 
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Runs an online experiment (``online.enabled``) in ``workdir``, resuming if it holds
+    checkpoints: the trainer's stages (mesh, model, state, loop parts), then the rounds.
+    No train pipeline: each round builds its own from the rows it sampled.
+
+    Returns: as ``train.train_and_evaluate``, plus ``"rounds"`` (each round's done record).
+    """
+    workdir = paths.resolve(workdir)
+    config = mio_config.resolve(config)
+    mesh = train_lib.build_mesh(config, workdir)
+    model = train_lib.build_model(config, mesh)
+    with jax.set_mesh(mesh):
+        data = train_lib.Data(None, None, total_steps(config),
+                              sharding_lib.batch_sharding(mesh), train_lib.row_multiple(mesh))
+        training = train_lib.restore_or_init(config, workdir, model, data.total_steps, mesh)
+        initial = None  # LoRA: the base with the adapters off; "previous": the state
+        if model.config.lora is None and config.online.reference == "initial":
+            initial = reference_lib.frozen_params(model.params, model.config.dtype)
+        model = dataclasses.replace(model, params=None)
+        run = train_lib.Run(config, workdir, mesh, model, data,
+                            train_lib.Reference(step_lib.StepConsts(model.other)),
+                            train_lib.step_config(config))
+        return train_online(run, training, initial)
+
+
 def train_online(run, training, initial_params) -> dict[str, Any]:
     """The rounds (``run.data.total_steps`` = rounds x steps_per_round bounds the schedule).
 
@@ -276,8 +223,6 @@ def train_online(run, training, initial_params) -> dict[str, Any]:
       training: the restored or fresh ``train.Training``.
       initial_params: the starting weights (the "initial" reference of a full-weight run).
     """
-    from mio_jax import train as train_lib  # the trainer's stages and loop parts
-
     config, workdir = run.config, run.workdir
     o = config.online
     state = training.state
@@ -289,7 +234,8 @@ def train_online(run, training, initial_params) -> dict[str, Any]:
     jsonl_rows = evaluate_lib.jsonl_examples(o.jsonl) if o.jsonl else None
     restored = training.data_state if isinstance(training.data_state, dict) else None
     logged = _logged_rounds(workdir)  # process 0's view; decisions from it are agreed
-    eval_at_start = config.eval.at_start and not _agreed("eval_start" in logged)
+    eval_at_start = (config.eval.at_start
+                     and not distributed.from_process_zero("eval_start" in logged))
     out_rounds = []
     try:
         with periodic.Preemption(loop.checkpoints) as preemption:
@@ -457,5 +403,3 @@ def _log_round(loop, done: dict, logged: set) -> None:
         logging.info("round %d held-out eval: %s", done["round"], _fmt(_scalars(done["eval"])))
 
 
-def total_steps(config) -> int:
-    return int(config.online.rounds) * int(config.online.steps_per_round)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from mio_jax import distributed, evaluate, paths, verifiers
+from mio_jax.models import smollm2_gguf_path
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -211,7 +212,6 @@ def run(cfg: ml_collections.ConfigDict, sampler: evaluate.Sampler | None = None,
       progress: tqdm bar.
     """
     if sampler is None:
-        from mio_jax.models import smollm2_gguf_path
 
         sampler = evaluate.make_sampler(cfg.model or smollm2_gguf_path(), max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

@@ -26,6 +26,7 @@ import tempfile
 from typing import Any, Sequence
 
 from mio_jax import paths
+from mio_jax.data.sources import iter_jsonl
 
 PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
           "logps/chosen")
@@ -44,7 +45,6 @@ def read_metrics(workdir: str) -> Series:
     path = paths.join(workdir, "metrics.jsonl")
     if not paths.isfile(path):
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl (is this a mio_jax training workdir?)")
-    from mio_jax.data.sources import iter_jsonl
 
     series: Series = {}
     for line_no, row in iter_jsonl(path):

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models as tok_models
 from transformers import PreTrainedTokenizerFast
 
 from mio_jax import models
+from mio_jax.local_pod import free_port
 from mio_jax.models import ModelConfig
 
 CHATML = (
@@ -95,8 +96,6 @@ class GcsEmulator:
         import subprocess
         import sys
         import time
-
-        from mio_jax.local_pod import free_port
 
         self.bucket, self.port = bucket, free_port()
         self.url = f"http://127.0.0.1:{self.port}"

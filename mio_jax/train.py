@@ -36,7 +36,6 @@ from mio_jax import logps as logps_lib
 from mio_jax import losses
 from mio_jax import metrics as metrics_lib
 from mio_jax import models
-from mio_jax import online as online_lib
 from mio_jax import optim
 from mio_jax import paths
 from mio_jax import periodic
@@ -191,7 +190,7 @@ def data_cache_dir(config, workdir: str) -> str | None:
     return config.data.cache_dir or paths.join(workdir, "data_cache")
 
 
-def _row_multiple(mesh) -> int:
+def row_multiple(mesh) -> int:
     """Packed rows per process come in multiples of its data-parallel devices."""
     return max(sharding_lib.data_parallel_size(mesh) // jax.process_count(), 1)
 
@@ -208,11 +207,11 @@ def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     steps_per_epoch = len(train_split.groups) // config.train.batch_size
     total_steps = (math.ceil(config.train.epochs * steps_per_epoch) if config.train.epochs > 0
                    else int(config.train.steps))
-    row_multiple = _row_multiple(mesh)
+    rows = row_multiple(mesh)
     train = data_lib.make_pipeline(config.data, tokenizer, split="train",
                                    batch_size=config.train.batch_size, seed=config.seed,
-                                   prepared=train_split, row_multiple=row_multiple)
-    return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), row_multiple)
+                                   prepared=train_split, row_multiple=rows)
+    return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), rows)
 
 
 def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Training:
@@ -569,8 +568,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = mio_config.resolve(config)
     mesh = build_mesh(config, workdir)
     model = build_model(config, mesh)
-    if online_lib.enabled(config):
-        return _train_online(config, workdir, mesh, model)
     with jax.set_mesh(mesh):
         data = build_data(config, model.tokenizer, mesh, workdir)
         training = init_or_restore(config, workdir, model, data, mesh)
@@ -580,19 +577,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model = dataclasses.replace(model, params=None)
         run = Run(config, workdir, mesh, model, data, reference, cfg)
         return train_loop(run, training)
-
-
-def _train_online(config, workdir: str, mesh, model: Model) -> dict[str, Any]:
-    """``online.enabled``: the rounds of ``mio_jax.online`` on the same stages (no train
-    pipeline: each round builds its own from the rows it sampled)."""
-    with jax.set_mesh(mesh):
-        data = Data(None, None, online_lib.total_steps(config),
-                    sharding_lib.batch_sharding(mesh), _row_multiple(mesh))
-        training = restore_or_init(config, workdir, model, data.total_steps, mesh)
-        initial = None  # LoRA: the base with the adapters off; "previous": the state
-        if model.config.lora is None and config.online.reference == "initial":
-            initial = reference_lib.frozen_params(model.params, model.config.dtype)
-        model = dataclasses.replace(model, params=None)
-        run = Run(config, workdir, mesh, model, data,
-                  Reference(step_lib.StepConsts(model.other)), step_config(config))
-        return online_lib.train_online(run, training, initial)

@@ -4,10 +4,10 @@ import json
 import os
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
-TIMING = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
+import tolerance
+from tolerance import TIMING
 
 
 def metrics_rows(workdir) -> list[dict]:
@@ -25,25 +25,30 @@ def exported_weights(workdir) -> dict:
     return out
 
 
-def assert_same_run(a, b, *, rel=2e-5, abs_=2e-5, weights=True, weight_rtol=1e-4,
-                    weight_atol=2e-5) -> dict:
-    """Asserts two workdirs' metrics rows (same splits and steps, floats close) and
-    exported weights agree; returns the largest differences."""
+def run_settings(workdir) -> tuple[float, float]:
+    """(loss.beta, optim.learning_rate) of a run, from its resolved config.json."""
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return float(config["loss"]["beta"]), float(config["optim"]["learning_rate"])
+
+
+def assert_same_run(a, b, *, weights=True) -> dict:
+    """Asserts two workdirs' metrics rows (same splits and steps; every value within the
+    rounding allowance of tests/tolerance.py for its step) and exported weights agree;
+    returns the largest differences."""
     ra, rb = metrics_rows(a), metrics_rows(b)
     assert [(r["split"], r["step"]) for r in ra] == [(r["split"], r["step"]) for r in rb]
+    beta, lr = run_settings(b)
     worst = 0.0
     for x, y in zip(ra, rb):
-        assert x.keys() == y.keys(), (x["step"], x.keys() ^ y.keys())
-        for k, v in x.items():
-            if isinstance(v, float):
-                assert v == pytest.approx(y[k], rel=rel, abs=abs_), (x["split"], x["step"], k)
-                worst = max(worst, abs(v - y[k]))
+        # a train row's metrics come before its step's update; an eval row's after it
+        updates = y["step"] - (y["split"] == "train")
+        worst = max(worst, tolerance.assert_rows_close(
+            x, y, beta=beta, updates=updates, what=f"{y['split']} step {y['step']}"))
     out = {"metrics_max_abs": worst, "rows": len(ra)}
     if weights:
-        wa, wb = exported_weights(a), exported_weights(b)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            np.testing.assert_allclose(wa[k], wb[k], rtol=weight_rtol, atol=weight_atol,
-                                       err_msg=k)
-        out["weights_max_abs"] = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+        steps = max(r["step"] for r in rb)
+        out["weights_max_abs"] = tolerance.assert_params_close(
+            exported_weights(a), exported_weights(b), learning_rate=lr, updates=steps,
+            what="exported weights")
     return out

@@ -11,6 +11,7 @@ import time
 import zlib
 
 import pytest
+from absl import logging as absl_logging
 
 from mio_jax import config as mio_config
 from mio_jax import metrics, paths, periodic, testing
@@ -418,3 +419,22 @@ def test_trainer_logs_to_wandb_offline(tiny, tmp_path, tiny_config, wandb_env):
     assert history[2]["train/loss"] == out["train"]["loss"]
     assert history[2]["eval/loss"] == out["eval"]["loss"]
     assert config["train"]["steps"] == 2 and config["log"]["wandb"]["mode"] == "offline"
+
+
+def test_log_lines_print_above_the_progress_bar_on_their_own_line(capsys):
+    """absl's log lines during a run never share the progress bar's terminal line."""
+    handler = absl_logging.get_absl_handler().python_handler
+    saved, handler.stream = handler.stream, sys.stderr  # the captured stderr
+    try:
+        bar = metrics.Progress(5, 0, enabled=True)
+        bar.update(1, {"loss": 1.25})
+        handler.stream.write("I1207 06:44:22.0 periodic.py:85] step 1: loss=1.25\n")
+        bar.update(2, {"loss": 1.0})
+        bar.close()
+        assert handler.stream is sys.stderr  # restored
+    finally:
+        handler.stream = saved
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    logged = [line for line in lines if "step 1: loss=1.25" in line]
+    assert logged == ["I1207 06:44:22.0 periodic.py:85] step 1: loss=1.25"], lines
+    assert any("2/5" in line and "loss=1.0000" in line for line in lines)

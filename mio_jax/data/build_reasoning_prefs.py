@@ -197,8 +197,10 @@ def main(argv=None):
     parser.add_argument("--eval_per_task", type=int, default=100)
     parser.add_argument("--max_tokens", type=int, default=192)
     args = parser.parse_args(argv)
-    from mio_jax.models.embedded import smollm2_gguf_path
-    from mio_jax.models.tokenizer import load_tokenizer
+    # lazy: evaluate (and through it the config schema) imports this module for SYSTEM;
+    # the model stack and transformers load only when a set is built
+    from mio_jax.models.embedded import smollm2_gguf_path  # lazy: see above
+    from mio_jax.models.tokenizer import load_tokenizer  # lazy: see above
 
     tokenizer = load_tokenizer(smollm2_gguf_path())
     seen: set = set()

@@ -37,8 +37,9 @@ import tempfile
 import jax
 import numpy as np
 import pyarrow as pa
+from jax.experimental import multihost_utils
 
-from mio_jax import paths
+from mio_jax import distributed, paths
 from mio_jax.data import preparation as prep
 from mio_jax.data import report, sources
 from mio_jax.data.store import ArrowStore
@@ -225,21 +226,10 @@ def check(folder: str, fp: str) -> tuple[dict | None, str]:
     return manifest, ""
 
 
-def _all_true(flag: bool) -> bool:
-    """True when ``flag`` holds on every process (one all-gather with several)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([int(flag)], np.int32))))
-
-
 def _gather_stats(stats: prep.PartStats, size: int) -> list[tuple[dict, int]]:
     """Every process's part stats and part size (one all-gather of a JSON buffer)."""
     if jax.process_count() == 1:
         return [(stats.to_dict(), size)]
-    from jax.experimental import multihost_utils
-
     raw = json.dumps({"stats": stats.to_dict(), "bytes": size}).encode()
     n = np.asarray(multihost_utils.process_allgather(np.array([len(raw)], np.int64)))
     buf = np.zeros(int(n.max()), np.uint8)
@@ -334,7 +324,7 @@ def load_or_build(data_config, tokenizer, *, split: str, source, cache_dir: str)
     fp = fingerprint(data_config, tokenizer, split, source)
     folder = paths.join(paths.resolve(cache_dir), f"{split}-{fp[:20]}")
     manifest, reason = check(folder, fp)
-    if not _all_true(manifest is not None):
+    if not distributed.all_true(manifest is not None):
         if reason:
             logging.warning("data cache: %s; rebuilding %s", reason, folder)
         logging.info("data cache: building %s (%d process(es))", folder, jax.process_count())
@@ -342,7 +332,7 @@ def load_or_build(data_config, tokenizer, *, split: str, source, cache_dir: str)
                          fp=fp)
         # Every process checks what it will read (a broken upload shows here, not later).
         manifest, reason = check(folder, fp)
-        if not _all_true(manifest is not None):
+        if not distributed.all_true(manifest is not None):
             raise CacheError(f"data cache: {reason or 'another process cannot read it'} "
                              f"right after building {folder}")
     else:

@@ -15,6 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mio_jax.data import batching, pipeline
+from mio_jax.models.embedded import smollm2_gguf_path
+from mio_jax.models.tokenizer import load_tokenizer
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -156,15 +158,12 @@ def report_text(
 
 def load_tokenizer_for(config, override: str = ""):
     """Tokenizer from --tokenizer, else the training config's model section."""
-    from mio_jax.models.tokenizer import load_tokenizer
-
     path = override
     if not path and "model" in config:
         path = config.model.get("tokenizer_path", "") or config.model.path
     if not path:
         raise ValueError("no tokenizer: pass --tokenizer=PATH (HF folder, .gguf or 'smollm2')")
     if path == "smollm2":
-        from mio_jax.models.embedded import smollm2_gguf_path
 
         path = smollm2_gguf_path()
     return load_tokenizer(path)

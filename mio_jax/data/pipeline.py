@@ -1,7 +1,7 @@
 """Data preparation and the grain pipeline of global batches.
 
 Order of work:
-  1. `prepare` (`mio_jax.data.preparation`): read the split, detect/normalise the format,
+  1. `prepare` (here; its steps in `mio_jax.data.preparation`): read the split, detect/normalise the format,
      tokenise and truncate every row, apply the bad-row policy, and summarise. Through
      the tokenized cache (`mio_jax.data.cache`) this is done once, split across the
      processes, and every process then holds only the split's lengths index and reads
@@ -31,11 +31,48 @@ import jax
 import numpy as np
 from absl import flags
 
-from mio_jax.data import report
+from mio_jax.data import cache, report
+from mio_jax.data import preparation as prep
+from mio_jax.data.config import validate_data_config
 from mio_jax.data.plan import Assembler, BatchInfo, BatchPlan, auto_pack_rows  # noqa: F401
-from mio_jax.data.preparation import EMBEDDED, PreparedSplit, prepare, resolve_path  # noqa: F401
+from mio_jax.data.preparation import EMBEDDED, PreparedSplit, resolve_path  # noqa: F401
+from mio_jax.data.store import ListStore
 
 FOREVER = 2**40  # steps of an endless (num_epochs=0) pipeline
+
+
+def prepare(data_config, tokenizer, *, split: str = "train", source=None,
+            cache_dir: str | None = None) -> prep.PreparedSplit:
+    """Reads, validates, normalises and tokenises one split.
+
+    Args:
+      data_config: ConfigDict shaped like `default_data_config()`.
+      tokenizer: Hugging Face fast tokenizer.
+      split: "train" or "eval" (picks train_path or eval_path).
+      source: overrides the configured path (a path/glob/list or a list of dicts).
+      cache_dir: the tokenized cache's folder (local or a URL; ``mio_jax.data.cache``):
+        built once, split across the processes, then read on demand by every process and
+        restart. None: in memory, every process tokenising the whole split.
+
+    Returns:
+      PreparedSplit.
+
+    Raises:
+      report.BadRowError: first bad row, when data_config.on_bad_row == "error".
+    """
+    validate_data_config(data_config)
+    source = prep.resolve_source(data_config, split, source)
+    if cache_dir is not None:
+        return cache.load_or_build(data_config, tokenizer, split=split, source=source,
+                                   cache_dir=cache_dir)
+    fmt, first = prep.detect_format(data_config, source)
+    _, groups, stats = prep.tokenize_part(data_config, tokenizer, source, fmt=fmt, first=first)
+    if stats.error:
+        raise report.BadRowError(stats.error[1])
+    summary = prep.combine([stats], split)
+    prep.check_usable(summary, source)
+    slots = prep.num_slots(data_config, fmt)
+    return prep.PreparedSplit(ListStore(groups, slots), slots, summary)
 
 
 class PreferenceIterator(grain.DatasetIterator):

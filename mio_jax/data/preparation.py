@@ -4,8 +4,9 @@
 row when P processes split a cache build between them) and returns the groups with the
 source row each came from, plus `PartStats`, the counts of what it did; `combine` adds
 the parts' counts into one `report.DataSummary` equal to a single pass over all rows.
-`prepare` is the entry point: in memory (every process tokenises everything) or through
-the tokenized cache (`mio_jax.data.cache`, each process tokenising 1/P of the rows once).
+The entry point above this layer and the tokenized cache is `mio_jax.data.pipeline.prepare`:
+in memory with these functions (every process tokenises everything) or through the cache
+(`mio_jax.data.cache`, each process tokenising 1/P of the rows once).
 """
 
 import collections
@@ -13,8 +14,6 @@ import dataclasses
 import os
 
 from mio_jax.data import formats, report, sources, tokenize
-from mio_jax.data.config import validate_data_config
-from mio_jax.data.store import ListStore
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 EMBEDDED = {
@@ -221,39 +220,3 @@ def resolve_path(spec, split: str):
 def resolve_source(data_config, split: str, source=None):
     """The configured source of a split (``"embedded"``: the committed data set)."""
     return resolve_path(data_config[f"{split}_path"], split) if source is None else source
-
-
-def prepare(data_config, tokenizer, *, split: str = "train", source=None,
-            cache_dir: str | None = None) -> PreparedSplit:
-    """Reads, validates, normalises and tokenises one split.
-
-    Args:
-      data_config: ConfigDict shaped like `default_data_config()`.
-      tokenizer: Hugging Face fast tokenizer.
-      split: "train" or "eval" (picks train_path or eval_path).
-      source: overrides the configured path (a path/glob/list or a list of dicts).
-      cache_dir: the tokenized cache's folder (local or a URL; ``mio_jax.data.cache``):
-        built once, split across the processes, then read on demand by every process and
-        restart. None: in memory, every process tokenising the whole split.
-
-    Returns:
-      PreparedSplit.
-
-    Raises:
-      report.BadRowError: first bad row, when data_config.on_bad_row == "error".
-    """
-    validate_data_config(data_config)
-    source = resolve_source(data_config, split, source)
-    if cache_dir is not None:
-        from mio_jax.data import cache
-
-        return cache.load_or_build(data_config, tokenizer, split=split, source=source,
-                                   cache_dir=cache_dir)
-    fmt, first = detect_format(data_config, source)
-    _, groups, stats = tokenize_part(data_config, tokenizer, source, fmt=fmt, first=first)
-    if stats.error:
-        raise report.BadRowError(stats.error[1])
-    summary = combine([stats], split)
-    check_usable(summary, source)
-    return PreparedSplit(ListStore(groups, num_slots(data_config, fmt)),
-                         num_slots(data_config, fmt), summary)

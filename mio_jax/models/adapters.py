@@ -21,9 +21,13 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from mio_jax.errors import ConfigError
+from mio_jax.models import hf_io, peft_io, quant
 from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
-from mio_jax.models.llama import Decoder
+from mio_jax.models.llama import Decoder, dense_weight
+from mio_jax.models.weights import linear_specs, stacked_specs
+from mio_jax.reference import frozen_params
 
 
 
@@ -52,10 +56,6 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
     Raises:
       ConfigError naming the ``model.lora`` key for adapters that do not fit the model.
     """
-    from mio_jax.errors import ConfigError
-    from mio_jax.models import hf_io, peft_io, quant
-    from mio_jax.reference import frozen_params
-
     m = config.model
     kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
               remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention=m.attention)
@@ -93,8 +93,6 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
 def load_with_adapter(model_path: str, folder: str, **kwargs) -> Decoder:
     """``model_path`` with the PEFT adapter of ``folder`` applied (unmerged: generation
     runs the low-rank path); ``kwargs`` go to ``load_pretrained`` (dtype, mesh, ...)."""
-    from mio_jax.models import hf_io, peft_io
-
     structure = hf_io.read_model_config(model_path)
     spec, values = peft_io.read_adapter(folder, structure)
     model = hf_io.load_pretrained(model_path, lora=spec, **kwargs)
@@ -104,8 +102,6 @@ def load_with_adapter(model_path: str, folder: str, **kwargs) -> Decoder:
 
 def _check_same(spec: lora_lib.LoraSpec, found: lora_lib.LoraSpec, folder: str) -> None:
     """The adapter of ``folder`` has the shape the config asks for."""
-    from mio_jax.errors import ConfigError
-
     for key, want, got in (("rank", spec.rank, found.rank), ("alpha", spec.alpha, found.alpha),
                            ("use_rslora", spec.use_rslora, found.use_rslora),
                            ("target_modules", spec.targets, found.targets)):
@@ -117,36 +113,15 @@ def _check_same(spec: lora_lib.LoraSpec, found: lora_lib.LoraSpec, folder: str) 
 def quantize_base(base: dict, cfg: ModelConfig, kind: str, mesh, rules) -> dict:
     """``base`` with every stacked linear weight replaced by a ``quant.QuantizedWeight``
     (HF layout ``[L, out, in]``), one row at a time, each field sharded like the weight."""
-    from mio_jax.models import quant
-
     layers = dict(base["layers"])
-    for name, spec in lora_lib.linear_specs(cfg).items():
+    for name, spec in linear_specs(cfg).items():
         w = layers[name]
         block = math.gcd(spec.hf_shape(cfg)[1], 64)  # NF4 blocks of 64 inputs (fewer if
         fn = jax.jit(lambda x, spec=spec, block=block:  # the input width needs it)
                      quant.quantize(jax.vmap(spec.to_hf)(x), kind, block_size=block))
-        layers[name] = place_quantized(fn(w), spec, mesh, rules)
+        layers[name] = quant.place_quantized(fn(w), spec, mesh, rules)
         del w
     return dict(base, layers=layers)
-
-
-def place_quantized(qw, spec, mesh, rules):
-    """A ``QuantizedWeight`` with each field sharded by the weight's logical axes: the
-    output dimension as the row's first output axis, the block dimension along the input
-    as its first input axis (each falls back to replication where it does not divide)."""
-    from mio_jax.models import quant
-    from mio_jax.sharding import logical_to_spec
-
-    if mesh is None:
-        return qw
-    out_group, in_group = spec.hf_axes
-    axes = quant.field_logical_axes(qw.kind, out_axis=out_group[0], in_axis=in_group[0],
-                                    lead_axes=("layers",) if spec.stacked else ())
-    fields = {}
-    for key, value in qw.fields.items():
-        pspec = logical_to_spec(axes[key], rules, mesh, value.shape)
-        fields[key] = jax.device_put(value, jax.sharding.NamedSharding(mesh, pspec))
-    return qw.replace(fields=fields)
 
 
 def split(model: Decoder) -> tuple[Any, Any, Any]:
@@ -179,9 +154,6 @@ def merged(model: Decoder, dtype: str | None = None) -> Decoder:
     update, merged in float32 and cast to ``dtype`` (default: the model's param dtype).
     A quantized base is dequantized first. The model itself is not changed."""
     import dataclasses
-
-    from mio_jax.models.llama import dense_weight
-    from mio_jax.models.weights import stacked_specs
 
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype

@@ -8,6 +8,7 @@ from typing import Any
 
 from mio_jax.errors import ConfigError
 from mio_jax.layouts import check_completion_fraction
+from mio_jax.models import lora as lora_lib
 
 # model_type -> (attention projections carry q/k/v bias, o_proj bias, per-head q/k RMSNorm)
 _FAMILIES = {
@@ -249,8 +250,6 @@ def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
 
 def _validate_lora(cfg) -> None:
     """``model.lora.*``: values in range, targets that parse, options that fit together."""
-    from mio_jax.models import lora as lora_lib
-
     c = cfg.model.lora
     defaults = {"quantize": "none", "init_from": "", "base_adapters": ""}
     if not c.enabled:

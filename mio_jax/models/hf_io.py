@@ -33,11 +33,13 @@ from flax import nnx
 
 from mio_jax import paths
 from mio_jax.models.config import ModelConfig
+from mio_jax.models.embedded import smollm2_gguf_path
 from mio_jax.models.llama import Decoder, adapter_rows
 from mio_jax.models.lora import init_factors
 from mio_jax.sharding import Rules, state_shardings
 from mio_jax.models.safetensors_file import SafetensorsFile, write_safetensors
-from mio_jax.models.weights import WeightSpec, check_tensors, hf_shapes, weight_specs
+from mio_jax.models.weights import (WeightSpec, check_tensors, hf_shapes, linear_specs,
+                                    weight_specs)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -109,7 +111,6 @@ def _local_path(path) -> str:
     (`gs://...`) for its copy staged on local disk (`mio_jax.paths.local_copy`)."""
     path = os.fspath(path)
     if path == "smollm2":
-        from mio_jax.models.embedded import smollm2_gguf_path
 
         return smollm2_gguf_path()
     if paths.is_remote(path):
@@ -172,7 +173,7 @@ def read_model_config(path: str, **overrides) -> ModelConfig:
     """
     path = _local_path(path)
     if _is_gguf(path):
-        from mio_jax.models.gguf_io import gguf_config
+        from mio_jax.models.gguf_io import gguf_config  # lazy: the gguf package
 
         return ModelConfig.from_hf(gguf_config(path), **overrides)
     return ModelConfig.from_hf(_folder_config(path), **overrides)
@@ -264,9 +265,9 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
     for spec in weight_specs(cfg):
         var = flat[spec.path]
         if spec.path[-1] in blocks:
-            from mio_jax.models.adapters import place_quantized
+            from mio_jax.models import quant  # lazy: gguf and qwix, for quantized bases only
 
-            var.set_value(place_quantized(blocks[spec.path[-1]](), spec, mesh, rules))
+            var.set_value(quant.place_quantized(blocks[spec.path[-1]](), spec, mesh, rules))
             continue
         shape = var.get_value().shape
         if shape != spec.shape(cfg):  # the Decoder is built from the same table
@@ -281,8 +282,7 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
 def _quantized_rows(cfg: ModelConfig, source) -> dict:
     """Row name -> a function building its `QuantizedWeight` from the GGUF blocks, for the
     stacked linear rows whose layers all share one type the forward decodes."""
-    from mio_jax.models import quant
-    from mio_jax.models.lora import linear_specs
+    from mio_jax.models import quant  # lazy: gguf and qwix, for quantized bases only
 
     if not hasattr(source, "raw_blocks"):
         raise ValueError("keep_quantized needs a .gguf model (an HF folder holds no blocks)")

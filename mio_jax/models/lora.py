@@ -96,14 +96,6 @@ class LoraSpec:
         return jnp.asarray(mask, jnp.float32)
 
 
-def linear_specs(cfg) -> dict:
-    """The weight-table rows of ``cfg`` that adapters (and a quantized base) apply to: the
-    seven per-layer linear weights, by row name."""
-    from mio_jax.models.weights import stacked_specs
-
-    return {n: s for n, s in stacked_specs(cfg).items() if n in ROW_TO_PEFT}
-
-
 def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
                     layers_to_transform: Sequence[int] | None = None,
                     *, key: str = "model.lora.target_modules"

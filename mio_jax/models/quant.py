@@ -61,6 +61,8 @@ import numpy as np
 import qwix
 from qwix._src.core import numerics as qwix_numerics
 
+from mio_jax.sharding import logical_to_spec
+
 # Field-dim labels (see `field_dims`).
 OUT = "out"  # the weight's output dim: shard like the weight's output logical axis
 IN = "in"  # walks along the weight's input dim (block index, or element for int8)
@@ -495,3 +497,19 @@ def _check_fields(qw: QuantizedWeight) -> None:
     if block * n_blocks != qw.in_features:
         raise ValueError(f"QuantizedWeight {qw.kind}: {n_blocks} blocks of {block} do not make "
                          f"in_features={qw.in_features}")
+
+
+def place_quantized(qw, spec, mesh, rules):
+    """A ``QuantizedWeight`` with each field sharded by the weight's logical axes: the
+    output dimension as the row's first output axis, the block dimension along the input
+    as its first input axis (each falls back to replication where it does not divide)."""
+    if mesh is None:
+        return qw
+    out_group, in_group = spec.hf_axes
+    axes = field_logical_axes(qw.kind, out_axis=out_group[0], in_axis=in_group[0],
+                              lead_axes=("layers",) if spec.stacked else ())
+    fields = {}
+    for key, value in qw.fields.items():
+        pspec = logical_to_spec(axes[key], rules, mesh, value.shape)
+        fields[key] = jax.device_put(value, jax.sharding.NamedSharding(mesh, pspec))
+    return qw.replace(fields=fields)

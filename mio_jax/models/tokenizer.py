@@ -23,6 +23,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mio_jax import paths
+from mio_jax.models.gguf_io import gguf_metadata, open_gguf
 
 # llama.cpp token types (llama_token_type): 3 CONTROL, 4 USER_DEFINED.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -188,6 +189,5 @@ def load_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path not found: {path}")
-    from mio_jax.models.gguf_io import gguf_metadata, open_gguf
 
     return build_gguf_tokenizer(gguf_metadata(open_gguf(path)), path)

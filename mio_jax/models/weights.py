@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from mio_jax.models.config import ModelConfig
+from mio_jax.models.lora import ROW_TO_PEFT
 
 Shape = tuple[int, ...]
 
@@ -196,6 +197,12 @@ def weight_specs(cfg: ModelConfig) -> tuple[WeightSpec, ...]:
 def stacked_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
     """The per-layer rows of `cfg` (stacked on `layers`) by name: `{"q": spec, ...}`."""
     return {s.path[-1]: s for s in weight_specs(cfg) if s.stacked}
+
+
+def linear_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+    """The rows of ``cfg`` that adapters (and a quantized base) apply to: the seven
+    per-layer linear weights, by row name."""
+    return {n: s for n, s in stacked_specs(cfg).items() if n in ROW_TO_PEFT}
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, Shape]:

@@ -58,12 +58,12 @@ def _no_tokenizing(monkeypatch):
 
 def test_cache_hit_reads_what_memory_prepares(files, tok, tmp_path, monkeypatch):
     c = _config(files)
-    memory = preparation.prepare(c, tok, split="train")
-    built = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+    memory = pipeline.prepare(c, tok, split="train")
+    built = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     assert built.cache_path.startswith(str(tmp_path)) and memory.cache_path is None
     assert sorted(os.listdir(built.cache_path)) == ["manifest.json", "part-00000-of-00001.arrow"]
     _no_tokenizing(monkeypatch)
-    hit = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+    hit = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     assert hit.summary == built.summary == memory.summary and hit.K == memory.K == 2
     _same_groups(hit.groups, memory.groups)
     np.testing.assert_array_equal(hit.groups.prompt_lengths, memory.groups.prompt_lengths)
@@ -78,8 +78,8 @@ def test_cache_hit_reads_what_memory_prepares(files, tok, tmp_path, monkeypatch)
                                     {"bucketing": False}])
 def test_batches_from_the_cache_equal_batches_from_memory(files, tok, tmp_path, layout):
     c = _config(files, **layout)
-    memory = preparation.prepare(c, tok, split="train")
-    cached = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+    memory = pipeline.prepare(c, tok, split="train")
+    cached = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     for p in range(2):  # each process's share of a 2-process run
         its = [pipeline.make_pipeline(c, tok, batch_size=8, seed=5, prepared=s,
                                       process_index=p, process_count=2)
@@ -96,23 +96,23 @@ def test_batches_from_the_cache_equal_batches_from_memory(files, tok, tmp_path, 
 def test_a_changed_input_or_setting_builds_a_new_cache_and_leaves_the_old(files, tok,
                                                                           tmp_path):
     c = _config(files)
-    first = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path)).cache_path
+    first = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path)).cache_path
     # a setting that changes preparation
-    longer = preparation.prepare(_config(files, max_length=64), tok, split="train",
+    longer = pipeline.prepare(_config(files, max_length=64), tok, split="train",
                                  cache_dir=str(tmp_path)).cache_path
     # one that acts on batches only: same cache
-    same = preparation.prepare(_config(files, bucketing=False), tok, split="train",
+    same = pipeline.prepare(_config(files, bucketing=False), tok, split="train",
                                cache_dir=str(tmp_path)).cache_path
     # the tokenizer (one more vocabulary entry)
-    other_tok = preparation.prepare(c, testing.tiny_tokenizer(testing.VOCAB + 1),
+    other_tok = pipeline.prepare(c, testing.tiny_tokenizer(testing.VOCAB + 1),
                                     split="train", cache_dir=str(tmp_path)).cache_path
     # the data file itself
     data = str(tmp_path / "copy.jsonl")
     shutil.copy(files, data)
-    before = preparation.prepare(_config(data), tok, split="train", cache_dir=str(tmp_path))
+    before = pipeline.prepare(_config(data), tok, split="train", cache_dir=str(tmp_path))
     with open(data, "a", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "q: 1+1=", "chosen": " 2.", "rejected": " 3."}) + "\n")
-    after = preparation.prepare(_config(data), tok, split="train", cache_dir=str(tmp_path))
+    after = pipeline.prepare(_config(data), tok, split="train", cache_dir=str(tmp_path))
     assert same == first
     assert len({first, longer, other_tok, before.cache_path, after.cache_path}) == 5
     assert len(after.groups) == len(before.groups) + 1
@@ -121,13 +121,13 @@ def test_a_changed_input_or_setting_builds_a_new_cache_and_leaves_the_old(files,
 
 def test_a_truncated_part_is_detected_and_rebuilt(files, tok, tmp_path, caplog):
     c = _config(files)
-    built = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+    built = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     part = os.path.join(built.cache_path, "part-00000-of-00001.arrow")
     size = os.path.getsize(part)
     with open(part, "r+b") as f:
         f.truncate(size // 2)
     with caplog.at_level(logging.WARNING):
-        again = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+        again = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     assert "truncated" in caplog.text and part in caplog.text and "rebuilding" in caplog.text
     assert os.path.getsize(part) == size
     _same_groups(again.groups, built.groups)
@@ -136,11 +136,11 @@ def test_a_truncated_part_is_detected_and_rebuilt(files, tok, tmp_path, caplog):
 def test_a_foreign_part_of_the_same_size_is_detected_and_rebuilt(files, tok, tmp_path,
                                                                  caplog):
     c = _config(files)
-    mine = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path / "a"))
+    mine = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path / "a"))
     part = os.path.join(mine.cache_path, "part-00000-of-00001.arrow")
     # Another cache's part file (another fingerprint) put in its place, manifest patched
     # to its size: only the file's own metadata tells.
-    other = preparation.prepare(_config(files, system_prompt="x"), tok, split="train",
+    other = pipeline.prepare(_config(files, system_prompt="x"), tok, split="train",
                                 cache_dir=str(tmp_path / "b"))
     shutil.copy(os.path.join(other.cache_path, "part-00000-of-00001.arrow"), part)
     manifest_path = os.path.join(mine.cache_path, "manifest.json")
@@ -148,18 +148,18 @@ def test_a_foreign_part_of_the_same_size_is_detected_and_rebuilt(files, tok, tmp
     manifest["parts"][0]["bytes"] = os.path.getsize(part)
     json.dump(manifest, open(manifest_path, "w"))
     with caplog.at_level(logging.WARNING):
-        again = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path / "a"))
+        again = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path / "a"))
     assert "belongs to another cache" in caplog.text
     _same_groups(again.groups, mine.groups)
 
 
 def test_an_unreadable_manifest_is_rebuilt(files, tok, tmp_path, caplog):
     c = _config(files)
-    built = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+    built = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     with open(os.path.join(built.cache_path, "manifest.json"), "w") as f:
         f.write('{"version": 1, "finger')
     with caplog.at_level(logging.WARNING):
-        again = preparation.prepare(c, tok, split="train", cache_dir=str(tmp_path))
+        again = pipeline.prepare(c, tok, split="train", cache_dir=str(tmp_path))
     assert "unreadable" in caplog.text
     assert again.summary == built.summary
 
@@ -174,17 +174,17 @@ def test_bad_rows_through_the_cache_count_and_fail_as_in_memory(tok, tmp_path):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     skip = _config(path, on_bad_row="skip")
-    memory = preparation.prepare(skip, tok, split="train")
-    cached = preparation.prepare(skip, tok, split="train", cache_dir=str(tmp_path / "c"))
+    memory = pipeline.prepare(skip, tok, split="train")
+    cached = pipeline.prepare(skip, tok, split="train", cache_dir=str(tmp_path / "c"))
     assert cached.summary == memory.summary
     assert memory.summary.rows_read == 5 and memory.summary.rows_used == 2
     assert memory.summary.rows_dropped == 3
     _same_groups(cached.groups, memory.groups)
     error = _config(path, on_bad_row="error")
     with pytest.raises(report.BadRowError) as in_memory:
-        preparation.prepare(error, tok, split="train")
+        pipeline.prepare(error, tok, split="train")
     with pytest.raises(report.BadRowError) as through_cache:
-        preparation.prepare(error, tok, split="train", cache_dir=str(tmp_path / "e"))
+        pipeline.prepare(error, tok, split="train", cache_dir=str(tmp_path / "e"))
     assert str(in_memory.value) == str(through_cache.value)
     assert f"{path}:2" in str(through_cache.value)
     assert not os.path.exists(os.path.join(str(tmp_path / "e"), "manifest.json"))
@@ -195,20 +195,20 @@ def test_a_cache_in_a_gs_bucket_is_built_once_and_hit(files, tok, tmp_path, monk
     with testing.GcsEmulator() as emu:
         url = f"gs://{emu.bucket}/shared/data_cache"
         c = _config(files)
-        built = preparation.prepare(c, tok, split="train", cache_dir=url)
+        built = pipeline.prepare(c, tok, split="train", cache_dir=url)
         assert built.cache_path.startswith(url)
         from mio_jax import paths
 
         assert paths.listdir(built.cache_path) == ["manifest.json", "part-00000-of-00001.arrow"]
         with monkeypatch.context() as m:
             _no_tokenizing(m)
-            hit = preparation.prepare(c, tok, split="train", cache_dir=url)
-        _same_groups(hit.groups, preparation.prepare(c, tok, split="train").groups)
+            hit = pipeline.prepare(c, tok, split="train", cache_dir=url)
+        _same_groups(hit.groups, pipeline.prepare(c, tok, split="train").groups)
         assert hit.summary == built.summary
 
 
 def test_part_files_hold_the_lengths_columns(files, tok, tmp_path):
-    built = preparation.prepare(_config(files), tok, split="train", cache_dir=str(tmp_path))
+    built = pipeline.prepare(_config(files), tok, split="train", cache_dir=str(tmp_path))
     import pyarrow as pa
 
     with pa.memory_map(os.path.join(built.cache_path, "part-00000-of-00001.arrow")) as src:
