@@ -39,6 +39,15 @@ EXTRAS = {
     "reasoning": ["reasoning-gym>=0.1.25"],
 }
 
+CONSOLE_SCRIPTS = [
+    "mio-train = mio_jax.main:run",
+    "mio-convert = mio_jax.convert:main",
+    "mio-evaluate = mio_jax.evaluate:main",
+    "mio-pairs = mio_jax.pairs:main",
+    "mio-plot = mio_jax.plot:main",
+    "mio-inspect-data = mio_jax.data.inspect:run",
+]
+
 setup(
     name="mio_jax",
     version="0.1.0",
@@ -51,4 +60,6 @@ setup(
     package_data={"mio_jax.data": ["assets/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # the main commands on the PATH of the environment (same flags as python -m mio_jax.X)
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -12,7 +12,7 @@ adapters on every linear weight, the base as the reference (one model in memory)
 import os
 
 from mio_jax import config as mio_config
-from mio_jax.models.lora import QUANTIZE
+from mio_jax.models.quant import BASE_STORAGES
 
 default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                               "default.py"))
@@ -20,7 +20,7 @@ default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__
 
 def get_config(arg=None):
     parts = [p for p in (arg or "").split(",") if p]
-    stored = [q for q in QUANTIZE if q != "none"]
+    stored = [q for q in BASE_STORAGES if q != "none"]
     quantize = next((p for p in parts if p in stored), "none")
     unknown = [p for p in parts if p not in stored + ["runlocal"]]
     if unknown:

@@ -413,7 +413,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     imposes on other sections (mio_jax.losses.config), ``optim`` (mio_jax.optim), ``mesh``
     and batch divisibility (here, by ``sharding.mesh_axis_sizes``), ``checkpoint``
     (mio_jax.checkpoint), ``log`` (mio_jax.metrics), ``eval`` (mio_jax.evaluate),
-    ``online`` (mio_jax.online).
+    ``online`` (mio_jax.online_config).
 
     Args:
       cfg: the experiment config (resolved or not).
@@ -429,7 +429,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    validate_model_config(cfg, backend=backend)
+    validate_model_config(cfg, backend=backend, lora_defaults=base_config().model.lora)
     reference.validate_reference_config(cfg)
     _validate_train(cfg)
     validate_loss_config(cfg)  # after the sections its cross-section rules read

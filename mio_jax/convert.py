@@ -28,7 +28,7 @@ import argparse
 import dataclasses
 import sys
 
-from mio_jax import checkpoint, models, paths
+from mio_jax import checkpoint, errors, models, paths
 from mio_jax.models import (adapters, load_pretrained, peft_io, resolve_model_path,
                             save_pretrained)
 from mio_jax.models.gguf_io import open_gguf, read_gguf
@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use = {"auto": None, "mio_jax": True, "stream": False}[args.exporter]
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      use_exporter=use, fmt=args.format)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        with errors.input_errors_in_one_line():
+            out = convert(args.src, args.dst, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size, use_exporter=use, fmt=args.format)
+    except (ValueError, RuntimeError) as e:  # e.g. a checkpoint with no model in it
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -16,11 +16,12 @@ so a trainer can call it with its own sampler every N steps.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from mio_jax import distributed, models, paths, verifiers
+from mio_jax import distributed, errors, models, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.data.sources import iter_jsonl
 from mio_jax.errors import ConfigError
@@ -264,8 +265,6 @@ def evaluate(sampler: Sampler, examples: Sequence[Mapping[str, Any]], verifier: 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
-    import argparse
-
     distributed.refuse_multi_process("mio_jax.evaluate")
     ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
     ap.add_argument("--model", required=True, help="HF folder or .gguf file (local or gs://...)")
@@ -295,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--pass_k={args.pass_k} needs --samples >= pass_k")
     if args.samples > 1 and args.temperature == 0.0:
         ap.error("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    with errors.input_errors_in_one_line():  # a missing model, adapter or JSONL: one line
+        _run(args)
+
+
+def _run(args) -> None:
+    """Evaluates and writes the report of parsed ``main`` arguments."""
     sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                            adapter=args.adapter)

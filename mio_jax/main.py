@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mio_jax import config as mio_config
-from mio_jax import distributed, online, online_config, train
+from mio_jax import distributed, errors, online, online_config, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/*.py or your own).",
                                 lock_config=True)
@@ -31,22 +31,17 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (defau
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def _parse_flags(argv):
     """absl's flag parsing; an experiment file or override that fails is one line, exit 2."""
     given = [a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))]
     path = given[-1].split(":", 1)[0] if given else ""
     if path and not os.path.isfile(path):
-        _fail(f"experiment file {path!r} not found")
+        errors.fail(f"experiment file {path!r} not found")
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001  (anything the experiment file raises)
         keys = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config.")]
-        _fail(mio_config.describe_load_error(e, path, keys))
+        errors.fail(mio_config.describe_load_error(e, path, keys))
 
 
 def main(argv):
@@ -59,25 +54,29 @@ def main(argv):
         mio_config.validate(flags.FLAGS.config, num_devices=jax.device_count())
         config = mio_config.resolve(flags.FLAGS.config)
     except mio_config.ConfigError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     logging.info("versions: python %s, jax %s, flax %s, optax %s, orbax %s", sys.version.split()[0],
                  jax.__version__, flax.__version__, optax.__version__, ocp.__version__)
     logging.info("process %d/%d; devices: %s", jax.process_index(), jax.process_count(),
                  jax.devices())
     logging.info("config (resolved: every key with the value this run uses):\n%s", config)
     try:
-        # an online run's rounds build on the trainer's stages; main picks the driver
-        driver = online if online_config.enabled(config) else train
-        result = driver.train_and_evaluate(config, flags.FLAGS.workdir)
-    except (mio_config.ConfigError, FileNotFoundError, ValueError) as e:
-        if isinstance(e, mio_config.ConfigError):
-            _fail(str(e))
-        logging.exception("run failed")  # where it came from, for bug reports
-        _fail(f"{type(e).__name__}: {e}")
+        with errors.input_errors_in_one_line():  # a bad row, file or key: one line, exit 2
+            # an online run's rounds build on the trainer's stages; main picks the driver
+            driver = online if online_config.enabled(config) else train
+            result = driver.train_and_evaluate(config, flags.FLAGS.workdir)
+    except ValueError as e:  # not a known input error: where it came from, for bug reports
+        logging.exception("run failed")
+        errors.fail(f"{type(e).__name__}: {e}")
     summary = {k: v for k, v in result.items() if k in ("step", "train", "eval", "export")}
     if jax.process_index() == 0:
         print(f"done: {summary}", flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``mio-train`` command: ``python -m mio_jax.main``'s flags."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -42,6 +42,7 @@ from mio_jax import pairs as pairs_lib
 from mio_jax import paths
 from mio_jax import periodic
 from mio_jax import reference as reference_lib
+from mio_jax import reference_pass, run_eval, run_model, stages
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
 from mio_jax import train as train_lib
@@ -200,144 +201,209 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     workdir = paths.resolve(workdir)
     config = mio_config.resolve(config)
     mesh = train_lib.build_mesh(config, workdir)
-    model = train_lib.build_model(config, mesh)
+    model = run_model.build_model(config, mesh)
     with jax.set_mesh(mesh):
-        data = train_lib.Data(None, None, total_steps(config),
-                              sharding_lib.batch_sharding(mesh), train_lib.row_multiple(mesh))
+        data = stages.Data(None, None, total_steps(config),
+                           sharding_lib.batch_sharding(mesh), train_lib.row_multiple(mesh))
         training = train_lib.restore_or_init(config, workdir, model, data.total_steps, mesh)
         initial = None  # LoRA: the base with the adapters off; "previous": the state
         if model.config.lora is None and config.online.reference == "initial":
             initial = reference_lib.frozen_params(model.params, model.config.dtype)
         model = dataclasses.replace(model, params=None)
-        run = train_lib.Run(config, workdir, mesh, model, data,
-                            train_lib.Reference(step_lib.StepConsts(model.other)),
-                            train_lib.step_config(config))
+        run = stages.Run(config, workdir, mesh, model, data,
+                         stages.Reference(step_lib.StepConsts(model.other)),
+                         stages.step_config(config))
         return train_online(run, training, initial)
+
+
+@dataclasses.dataclass
+class _Round:
+    """One round's files and what its phases hand each other."""
+
+    r: int
+    folder: str
+    start: dict
+    samples: list | None = None
+    rows: list | None = None
+    steps: int = 0
+    split: Any = None
+    ref_table: Any = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return paths.join(self.folder, name)
+
+
+class _Driver:
+    """The rounds of an online run as named phases, each tied to its files in
+    ``<workdir>/online/round_<r>/`` and idempotent (a resumed round re-reads what its
+    phases wrote and redoes only what is missing):
+
+    - ``sample``: prompts.jsonl, then samples.jsonl (K scored answers per prompt from the
+      policy at the round's start);
+    - ``rows``: pairs.jsonl and start.json (the round's rows and its optimizer steps);
+    - ``reference``: the reference log-probs of the rows (reference_cache/);
+    - ``train``: the round's steps (resumed from the checkpoint's data position), then the
+      rows under the trained policy (policy_cache/) and their log-ratio metrics;
+    - ``close``: the checkpoint the next round samples from, the held-out eval, done.json
+      and the round's metrics rows.
+
+    A new kind of round (groups with advantages, say) is new ``rows`` and ``train`` phases
+    and a loss, not a new driver. Decisions read from files are process 0's, broadcast.
+    """
+
+    def __init__(self, run, training, initial_params):
+        self.run, self.training, self.initial_params = run, training, initial_params
+        self.config, self.o = run.config, run.config.online
+        self.state = training.state
+        self.step = int(jax.device_get(self.state.step))
+        self.position = _RoundPosition(0)
+        self.loop = train_lib.make_loop(run, training, self.step, self.position)
+        self.lora = run.model.config.lora is not None
+        self.full = run.step_cfg.full_projection()
+        self.jsonl_rows = evaluate_lib.jsonl_examples(self.o.jsonl) if self.o.jsonl else None
+        self.restored = training.data_state if isinstance(training.data_state, dict) else None
+        self.logged = _logged_rounds(run.workdir)  # process 0's view; decisions are agreed
+        self.eval_at_start = (self.config.eval.at_start and
+                              not distributed.from_process_zero("eval_start" in self.logged))
+        self.preemption = None
+
+    def run_rounds(self) -> list[dict]:
+        out = []
+        with periodic.Preemption(self.loop.checkpoints) as self.preemption:
+            for r in range(self.o.rounds):
+                rd = round_dir(self.run.workdir, r)
+                self.position.round, self.position.iterator = r, None
+                done_path = paths.join(rd, "done.json")
+                if _exists(done_path):  # a finished round: its record only
+                    done = paths.read_json(done_path)
+                    _log_round(self.loop, done, self.logged)
+                    out.append(done)
+                    continue
+                if r == 0 and self.eval_at_start and self.step == 0:
+                    self.loop.evals.run(0, self.state.params, "eval at start")
+                rnd = self.begin(r, rd)
+                self.sample(rnd)
+                self.make_rows(rnd)
+                if rnd.steps:
+                    self.reference(rnd)
+                    self.train(rnd)
+                out.append(self.close(rnd))
+            self.loop.finish(self.step, self.state)
+        return out
+
+    def begin(self, r: int, rd: str) -> _Round:
+        start_path = paths.join(rd, "start.json")
+        start = (paths.read_json(start_path) if _exists(start_path)
+                 else {"round": r, "start_step": self.step})
+        if self.step < start["start_step"]:
+            raise RuntimeError(
+                f"{start_path}: round {r} started at step {start['start_step']} but the "
+                f"newest checkpoint is step {self.step}; the checkpoints of this run are "
+                "missing: restore them, or start again in a new --workdir")
+        return _Round(r, rd, start)
+
+    def sample(self, rnd: _Round) -> None:
+        """prompts.jsonl and samples.jsonl: the policy as it is at the round's start."""
+        samples_path = rnd.path("samples.jsonl")
+        if _exists(samples_path):
+            rnd.samples = _read_jsonl(samples_path)
+            return
+        if self.step != rnd.start["start_step"]:
+            raise RuntimeError(f"{rnd.folder}: samples.jsonl is missing but training of "
+                               f"round {rnd.r} has passed step {rnd.start['start_step']}")
+        examples = round_examples(self.config, rnd.r, self.jsonl_rows)
+        _write_jsonl(rnd.path("prompts.jsonl"), [ex for ex, _ in examples])
+        model = nnx.merge(self.run.model.graphdef, self.state.params, self.run.model.other)
+        rnd.samples = sample_round(self.config, model, self.run.model.tokenizer, examples,
+                                   rnd.r, check=lambda: self.preemption.check(self.step,
+                                                                              self.state))
+        del model
+        _write_jsonl(samples_path, rnd.samples)
+
+    def make_rows(self, rnd: _Round) -> None:
+        """pairs.jsonl and start.json: the round's rows and its number of steps."""
+        rnd.metrics = round_stats(rnd.samples)
+        rnd.rows = round_rows(rnd.samples, self.o.pairs, self.o.num_negatives)
+        rnd.steps = _train_steps(self.config, len(rnd.rows))
+        rnd.start.update(rows=len(rnd.rows), steps=rnd.steps)
+        start_path = rnd.path("start.json")
+        if not _exists(start_path):
+            _write_jsonl(rnd.path("pairs.jsonl"), rnd.rows)
+            if jax.process_index() == 0:
+                paths.write_json(start_path, rnd.start, indent=1)
+        logging.info("round %d: %s; %d rows, %d steps", rnd.r, _fmt(rnd.metrics),
+                     len(rnd.rows), rnd.steps)
+        rnd.split = data_lib.prepare(self.config.data, self.run.model.tokenizer,
+                                     split="train", source=rnd.rows) if rnd.steps else None
+
+    def _table(self, rnd: _Round, name: str, params, adapters: bool, fingerprint: str):
+        return reference_pass.precompute_table(
+            self.config, self.run.model, self.run.data.sharding, self.run.mesh, self.full,
+            rnd.split, name, params=params, adapters=adapters,
+            cache_dir=rnd.path(f"{name}_cache"), weights_fp=fingerprint)
+
+    def reference(self, rnd: _Round) -> None:
+        """reference_cache/: the rows' log-probs under the initial model (LoRA: this
+        state's adapters, off) or under the policy at the round's start."""
+        if self.config.reference.mode != "precomputed":
+            return
+        previous = self.o.reference == "previous"
+        rnd.ref_table = self._table(
+            rnd, "reference", self.state.params if previous or self.lora else self.initial_params,
+            previous or not self.lora, f"online round {rnd.r} reference {self.o.reference}")
+
+    def train(self, rnd: _Round) -> None:
+        """The round's steps, then its rows under the trained policy (policy_cache/)."""
+        it = _round_pipeline(self.config, self.run, rnd.split, rnd.r)
+        if (self.restored and self.restored.get("round") == rnd.r
+                and self.step > rnd.start["start_step"]):
+            it.set_state(self.restored["iterator"])
+        self.position.iterator = it
+        stop = rnd.start["start_step"] + rnd.steps
+        self.state, self.step = train_lib.run_steps(self.run, self.loop, self.preemption,
+                                                    self.state, self.step, stop, it,
+                                                    rnd.ref_table)
+        self.loop.flush()
+        policy = self._table(rnd, "policy", self.state.params, True,
+                             f"online round {rnd.r} policy after step {self.step}")
+        rnd.metrics.update(logratio_metrics(policy, rnd.ref_table))
+
+    def close(self, rnd: _Round) -> dict:
+        """The checkpoint the next round samples from, the held-out eval, done.json and the
+        round's metrics rows."""
+        self.loop.save_now(self.step, self.state)
+        every = self.o.eval_every_rounds
+        due = every and ((rnd.r + 1) % every == 0 or rnd.r + 1 == self.o.rounds)
+        held_out = run_eval.evaluate(self.run, self.state.params, self.step) if due else {}
+        done = {"round": rnd.r, "start_step": rnd.start["start_step"], "end_step": self.step,
+                "rows": len(rnd.rows), "steps": rnd.steps, **rnd.metrics,
+                "train": self.loop.last_train_metrics() if rnd.steps else {},
+                "eval": held_out}
+        if jax.process_index() == 0:
+            paths.write_json(rnd.path("done.json"), done, indent=1)
+        _log_round(self.loop, done, self.logged)
+        return done
 
 
 def train_online(run, training, initial_params) -> dict[str, Any]:
     """The rounds (``run.data.total_steps`` = rounds x steps_per_round bounds the schedule).
 
     Args:
-      run: the ``train.Run`` (its data has no train pipeline: each round builds its own).
-      training: the restored or fresh ``train.Training``.
+      run: the ``stages.Run`` (its data has no train pipeline: each round builds its own).
+      training: the restored or fresh ``stages.Training``.
       initial_params: the starting weights (the "initial" reference of a full-weight run).
     """
-    config, workdir = run.config, run.workdir
-    o = config.online
-    state = training.state
-    step = int(jax.device_get(state.step))
-    position = _RoundPosition(0)
-    loop = train_lib.make_loop(run, training, step, position)
-    lora = run.model.config.lora is not None
-    full = run.step_cfg.full_projection()
-    jsonl_rows = evaluate_lib.jsonl_examples(o.jsonl) if o.jsonl else None
-    restored = training.data_state if isinstance(training.data_state, dict) else None
-    logged = _logged_rounds(workdir)  # process 0's view; decisions from it are agreed
-    eval_at_start = (config.eval.at_start
-                     and not distributed.from_process_zero("eval_start" in logged))
-    out_rounds = []
+    driver = _Driver(run, training, initial_params)
     try:
-        with periodic.Preemption(loop.checkpoints) as preemption:
-            for r in range(o.rounds):
-                rd = round_dir(workdir, r)
-                position.round, position.iterator = r, None
-                done_path = paths.join(rd, "done.json")
-                if _exists(done_path):
-                    done = paths.read_json(done_path)
-                    _log_round(loop, done, logged)
-                    out_rounds.append(done)
-                    continue
-                if r == 0 and eval_at_start and step == 0:
-                    loop.evals.run(0, state.params, "eval at start")
-                start_path = paths.join(rd, "start.json")
-                if _exists(start_path):
-                    start = paths.read_json(start_path)
-                else:
-                    start = {"round": r, "start_step": step}
-                if step < start["start_step"]:
-                    raise RuntimeError(
-                        f"{start_path}: round {r} started at step {start['start_step']} but the "
-                        f"newest checkpoint is step {step}; the checkpoints of this run are "
-                        "missing: restore them, or start again in a new --workdir")
-                # 1-2: prompts and samples (the policy as it is at the round's start)
-                samples_path = paths.join(rd, "samples.jsonl")
-                if _exists(samples_path):
-                    samples = _read_jsonl(samples_path)
-                else:
-                    if step != start["start_step"]:
-                        raise RuntimeError(f"{rd}: samples.jsonl is missing but training of "
-                                           f"round {r} has passed step {start['start_step']}")
-                    examples = round_examples(config, r, jsonl_rows)
-                    _write_jsonl(paths.join(rd, "prompts.jsonl"), [ex for ex, _ in examples])
-                    model = nnx.merge(run.model.graphdef, state.params, run.model.other)
-                    samples = sample_round(config, model, run.model.tokenizer, examples, r,
-                                           check=lambda: preemption.check(step, state))
-                    del model
-                    _write_jsonl(samples_path, samples)
-                stats = round_stats(samples)
-                # 3: rows
-                rows = round_rows(samples, o.pairs, o.num_negatives)
-                n_train = _train_steps(config, len(rows))
-                start.update(rows=len(rows), steps=n_train)
-                if not _exists(start_path):
-                    _write_jsonl(paths.join(rd, "pairs.jsonl"), rows)
-                    if jax.process_index() == 0:
-                        paths.write_json(start_path, start, indent=1)
-                logging.info("round %d: %s; %d rows, %d steps", r, _fmt(stats), len(rows),
-                             n_train)
-                pos_metrics: dict[str, float] = {}
-                if n_train:
-                    split = data_lib.prepare(config.data, run.model.tokenizer, split="train",
-                                             source=rows)
-                    # 4: the reference log-probs of the round's rows
-                    ref_table = None
-                    if config.reference.mode == "precomputed":
-                        previous = o.reference == "previous"
-                        ref_table = train_lib.precompute_table(
-                            config, run.model, run.data.sharding, run.mesh, full, split,
-                            "reference",  # LoRA, initial: this state's adapters, off
-                            params=state.params if previous or lora else initial_params,
-                            adapters=previous or not lora,
-                            cache_dir=paths.join(rd, "reference_cache"),
-                            weights_fp=f"online round {r} reference {o.reference}")
-                    # 5: train
-                    it = _round_pipeline(config, run, split, r)
-                    if restored and restored.get("round") == r and step > start["start_step"]:
-                        it.set_state(restored["iterator"])
-                    position.iterator = it
-                    stop = start["start_step"] + n_train
-                    state, step = train_lib.run_steps(run, loop, preemption, state, step, stop,
-                                                      it, ref_table)
-                    loop.window.flush()
-                    # the pairs under the policy after the round's training
-                    policy_table = train_lib.precompute_table(
-                        config, run.model, run.data.sharding, run.mesh, full, split, "policy",
-                        params=state.params, adapters=True,
-                        cache_dir=paths.join(rd, "policy_cache"),
-                        weights_fp=f"online round {r} policy after step {step}")
-                    pos_metrics = logratio_metrics(policy_table, ref_table)
-                loop.checkpoints.save(step, state)  # the next round samples from this step
-                loop.checkpoints.checkpointer.wait()
-                due = o.eval_every_rounds and ((r + 1) % o.eval_every_rounds == 0
-                                               or r + 1 == o.rounds)
-                held_out = train_lib.evaluate(run, state.params, step) if due else {}
-                done = {"round": r, "start_step": start["start_step"], "end_step": step,
-                        "rows": len(rows), "steps": n_train, **stats, **pos_metrics,
-                        "train": loop.window.last if n_train else {}, "eval": held_out}
-                if jax.process_index() == 0:
-                    paths.write_json(done_path, done, indent=1)
-                _log_round(loop, done, logged)
-                out_rounds.append(done)
-            loop.window.flush()
-            loop.checkpoints.finish(step, state)
-        exported = (train_lib.export(run, state.params) if config.checkpoint.export_hf
-                    else None)
+        rounds = driver.run_rounds()
+        exported = (run_model.export(run, driver.state.params)
+                    if run.config.checkpoint.export_hf else None)
     finally:
-        loop.close(training)
-    last_eval = next((d["eval"] for d in reversed(out_rounds) if d.get("eval")), {})
-    return {"step": step, "train": loop.window.last, "eval": last_eval, "export": exported,
-            "state": state, "rounds": out_rounds}
+        driver.loop.close(training)
+    last_eval = next((d["eval"] for d in reversed(rounds) if d.get("eval")), {})
+    return {"step": driver.step, "train": driver.loop.last_train_metrics(), "eval": last_eval,
+            "export": exported, "state": driver.state, "rounds": rounds}
 
 
 def _train_steps(config, n_rows: int) -> int:
@@ -392,9 +458,8 @@ def _log_round(loop, done: dict, logged: set) -> None:
     if done["round"] in logged:
         return
     if done.get("eval"):
-        loop.writer.write(done["end_step"], done["eval"], "eval")
-    loop.writer.write(done["end_step"], _scalars(done), "round")
-    loop.writer.sync(force=True)
+        loop.write_row(done["end_step"], done["eval"], "eval")
+    loop.write_row(done["end_step"], _scalars(done), "round")
     logged.add(done["round"])
     logging.info("round %d done at step %d: %s", done["round"], done["end_step"],
                  _fmt({k: v for k, v in _scalars(done).items()

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from mio_jax import distributed, evaluate, paths, verifiers
+from mio_jax import distributed, errors, evaluate, paths, verifiers
 from mio_jax.models import smollm2_gguf_path
 
 
@@ -261,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     distributed.refuse_multi_process("mio_jax.pairs")
     cfg = parse_config(argv)
     print(cfg)
-    report = run(cfg)
+    with errors.input_errors_in_one_line():  # a bad model, JSONL or verifier: one line
+        report = run(cfg)
     s = report["stats"]
     print(f"{s['prompts']} prompts x {cfg.num_samples} samples: {s['correct']} correct, "
           f"{s['incorrect']} incorrect; all correct {s['all_correct']}, none correct "

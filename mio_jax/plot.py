@@ -20,12 +20,13 @@ training, and the held-out accuracy with its 95 % interval at the rounds it was 
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import tempfile
 from typing import Any, Sequence
 
-from mio_jax import paths
+from mio_jax import errors, paths
 from mio_jax.data.sources import iter_jsonl
 
 PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -198,8 +199,6 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point (see the module docstring)."""
-    import argparse
-
     ap = argparse.ArgumentParser(description="Plot training curves from metrics.jsonl files.")
     ap.add_argument("workdirs", nargs="+")
     ap.add_argument("--rounds", action="store_true", help="per-round panels of online runs")
@@ -207,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "rounds.png with --rounds, of the first run)")
     args = ap.parse_args(argv)
     out = args.out or paths.join(args.workdirs[0], "rounds.png" if args.rounds else "curves.png")
-    fig = (plot_rounds if args.rounds else plot_runs)(args.workdirs)
-    save_figure(fig, out)
+    with errors.input_errors_in_one_line():  # a missing or damaged metrics file: one line
+        fig = (plot_rounds if args.rounds else plot_runs)(args.workdirs)
+        save_figure(fig, out)
     print(f"wrote {out}")
 
 

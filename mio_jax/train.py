@@ -1,17 +1,21 @@
-"""Training orchestration: the only module that touches files during training.
+"""Training orchestration: the stages of a run and its loop.
 
-``train_and_evaluate`` runs named stages, each a function returning a small typed value:
+``train_and_evaluate`` runs named stages, each a function returning a small typed value
+(``mio_jax.stages``):
 
   1. ``build_mesh``: validate the config, build the device mesh, write ``config.json``;
-  2. ``build_model``: tokenizer and sharded model of ``model.path`` (``Model``);
+  2. ``build_model`` (``mio_jax.run_model``): tokenizer and sharded model of ``model.path``
+     (``Model``);
   3. ``build_data``: the train pipeline and the eval split (``Data``);
   4. ``init_or_restore``: optimizer and train state, created sharded from abstract shapes,
      or restored with the data position from ``<workdir>/checkpoints`` (``Training``);
   5. ``build_reference``: the frozen reference weights (compute dtype), a precomputed
-     table (cached on disk), or none (``Reference``);
+     table (``mio_jax.reference_pass``: cached on disk, gathered across processes), or
+     none (``Reference``);
   6. ``train_loop``: steps, with the periodic work as small objects (``mio_jax.periodic``:
      metrics window and NaN check, checkpoints, evals, preemption); then the final
-     checkpoint, the final eval and the Hugging Face export.
+     checkpoint, the final eval (``mio_jax.run_eval``) and the Hugging Face export
+     (``run_model.export``).
 """
 
 from __future__ import annotations
@@ -23,126 +27,24 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
-from flax import nnx
-from jax.experimental import multihost_utils
 
 from mio_jax import checkpoint as ckpt_lib
 from mio_jax import config as mio_config
-from mio_jax import evaluate as evaluate_lib
-from mio_jax import layouts
-from mio_jax import logps as logps_lib
-from mio_jax import losses
 from mio_jax import metrics as metrics_lib
-from mio_jax import models
 from mio_jax import optim
 from mio_jax import paths
 from mio_jax import periodic
 from mio_jax import reference as reference_lib
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
-from mio_jax.models import adapters as adapters_lib
-from mio_jax.models import peft_io
 from mio_jax.data import pipeline as data_lib
 from mio_jax.periodic import Preempted  # noqa: F401  (public: raised by train_and_evaluate)
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """The model, split for jit.
-
-    Attributes:
-      graphdef: the nnx GraphDef.
-      params: master weights (pure dict of sharded arrays); None once the state and the
-        reference are built, so no stale copy stays in memory.
-      other: non-trainable nnx state (pure dict).
-      config: the decoder's ``models.ModelConfig``.
-      tokenizer: its Hugging Face tokenizer.
-      param_specs: PartitionSpecs shaped like ``params``.
-    """
-
-    graphdef: Any
-    params: Any
-    other: Any
-    config: models.ModelConfig
-    tokenizer: Any
-    param_specs: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """Attributes: train (the train ``PreferenceIterator``), eval_split (the prepared eval
-    split or None), total_steps, sharding (of every batch field, on its leading axis),
-    row_multiple (packed rows per process are a multiple of its data-parallel devices)."""
-
-    train: data_lib.PreferenceIterator
-    eval_split: data_lib.PreparedSplit | None
-    total_steps: int
-    sharding: jax.sharding.NamedSharding
-    row_multiple: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Training:
-    """Attributes: state (the ``TrainState`` to continue from), shardings (of the state),
-    tx and schedule (optax), checkpointer, data_state (the restored checkpoint's data
-    position, or None when starting afresh)."""
-
-    state: step_lib.TrainState
-    shardings: step_lib.TrainState
-    tx: Any
-    schedule: Any
-    checkpointer: ckpt_lib.Checkpointer
-    data_state: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """Attributes: consts (what the step reads: the frozen weights when mode is "frozen"),
-    train_table / eval_table (precomputed log-probs of each split, or None)."""
-
-    consts: step_lib.StepConsts
-    train_table: reference_lib.ReferenceTable | None = None
-    eval_table: reference_lib.ReferenceTable | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """Everything the loop and ``evaluate`` read; built once by ``train_and_evaluate``."""
-
-    config: ml_collections.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    model: Model
-    data: Data
-    reference: Reference
-    step_cfg: step_lib.StepConfig
-
-
-def step_config(config) -> step_lib.StepConfig:
-    """The train step's static settings from a resolved config."""
-    names = mio_config.loss_names(config.loss.name)
-    used = set().union(*(losses.spec(n).hparams for n in names))
-    return step_lib.StepConfig(
-        loss_name=names[0] if len(names) == 1 else tuple(names),
-        beta=float(config.loss.beta),
-        loss_hparams=tuple(sorted((k, config.loss[k]) for k in used
-                                  if config.loss.get(k) is not None)),
-        loss_weights=(None if config.loss.get("weights") is None
-                      else tuple(float(w) for w in config.loss.weights)),
-        grad_accum_steps=int(config.train.grad_accum_steps),
-        chunk_size=int(config.model.logps_chunk_size),
-        reference=("base" if config.reference.mode == "frozen" and adapters_lib.enabled(config)
-                   else config.reference.mode),
-        lengths=any(losses.spec(n).needs_lengths != "none" for n in names),
-        ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
-        use_weighting=bool(config.loss.use_weighting),
-        max_tokens_fraction=(None if config.model.completion_logits_fraction is None
-                             else float(config.model.completion_logits_fraction)),
-        weight_norms=bool(config.log.weight_norms),
-        dropout_seed=(int(config.seed) if adapters_lib.enabled(config)
-                      and config.model.lora.dropout > 0 else None))
+from mio_jax.reference_pass import precompute_table
+from mio_jax.run_eval import device_batch, evaluate
+from mio_jax.run_model import build_model, export
+# the stage types (public here too: the stages below take and return them)
+from mio_jax.stages import Data, Model, Reference, Run, Training, step_config  # noqa: F401
 
 
 # --- stages -------------------------------------------------------------------------------
@@ -157,29 +59,6 @@ def build_mesh(config, workdir: str) -> jax.sharding.Mesh:
         paths.write_json(paths.join(workdir, "config.json"), mio_config.as_dict(config),
                          indent=1, sort_keys=True)
     return mesh
-
-
-def build_model(config, mesh) -> Model:
-    """Tokenizer and sharded model of ``model.path``; with ``model.lora.enabled`` the
-    trainable parameters are the adapters alone and the frozen base is in ``other``.
-
-    Called outside ``jax.set_mesh``: nnx's abstract init would read the logical axis
-    names as mesh axes inside a mesh context.
-    """
-    model_path = models.resolve_model_path(config.model.path)
-    tokenizer = models.load_tokenizer(
-        models.resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path
-        else model_path)
-    model = adapters_lib.load(config, model_path, mesh, sharding_lib.DEFAULT_RULES)
-    graphdef, params, other = adapters_lib.split(model)
-    trainable = nnx.LoRAParam if model.cfg.lora is not None else nnx.Param
-    _, params_state, _ = nnx.split(model, trainable, ...)
-    if model.cfg.lora is not None:
-        adapters_lib.log_sizes(params, other)
-    return Model(graphdef=graphdef, params=params, other=other, config=model.cfg,
-                 tokenizer=tokenizer,
-                 param_specs=sharding_lib.state_partition_specs(
-                     params_state, sharding_lib.DEFAULT_RULES, mesh))
 
 
 def data_cache_dir(config, workdir: str) -> str | None:
@@ -277,163 +156,6 @@ def build_reference(config, workdir: str, model: Model, data: Data,
     return Reference(consts, train_table, eval_table)
 
 
-def precompute_table(config, model: Model, sharding, mesh, cfg: step_lib.StepConfig,
-                     split: data_lib.PreparedSplit, name: str, *, params, adapters: bool,
-                     cache_dir: str, weights_fp: str) -> reference_lib.ReferenceTable:
-    """Reference log-probs of one split under ``params`` (``adapters=False``: a LoRA
-    model's base): one unshuffled, unshared pass, cached under ``cache_dir`` by the
-    split's contents, ``weights_fp`` and the settings."""
-    dcfg = config.data.copy_and_resolve_references()
-    with dcfg.unlocked():  # the reference pass reads every group in the [B, K, L] layout
-        dcfg.packing = False
-        dcfg.shared_prompt = False
-    ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg,
-                                       adapters=adapters))
-
-    def batches():
-        return data_lib.make_pipeline(dcfg, model.tokenizer, split="eval",
-                                      batch_size=config.reference.batch_size, prepared=split)
-
-    def logps_of(host) -> np.ndarray:
-        out = ref_fn(params, model.other, data_lib.to_global_arrays(host, sharding))
-        if jax.process_count() > 1:  # this process's rows, matching its host batch
-            out = multihost_utils.global_array_to_host_local_array(out, mesh, sharding.spec)
-        return np.asarray(jax.device_get(out))
-
-    settings = {"dtype": config.model.dtype, "ld_alpha": config.loss.ld_alpha, "split": name,
-                "K": split.K}
-    table, path, hit = reference_lib.build_or_load(
-        cache_dir=cache_dir, batches=batches, ref_fn=logps_of, weights_fp=weights_fp,
-        settings=settings, name=name)
-    logging.info("reference log-probs (%s): %s %s", name, "cache hit" if hit else "computed", path)
-    return _all_processes(table, len(split.groups)) if jax.process_count() > 1 else table
-
-
-def _all_processes(table: reference_lib.ReferenceTable, n: int) -> reference_lib.ReferenceTable:
-    """The table of every group: each process computed (and cached) the rows of its share
-    of the unshuffled pass, but shuffled training batches hand it any group."""
-    k = table.logps_nk.shape[1]
-    logps, present = np.zeros((n, k), np.float32), np.zeros((n,), bool)
-    m = min(len(table.present_n), n)
-    logps[:m], present[:m] = table.logps_nk[:m], table.present_n[:m]
-    all_logps = np.asarray(multihost_utils.process_allgather(logps))  # [P, N, K]
-    all_present = np.asarray(multihost_utils.process_allgather(present))  # [P, N]
-    chosen = np.argmax(all_present, axis=0)  # a process that holds the row
-    return reference_lib.ReferenceTable(all_logps[chosen, np.arange(n)], all_present.any(axis=0))
-
-
-# --- evaluation -----------------------------------------------------------------------------
-
-def device_batch(run: Run, host: layouts.Batch,
-                 table: reference_lib.ReferenceTable | None) -> layouts.Batch:
-    """A host batch -> the global device batch (precomputed reference log-probs filled in).
-
-    Raises:
-      ValueError: a valid completion slot of an unshared batch has no completion token.
-    """
-    if isinstance(host, layouts.PreferenceBatch):
-        valid = np.asarray(host.valid, bool)
-        logps_lib.check_completion_tokens(np.asarray(host.loss_mask)[valid],
-                                          name="loss_mask (valid completions)")
-    if table is not None:
-        host = host.replace(ref_logps=table.lookup(host.example_id, host.weights))
-    return data_lib.to_global_arrays(host, run.data.sharding)
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_fn(graphdef, cfg: step_lib.StepConfig):
-    return jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef,
-                                     cfg=cfg.full_projection()))
-
-
-def evaluate(run: Run, params, step: int) -> dict[str, float]:
-    """Eval metrics of ``params`` at ``step``: weighted means of the preference metrics
-    over the eval split and, with ``eval.reasoning_tasks``, held-out reasoning accuracy."""
-    out = _preference_eval(run, params)
-    out.update(_reasoning_eval(run, params, step))
-    return out
-
-
-def _preference_eval(run: Run, params, split: data_lib.PreparedSplit | None = None,
-                     table: reference_lib.ReferenceTable | None = None) -> dict[str, float]:
-    """Weighted means of the preference metrics over ``split`` (default: the eval split,
-    with its precomputed reference ``table``)."""
-    if split is None:
-        split, table = run.data.eval_split, run.reference.eval_table
-    if split is None:
-        return {}
-    it = data_lib.make_pipeline(run.config.data, run.model.tokenizer, split="eval",
-                                batch_size=run.config.eval.batch_size, prepared=split,
-                                row_multiple=run.data.row_multiple)
-    eval_fn = _eval_fn(run.model.graphdef, run.step_cfg)
-    sums, counts, denom = {}, {}, 0.0
-    for i, host in enumerate(it):
-        if 0 < run.config.eval.max_batches <= i:
-            break
-        batch = device_batch(run, host, table)
-        s, c, d = jax.device_get(eval_fn(params, batch, run.reference.consts))
-        for k, v in s.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        for k, v in c.items():
-            counts[k] = counts.get(k, 0.0) + float(v)
-        denom += float(d)
-    out = {k: v / max(denom, 1e-30) for k, v in sums.items()}
-    out.update(counts)
-    return out
-
-
-def _reasoning_eval(run: Run, params, step: int) -> dict[str, float]:
-    """Greedy accuracy on held-out reasoning-gym problems (``eval.reasoning_tasks``); the
-    completions and per-task results go to ``<workdir>/reasoning_eval/step_<N>.json``."""
-    tasks = mio_config.reasoning_tasks(run.config)
-    if not tasks:
-        return {}
-    ecfg = run.config.eval
-    task_config = evaluate_lib.parse_task_config(ecfg.reasoning_task_config)
-    examples = [ex for t in tasks for ex in
-                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, 0, task_config)]
-    model = nnx.merge(run.model.graphdef, params, run.model.other)
-
-    def sampler(prompts):
-        return list(models.generate(model, run.model.tokenizer, list(prompts), temperature=0.0,
-                                    max_new_tokens=ecfg.reasoning_max_new_tokens,
-                                    batch_size=min(len(prompts),
-                                                   ecfg.get("reasoning_batch_size", 16))).texts)
-
-    result = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
-    if jax.process_index() == 0:
-        paths.write_json(paths.join(run.workdir, "reasoning_eval", f"step_{step}.json"),
-                         result, indent=1)
-    out = {"reasoning/accuracy": result["overall"]["accuracy"],
-           "reasoning/ci95_low": result["overall"]["ci95"][0],
-           "reasoning/ci95_high": result["overall"]["ci95"][1]}
-    out.update({f"reasoning/{t}/accuracy": r["accuracy"] for t, r in result["tasks"].items()})
-    return out
-
-
-def export(run: Run, params) -> str:
-    """Writes ``<workdir>/hf_export`` (every process takes part; process 0 writes). With
-    LoRA, also ``<workdir>/peft_adapter`` (PEFT's folder: ``adapter_model.safetensors`` +
-    ``adapter_config.json``) and the merged weights (float32 merge) in ``hf_export``."""
-    path = paths.join(run.workdir, "hf_export")
-    other = run.model.other
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
-        if run.model.config.lora is not None:
-            other = multihost_utils.process_allgather(other, tiled=True)
-    model = nnx.merge(run.model.graphdef, params, other)
-    if run.model.config.lora is not None:
-        if jax.process_index() == 0:
-            peft_io.write_adapter(paths.join(run.workdir, "peft_adapter"), model.cfg,
-                                  model.cfg.lora, params,
-                                  base_model_name_or_path=str(run.config.model.path))
-        model = adapters_lib.merged(model)
-    if jax.process_index() == 0:
-        models.save_pretrained(model, run.model.tokenizer, path)
-    logging.info("exported Hugging Face model to %s", path)
-    return path
-
-
 # --- the loop -------------------------------------------------------------------------------
 
 class _Steps:
@@ -443,7 +165,7 @@ class _Steps:
     def __init__(self, run: Run, training: Training):
         self.run, self.training = run, training
         self.fast = self._jit(run.step_cfg)
-        self.full = self.fast if run.step_cfg.max_tokens_fraction is None else None
+        self.full_projection = self.fast if run.step_cfg.max_tokens_fraction is None else None
 
     def _jit(self, cfg: step_lib.StepConfig):
         t, consts = self.training, self.run.reference.consts
@@ -462,8 +184,9 @@ class _Steps:
                         "model.completion_logits_fraction=%s of its slots; running the full "
                         "output projection for it", step + 1,
                         self.run.config.model.completion_logits_fraction)
-        self.full = self.full or self._jit(self.run.step_cfg.full_projection())
-        return self.full(state, batch, consts)
+        self.full_projection = (self.full_projection
+                                or self._jit(self.run.step_cfg.full_projection()))
+        return self.full_projection(state, batch, consts)
 
 
 @dataclasses.dataclass
@@ -482,6 +205,31 @@ class Loop:
         self.progress.close()
         self.writer.close()
         training.checkpointer.close()
+
+    # What a driver above the loop (the online rounds) uses between runs of ``run_steps``:
+
+    def flush(self) -> None:
+        """Writes the metrics window's pending rows."""
+        self.window.flush()
+
+    def last_train_metrics(self) -> dict:
+        """The last train metrics row the window wrote ({} before any)."""
+        return self.window.last or {}
+
+    def save_now(self, step: int, state) -> None:
+        """A checkpoint of ``step``, committed before this returns."""
+        self.checkpoints.save(step, state)
+        self.checkpoints.checkpointer.wait()
+
+    def write_row(self, step: int, row: dict, split: str) -> None:
+        """One metrics row of ``split`` to every writer, synced (durable, uploaded)."""
+        self.writer.write(step, row, split)
+        self.writer.sync(force=True)
+
+    def finish(self, step: int, state) -> None:
+        """Pending rows written, then the final checkpoint, committed."""
+        self.window.flush()
+        self.checkpoints.finish(step, state)
 
 
 def make_loop(run: Run, training: Training, step: int, data_iterator) -> Loop:

@@ -139,3 +139,16 @@ def test_mistyped_key_in_the_experiment_file_fails_in_one_line(installed, user_f
     errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "unknown config key 'train.stpes'" in errors[0], r.stderr[-3000:]
     assert not (user_folder / "run").exists()
+
+
+def test_console_commands_are_installed_and_resolve():
+    """The main commands are console entry points of the installed package, each naming a
+    function that exists (python -m mio_jax.X keeps working beside them)."""
+    from importlib import metadata
+
+    scripts = {e.name: e for e in metadata.entry_points(group="console_scripts")
+               if e.value.startswith("mio_jax.")}
+    assert set(scripts) == {"mio-train", "mio-convert", "mio-evaluate", "mio-pairs", "mio-plot",
+                            "mio-inspect-data"}
+    for name, entry in scripts.items():
+        assert callable(entry.load()), name

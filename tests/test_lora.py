@@ -275,12 +275,25 @@ def test_training_from_an_adapter_and_on_top_of_a_merged_one(tiny, tmp_path, tin
     ({"model.lora.init": "pissa"}, "model.lora.init"),
     ({"model.lora.quantize": "fp8"}, "model.lora.quantize"),
     ({"model.lora.quantize": "gguf"}, "not a .gguf file"),
-    ({"model.lora.enabled": False, "model.lora.quantize": "nf4"}, "needs model.lora.enabled"),
+    ({"model.lora.enabled": False, "model.lora.quantize": "nf4"},
+     "is set but model.lora.enabled=False"),
 ])
 def test_bad_lora_config_is_rejected_naming_the_key(overrides, match, tiny, tiny_config):
     config = tiny_config(*tiny, **dict(LORA, **overrides))
     with pytest.raises(mio_config.ConfigError, match=match):
         mio_config.validate(config)
+
+
+@pytest.mark.parametrize("key,value", [("model.lora.rank", 8), ("model.lora.dropout", 0.1),
+                                       ("model.lora.target_modules", "q_proj")])
+def test_a_lora_key_set_while_lora_is_off_is_refused(key, value, tiny, tiny_config):
+    """`--config.model.lora.rank=8` without `model.lora.enabled=True` would train every
+    weight and write no adapter: the config is refused, naming the key."""
+    config = tiny_config(*tiny, **{key: value})
+    with pytest.raises(mio_config.ConfigError,
+                       match=f"{key}={value!r} is set but model.lora.enabled=False"):
+        mio_config.validate(config)
+    mio_config.validate(tiny_config(*tiny))  # the defaults pass
 
 
 def _q4_1_blocks_give_the_dequantized_model(path, ids, num_layers):

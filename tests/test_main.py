@@ -112,17 +112,28 @@ def test_bad_value_fails_naming_the_key(tiny, tmp_path, run_main):
 
 def test_missing_model_path_fails_clearly(tiny, tmp_path, run_main):
     r = run_main(_args(tiny, tmp_path, f"--config.model.path={tmp_path}/nope"))
-    assert r.returncode == 2 and f"model.path='{tmp_path}/nope' does not exist" in r.stderr
+    _one_line_error(r, f"model.path='{tmp_path}/nope' does not exist")
 
 
 def test_unreadable_data_file_fails_naming_it(tiny, tmp_path, run_main):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": oops\n')
-    r = run_main(_args(tiny, tmp_path / "w", f"--config.data.train_path={bad}"))
-    assert r.returncode == 2 and "bad.jsonl" in r.stderr
+    _one_line_error(run_main(_args(tiny, tmp_path / "w", f"--config.data.train_path={bad}")),
+                    "bad.jsonl:2")
     missing = tmp_path / "missing.jsonl"
-    r = run_main(_args(tiny, tmp_path / "w2", f"--config.data.train_path={missing}"))
-    assert r.returncode == 2 and "missing.jsonl" in r.stderr
+    _one_line_error(run_main(_args(tiny, tmp_path / "w2",
+                                   f"--config.data.train_path={missing}")), "missing.jsonl")
+
+
+def test_evaluate_with_a_broken_adapter_folder_fails_in_one_line(tiny, tmp_path,
+                                                                 subprocess_env):
+    (tmp_path / "adapter").mkdir()  # a PEFT folder without adapter_config.json
+    r = subprocess.run([sys.executable, "-m", "mio_jax.evaluate", f"--model={tiny[0]}",
+                        f"--adapter={tmp_path}/adapter", "--task=chain_sum",
+                        "--num_examples=1", f"--out={tmp_path}/e.json"],
+                       cwd=ROOT, env=subprocess_env, capture_output=True, text=True,
+                       timeout=300)
+    _one_line_error(r, str(tmp_path / "adapter"))
 
 
 @pytest.mark.parametrize("body,needles", [

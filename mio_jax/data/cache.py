@@ -43,6 +43,7 @@ from mio_jax import distributed, paths
 from mio_jax.data import preparation as prep
 from mio_jax.data import report, sources
 from mio_jax.data.store import ArrowStore
+from mio_jax.errors import InputError
 
 VERSION = 2  # 2: PartStats hold their counts as a DataSummary
 BATCH = 8192  # groups per record batch
@@ -64,7 +65,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache folder that cannot be used (the message names the file and what is wrong)."""
 
 

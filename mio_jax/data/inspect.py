@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mio_jax import errors
 from mio_jax.data import batching, pipeline
 from mio_jax.models.embedded import smollm2_gguf_path
 from mio_jax.models.tokenizer import load_tokenizer
@@ -186,8 +187,9 @@ def main(argv, flag_values: dict):
     del argv
     config = flag_values["config"].value
     data_config = config.data if "data" in config else config
-    tokenizer = load_tokenizer_for(config, flag_values["tokenizer"].value)
-    prepared = pipeline.prepare(data_config, tokenizer, split=flag_values["split"].value)
+    with errors.input_errors_in_one_line():  # a bad row or a missing file: one line, exit 2
+        tokenizer = load_tokenizer_for(config, flag_values["tokenizer"].value)
+        prepared = pipeline.prepare(data_config, tokenizer, split=flag_values["split"].value)
     print(
         report_text(
             prepared,
@@ -199,7 +201,12 @@ def main(argv, flag_values: dict):
     )
 
 
-if __name__ == "__main__":
-    _FLAGS = _define_flags()
+def run() -> None:
+    """The ``mio-inspect-data`` command: ``python -m mio_jax.data.inspect``'s flags."""
+    flag_values = _define_flags()
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, _FLAGS))
+    app.run(lambda argv: main(argv, flag_values))
+
+
+if __name__ == "__main__":
+    run()

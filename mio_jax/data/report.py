@@ -9,6 +9,8 @@ import collections
 import dataclasses
 from typing import Any
 
+from mio_jax.errors import InputError
+
 # Reasons a row can be rejected (the keys of the counts).
 MALFORMED_JSON = "malformed_json"
 NOT_AN_OBJECT = "not_an_object"
@@ -37,7 +39,7 @@ TEMPLATE_PREFIX = "template_prompt_not_prefix"  # rendered prompt not a prefix o
 DUPLICATE_BOS = "duplicate_bos_removed"
 
 
-class BadRowError(ValueError):
+class BadRowError(InputError):
     """A row is unusable and the policy is on_bad_row="error"."""
 
 

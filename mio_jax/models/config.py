@@ -248,14 +248,19 @@ def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
                          f"(got float32; use {prefix}attention='xla' for float32)")
 
 
-def _validate_lora(cfg) -> None:
-    """``model.lora.*``: values in range, targets that parse, options that fit together."""
+def _validate_lora(cfg, defaults=None) -> None:
+    """``model.lora.*``: values in range, targets that parse, options that fit together; with
+    LoRA off, no other ``model.lora`` key changed from ``defaults`` (a LoRA setting given
+    without ``enabled=True`` would otherwise train every weight and write no adapter)."""
     c = cfg.model.lora
-    defaults = {"quantize": "none", "init_from": "", "base_adapters": ""}
     if not c.enabled:
-        for key, off in defaults.items():
-            if c[key] != off:
-                raise ConfigError(f"model.lora.{key}={c[key]!r} needs model.lora.enabled=True")
+        defaults = defaults or {"quantize": "none", "init_from": "", "base_adapters": ""}
+        for key in sorted(k for k in defaults if k != "enabled"):
+            if c.get(key) != defaults[key]:
+                raise ConfigError(
+                    f"model.lora.{key}={c[key]!r} is set but model.lora.enabled=False: LoRA is "
+                    f"off, so every weight would train and no adapter would be written; set "
+                    f"model.lora.enabled=True (or leave model.lora.{key} at {defaults[key]!r})")
         return
     try:  # structure only: the layer count is known once the model is read
         layers = c.layers_to_transform
@@ -265,9 +270,11 @@ def _validate_lora(cfg) -> None:
                            use_rslora=c.use_rslora, init=c.init)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if c.quantize not in lora_lib.QUANTIZE:
+    from mio_jax.models import quant  # lazy: gguf and qwix, read for a LoRA config only
+
+    if c.quantize not in quant.BASE_STORAGES:
         raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of "
-                          f"{list(lora_lib.QUANTIZE)}")
+                          f"{list(quant.BASE_STORAGES)}")
     if c.quantize == "gguf":
         path = str(cfg.model.path)
         if not (path == "smollm2" or path.endswith(".gguf")):
@@ -278,7 +285,7 @@ def _validate_lora(cfg) -> None:
                               "(model.lora.quantize='gguf'); use quantize='nf4' or 'none'")
 
 
-def validate_model_config(cfg, *, backend: str | None = None) -> None:
+def validate_model_config(cfg, *, backend: str | None = None, lora_defaults=None) -> None:
     """Checks the ``model`` section of a training config.
 
     Rules: ``check_compute_settings``; ``model.path`` set; ``model.logps_chunk_size >= 1``;
@@ -289,6 +296,8 @@ def validate_model_config(cfg, *, backend: str | None = None) -> None:
       cfg: the whole experiment config (reads ``cfg.model``).
       backend: the run's JAX backend; default ``jax.default_backend()`` (read only for
         cudnn attention).
+      lora_defaults: the ``model.lora`` section's defaults (the schema's); with LoRA off,
+        a key changed from them is refused.
 
     Raises:
       mio_jax.config.ConfigError: naming the key.
@@ -308,7 +317,7 @@ def validate_model_config(cfg, *, backend: str | None = None) -> None:
     except ValueError as e:
         raise ConfigError(f"model.completion_logits_fraction={m.completion_logits_fraction}: "
                           f"{e}") from e
-    _validate_lora(cfg)
+    _validate_lora(cfg, lora_defaults)
     if m.attention == "cudnn":
         if backend is None:
             import jax

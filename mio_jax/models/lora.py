@@ -44,8 +44,6 @@ HF_MODULES: dict[str, str] = {
 }
 ALL_LINEAR = tuple(PEFT_TARGETS)
 INITS = ("default", "gaussian")
-# How the frozen base is stored (model.lora.quantize; mio_jax.models.quant).
-QUANTIZE = ("none", "int8", "nf4", "gguf")
 RANK_AXIS = "lora_rank"  # logical axis of the rank dimension (replicated)
 
 

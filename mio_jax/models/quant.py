@@ -68,6 +68,9 @@ OUT = "out"  # the weight's output dim: shard like the weight's output logical a
 IN = "in"  # walks along the weight's input dim (block index, or element for int8)
 
 QWIX_KINDS = ("int8", "nf4")
+# The one list of how a LoRA run's frozen base is stored (``model.lora.quantize``): as
+# loaded, quantized by qwix's rules, or kept as the GGUF file's own blocks.
+BASE_STORAGES = ("none", *QWIX_KINDS, "gguf")
 
 
 @struct.dataclass
