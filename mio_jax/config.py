@@ -275,8 +275,10 @@ def describe_load_error(exc: BaseException, path: str, overrides: Sequence[str] 
     texts = [e.args[0] if e.args and isinstance(e.args[0], str) else str(e) for e in chain]
     text = (texts[-1].strip().splitlines() or [""])[0].split(" Other fields present")[0]
     if line is not None or isinstance(root, ImportError):
+        hint = ("; configs/common.py was removed: start from mio_jax.config.base_config()"
+                if isinstance(root, ImportError) and "'common'" in text else "")
         return f"experiment file {path}{f', line {line}' if line else ''}: " \
-               f"{type(root).__name__}: {text}"
+               f"{type(root).__name__}: {text}{hint}"
     if isinstance(root, AttributeError) and "get_config" in text:
         return f"experiment file {path} has no get_config(arg=None) function"
     if isinstance(root, KeyError):

@@ -2,7 +2,6 @@
 the shipped configs."""
 
 import glob
-import importlib
 import os
 import re
 import warnings
@@ -249,12 +248,12 @@ def _shipped():
 
 def test_every_shipped_config_loads_resolves_and_validates():
     files = {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.py"))}
-    # common.py is the deprecated alias; reproduce_pairs.py configures mio_jax.pairs.
-    assert files - {"common.py", "reproduce_pairs.py"} == {f for f, *_ in _shipped()}
+    # reproduce_pairs.py configures mio_jax.pairs.
+    assert files - {"reproduce_pairs.py"} == {f for f, *_ in _shipped()}
     for file, arg, devices, backend in _shipped():
         path = os.path.join(CONFIGS, file) + (f":{arg}" if arg else "")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", DeprecationWarning)  # none builds on configs/common.py
+            warnings.simplefilter("error", DeprecationWarning)  # none uses a deprecated API
             cfg = mio_config.load(path)
         resolved = mio_config.resolve(cfg)
         mio_config.validate(cfg, num_devices=devices, backend=backend)
@@ -313,30 +312,18 @@ def test_paper_lora_variants_train_adapters_on_the_base_and_refuse_what_does_not
         mio_config.load(os.path.join(CONFIGS, "paper.py:llama3_8b,mio,h100x1,lora,qlora"))
 
 
-def test_configs_common_is_a_deprecated_alias(tmp_path):
-    from configs import common
-
-    with pytest.warns(DeprecationWarning, match="mio_jax.config.base_config"):
-        old = common.base_config()
-    assert old.to_dict() == mio_config.base_config().to_dict()
-    # an old experiment file keeps working (from the checkout)
+def test_an_old_experiment_file_on_configs_common_names_what_replaced_it(tmp_path):
+    """configs/common.py (deprecated for a release) is gone: an old experiment file run from
+    the checkout fails in one line that says where to start instead."""
     exp = tmp_path / "old_style.py"
     exp.write_text("from configs import common\n\n\ndef get_config(arg=None):\n"
-                   "    c = common.base_config()\n    c.loss.name = 'dpo'\n    return c\n")
-    with pytest.warns(DeprecationWarning):
-        cfg = mio_config.load(str(exp))
-    mio_config.validate(cfg, num_devices=1)
-    assert mio_config.resolve(cfg).loss.label_smoothing == 0.0
-
-
-def test_config_validation_is_a_deprecated_shim():
-    import mio_jax.config_validation as shim
-
-    with pytest.warns(DeprecationWarning, match="use mio_jax.config"):
-        shim = importlib.reload(shim)
-    for name in ("ConfigError", "validate", "loss_names", "reasoning_tasks", "as_dict",
-                 "check_keys_and_types", "REFERENCE_MODES"):
-        assert getattr(shim, name) is getattr(mio_config, name), name
+                   "    return common.base_config()\n")
+    with pytest.raises(Exception) as info:
+        mio_config.load(str(exp))
+    text = mio_config.describe_load_error(info.value, str(exp))
+    assert text.startswith(f"experiment file {exp}, line 1: ImportError: cannot import name "
+                           "'common'"), text
+    assert text.endswith("start from mio_jax.config.base_config()"), text
 
 
 def test_helpers():

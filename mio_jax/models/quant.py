@@ -48,7 +48,6 @@ quantization. Four things are done here instead:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +58,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
-from qwix._src.core import numerics as qwix_numerics
 
 from mio_jax.sharding import logical_to_spec
 
@@ -213,10 +211,14 @@ def _dequantize_nf4(qw: QuantizedWeight) -> jax.Array:
     return values.reshape(*scale.shape[:-1], qw.in_features)
 
 
-@functools.cache
-def _nf4_table() -> tuple[float, ...]:
-    with jax.ensure_compile_time_eval():  # may first be called while tracing
-        return tuple(float(v) for v in np.asarray(qwix_numerics.get_nf4_buckets(), np.float32))
+# The 4-bit NormalFloat codebook of QLoRA (Dettmers et al. 2023, arXiv 2305.14314): the
+# quantiles of N(0, 1) scaled to [-1, 1], with an exact zero. qwix quantizes with the same
+# 16 values (tests/models/test_quant.py checks it against qwix's own table).
+NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0)
 
 
 def _nf4_values(codes):
@@ -226,7 +228,7 @@ def _nf4_values(codes):
     an explicit output sharding in current JAX, while selects are elementwise and keep
     the codes' sharding (and fuse into the consumer on GPU).
     """
-    level = [jnp.float32(v) for v in _nf4_table()]
+    level = [jnp.float32(v) for v in NF4_CODEBOOK]
     for bit in range(4):
         is_set = ((codes >> bit) & 1).astype(jnp.bool_)
         level = [jnp.where(is_set, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]

@@ -208,3 +208,12 @@ def test_sharded_fields_dequantize_like_unsharded(kind):
     out = jax.jit(lambda q: q.dequantize(jnp.float32),
                   out_shardings=NamedSharding(mesh, P("x", "y")))(sharded)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(qw.dequantize(jnp.float32)))
+
+
+def test_the_nf4_codebook_is_qwixs():
+    """quant.NF4_CODEBOOK (QLoRA's 16 NormalFloat values, written out) equals the table
+    qwix quantizes with, so a base quantized by qwix decodes to qwix's own dequantize."""
+    from qwix._src.core import numerics  # a test may read qwix's private table
+
+    want = np.asarray(numerics.get_nf4_buckets(), np.float32)
+    np.testing.assert_array_equal(np.asarray(quant.NF4_CODEBOOK, np.float32), want)
