@@ -186,12 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use = {"auto": None, "mio_jax": True, "stream": False}[args.exporter]
     try:
-        with errors.input_errors_in_one_line():
-            out = convert(args.src, args.dst, dtype=args.dtype,
-                          max_shard_size=args.max_shard_size, use_exporter=use, fmt=args.format)
-    except (ValueError, RuntimeError) as e:  # e.g. a checkpoint with no model in it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      use_exporter=use, fmt=args.format)
+    except (*errors.INPUT_ERRORS, ValueError, RuntimeError) as e:  # e.g. an empty checkpoint
+        return errors.report(e)
     print(f"wrote {out}")
     return 0
 

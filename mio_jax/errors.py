@@ -45,6 +45,15 @@ def describe(error: BaseException) -> str:
     return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
 
 
+def report(error: BaseException) -> int:
+    """Prints an input error as one ``error:`` line (its traceback first with
+    ``MIO_TRACEBACK=1``); returns the exit status, 2."""
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        traceback.print_exception(error)
+    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
+    return 2
+
+
 @contextlib.contextmanager
 def input_errors_in_one_line() -> Iterator[None]:
     """Around a tool's work: an ``INPUT_ERRORS`` exception becomes one ``error:`` line and
@@ -52,6 +61,4 @@ def input_errors_in_one_line() -> Iterator[None]:
     try:
         yield
     except INPUT_ERRORS as e:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            traceback.print_exc()
-        fail(describe(e))
+        sys.exit(report(e))
