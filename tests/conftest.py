@@ -32,6 +32,17 @@ def pytest_configure(config):
         "must hold on any CPU; .ci/run also runs them under XLA_FLAGS=--xla_cpu_max_isa=AVX2")
 
 
+# The longest test files first: the two pytest-xdist workers take whole files in this
+# order, so the long ones do not start last and leave one worker running alone at the end.
+LONGEST_FIRST = ("test_multiprocess.py", "test_online.py", "test_lora.py", "test_gcs.py",
+                 "test_train.py", "test_train_golden.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
+
+
 @pytest.fixture
 def x64():
     """Runs a test with float64 enabled, restoring the previous setting."""

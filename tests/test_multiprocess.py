@@ -116,8 +116,8 @@ FEATURES = {
 
 # The default suite runs the pod of 2 processes with the shared-prompt layout and reasoning
 # eval; the others (4 processes, tensor parallelism over processes, QLoRA: 35-90 s each on
-# 2 cores) run with -m slow. The K-way test below covers the precomputed reference's
-# cross-process gather in the default suite.
+# 2 cores) run with -m slow. The online pod (tests/test_online.py) covers the precomputed
+# reference's cross-process gather in the default suite.
 SLOW_FEATURES = {"packed_precomputed_shuffled", "accumulated_reference_free_tensor2",
                  "qlora_nf4_dropout_tensor2"}
 
@@ -137,6 +137,7 @@ def test_pod_equals_one_process(feature, tiny, tmp_path, tiny_config, subprocess
         assert a["completions"] == b["completions"]
 
 
+@pytest.mark.slow  # about 40 s on 2 cores; the online pod gathers precomputed tables too
 def test_k_way_groups_with_precomputed_reference(kway_files, tmp_path, tiny_config,
                                                  subprocess_env):
     overrides = {"data.format": "kway", "data.kway_mode": "group", "data.num_negatives": 2,
@@ -211,6 +212,7 @@ def test_a_shard_unreadable_on_one_host_makes_all_fall_back_together(tiny, tmp_p
     _same_run(work, tmp_path / "one")
 
 
+@pytest.mark.slow  # one process's CheckpointMismatch: tests/test_checkpoint.py; the pod's
 def test_a_changed_state_stops_every_process_naming_the_difference(tiny, tmp_path,
                                                                    subprocess_env):
     overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0,

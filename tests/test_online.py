@@ -347,9 +347,11 @@ def test_online_lora_trains_the_adapters_with_the_base_as_reference(reference, t
 
 
 @pytest.mark.parametrize("rule,loss,extra", [
-    ("best_worst", "dpo", {}), ("best_worst", "rpo", {"loss.rpo_alpha": 1.0}),
+    ("best_worst", "dpo", {}),
+    pytest.param("best_worst", "rpo", {"loss.rpo_alpha": 1.0}, marks=pytest.mark.slow),
     ("group", "js_multi", {"data.kway_mode": "group", "data.num_negatives": 3}),
-    ("group", "infonce", {"data.kway_mode": "group", "data.num_negatives": 3})])
+    pytest.param("group", "infonce", {"data.kway_mode": "group", "data.num_negatives": 3},
+                 marks=pytest.mark.slow)])
 def test_every_pair_rule_trains_with_its_losses(rule, loss, extra, tiny, tiny_config, questions,
                                                 tmp_path):
     over = _overrides(questions, **{"online.rounds": 1, "online.pairs": rule, "loss.name": loss,
