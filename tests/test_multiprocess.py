@@ -212,7 +212,9 @@ def test_a_shard_unreadable_on_one_host_makes_all_fall_back_together(tiny, tmp_p
     _same_run(work, tmp_path / "one")
 
 
-@pytest.mark.slow  # one process's CheckpointMismatch: tests/test_checkpoint.py; the pod's
+# -m slow: one process's CheckpointMismatch is tests/test_checkpoint.py's, and the pod's
+# agreement on a restore outcome is the torn-shard test's above
+@pytest.mark.slow
 def test_a_changed_state_stops_every_process_naming_the_difference(tiny, tmp_path,
                                                                    subprocess_env):
     overrides = {"train.steps": 2, "checkpoint.every_steps": 2, "eval.every_steps": 0,
