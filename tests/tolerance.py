@@ -107,8 +107,8 @@ def metric_atol(key: str, row: dict, beta: float, updates: int) -> float | None:
         return norm_rtol(updates) * value
     if key == "learning_rate":  # the schedule in float32 from the step alone
         return 4 * U32 * value
-    # anything else continuous (WPO weights, reasoning accuracies as fractions of the same
-    # answers, ...) relatively, at the norms' allowance
+    # anything else continuous (WPO weights, an online round's statistics and log-ratios,
+    # ...): relatively at the norms' allowance, plus a reward-sized absolute term
     return norm_rtol(updates) * value + logp_atol(level, updates) * beta
 
 
