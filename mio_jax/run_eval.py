@@ -25,7 +25,8 @@ from mio_jax.data import pipeline as data_lib
 
 def device_batch(run: stages.Run, host: layouts.Batch,
                  table: reference_lib.ReferenceTable | None) -> layouts.Batch:
-    """A host batch -> the global device batch (precomputed reference log-probs filled in).
+    """A host batch -> the global device batch (precomputed reference log-probs filled in);
+    the train loop feeds its batches through it too.
 
     Raises:
       ValueError: a valid completion slot of an unshared batch has no completion token.

@@ -88,7 +88,8 @@ class Reference:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Everything the loop and ``evaluate`` read; built once by ``train_and_evaluate``."""
+    """Everything the loop, the evaluation (``run_eval``) and the export
+    (``run_model.export``) read; built once by ``train_and_evaluate``."""
 
     config: ml_collections.ConfigDict
     workdir: str
