@@ -423,7 +423,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         None checks the mesh's structure only.
       backend: the run's JAX backend ("cpu", "gpu", "tpu"); default: this process's.
     """
-    check_keys_and_types(cfg, base_config())
+    schema = base_config()
+    check_keys_and_types(cfg, schema)
     try:
         data_config.validate_data_config(cfg.data)
         data_config.validate_data_layout(cfg.data)
@@ -431,7 +432,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    validate_model_config(cfg, backend=backend, lora_defaults=base_config().model.lora)
+    validate_model_config(cfg, backend=backend, lora_defaults=schema.model.lora)
     reference.validate_reference_config(cfg)
     _validate_train(cfg)
     validate_loss_config(cfg)  # after the sections its cross-section rules read

@@ -33,9 +33,13 @@ INPUT_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryE
                 json.JSONDecodeError)
 
 
+def _say(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def fail(message: str) -> NoReturn:
     """Prints ``error: message`` to stderr and exits with status 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    _say(message)
     sys.exit(2)
 
 
@@ -50,7 +54,7 @@ def report(error: BaseException) -> int:
     ``MIO_TRACEBACK=1``); returns the exit status, 2."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         traceback.print_exception(error)
-    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
+    _say(describe(error))
     return 2
 
 

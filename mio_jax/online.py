@@ -49,7 +49,7 @@ from mio_jax import train as train_lib
 from mio_jax import verifiers
 from mio_jax.data import pipeline as data_lib
 from mio_jax.data import sources as data_sources
-from mio_jax.online_config import PAIR_RULES, REFERENCES, enabled, total_steps  # noqa: F401
+from mio_jax.online_config import PAIR_RULES, total_steps
 
 # ---- pure pieces -------------------------------------------------------------------------
 

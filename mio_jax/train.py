@@ -44,7 +44,7 @@ from mio_jax.reference_pass import precompute_table
 from mio_jax.run_eval import device_batch, evaluate
 from mio_jax.run_model import build_model, export
 # the stage types (public here too: the stages below take and return them)
-from mio_jax.stages import Data, Model, Reference, Run, Training, step_config  # noqa: F401
+from mio_jax.stages import Data, Model, Reference, Run, Training, step_config
 
 
 # --- stages -------------------------------------------------------------------------------

@@ -248,13 +248,12 @@ def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
                          f"(got float32; use {prefix}attention='xla' for float32)")
 
 
-def _validate_lora(cfg, defaults=None) -> None:
+def _validate_lora(cfg, defaults) -> None:
     """``model.lora.*``: values in range, targets that parse, options that fit together; with
     LoRA off, no other ``model.lora`` key changed from ``defaults`` (a LoRA setting given
     without ``enabled=True`` would otherwise train every weight and write no adapter)."""
     c = cfg.model.lora
     if not c.enabled:
-        defaults = defaults or {"quantize": "none", "init_from": "", "base_adapters": ""}
         for key in sorted(k for k in defaults if k != "enabled"):
             if c.get(key) != defaults[key]:
                 raise ConfigError(
@@ -285,7 +284,7 @@ def _validate_lora(cfg, defaults=None) -> None:
                               "(model.lora.quantize='gguf'); use quantize='nf4' or 'none'")
 
 
-def validate_model_config(cfg, *, backend: str | None = None, lora_defaults=None) -> None:
+def validate_model_config(cfg, *, lora_defaults, backend: str | None = None) -> None:
     """Checks the ``model`` section of a training config.
 
     Rules: ``check_compute_settings``; ``model.path`` set; ``model.logps_chunk_size >= 1``;
@@ -296,8 +295,8 @@ def validate_model_config(cfg, *, backend: str | None = None, lora_defaults=None
       cfg: the whole experiment config (reads ``cfg.model``).
       backend: the run's JAX backend; default ``jax.default_backend()`` (read only for
         cudnn attention).
-      lora_defaults: the ``model.lora`` section's defaults (the schema's); with LoRA off,
-        a key changed from them is refused.
+      lora_defaults: the ``model.lora`` section's defaults (the schema's,
+        ``base_config().model.lora``); with LoRA off, a key changed from them is refused.
 
     Raises:
       mio_jax.config.ConfigError: naming the key.
