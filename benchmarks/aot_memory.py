@@ -128,7 +128,7 @@ def _abstract_base(o_state, cfg, kind: str, mesh, rules):
     """The frozen LoRA base as abstract arrays, stored as ``adapters.load`` leaves it: every
     weight in the compute dtype, sharded by its logical axes; with ``kind`` int8 / nf4 the
     seven stacked linear rows are ``quant.QuantizedWeight``s of abstract fields (HF layout,
-    blocks of ``gcd(in, 64)`` as ``adapters.quantize_base`` picks), each field sharded as
+    blocks of ``gcd(in, 64)`` as ``quant.quantize_base`` picks), each field sharded as
     ``quant.place_quantized`` shards the concrete ones."""
     import math
 

@@ -163,7 +163,7 @@ def build_lora_model(a, workdir: str):
     mode); a random shape (``--mio_only``) is initialised and given the same adapter."""
     from mio_jax import config as mio_config
     from mio_jax import models
-    from mio_jax.models import adapters, peft_io
+    from mio_jax.models import adapters, peft_io, quant
 
     quantize = {"lora": "none"}.get(a.mode, a.mode)
     folder = os.path.join(workdir, "adapter")
@@ -180,7 +180,7 @@ def build_lora_model(a, workdir: str):
         adapters.set_adapters(model, start)
         graphdef, params, other = adapters.split(model)
         if quantize != "none":
-            other = adapters.quantize_base(other, cfg, quantize, None, None)
+            other = quant.quantize_base(other, cfg, quantize, None, None)
         return graphdef, params, other, cfg, folder
     structure = models.read_model_config(a.model_dir)
     cfg = models.read_model_config(a.model_dir, lora=lora_spec(structure.num_hidden_layers))
@@ -272,7 +272,7 @@ def run_case(a) -> dict:
     mio_ref = None
     if a.reference == "precomputed":  # the base's log-probs in the LoRA modes
         mio_ref = np.asarray(jax.jit(lambda p, o, x: train_step.reference_logps(
-            graphdef, p, o, x, cfg, adapters=not lora))(params, other, batch))
+            graphdef, p, o, x, cfg, view="base"))(params, other, batch))
         batch = batch.replace(ref_logps=mio_ref)
     del params  # the state holds the trainable weights (the frozen reference its own)
     if a.layout == "shared":  # the trainer's data.shared_prompt: each prompt runs once

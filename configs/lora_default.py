@@ -12,7 +12,7 @@ adapters on every linear weight, the base as the reference (one model in memory)
 import os
 
 from mio_jax import config as mio_config
-from mio_jax.models.quant import BASE_STORAGES
+from mio_jax.models.lora import BASE_STORAGES
 
 default = mio_config.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                               "default.py"))

@@ -259,7 +259,6 @@ class _Driver:
         self.step = int(jax.device_get(self.state.step))
         self.position = _RoundPosition(0)
         self.loop = train_lib.make_loop(run, training, self.step, self.position)
-        self.lora = run.model.config.lora is not None
         self.full = run.step_cfg.full_projection()
         self.jsonl_rows = evaluate_lib.jsonl_examples(self.o.jsonl) if self.o.jsonl else None
         self.restored = training.data_state if isinstance(training.data_state, dict) else None
@@ -337,10 +336,10 @@ class _Driver:
         rnd.split = data_lib.prepare(self.config.data, self.run.model.tokenizer,
                                      split="train", source=rnd.rows) if rnd.steps else None
 
-    def _table(self, rnd: _Round, name: str, params, adapters: bool, fingerprint: str):
+    def _table(self, rnd: _Round, name: str, params, view: str, fingerprint: str):
         return reference_pass.precompute_table(
             self.config, self.run.model, self.run.data.sharding, self.run.mesh, self.full,
-            rnd.split, name, params=params, adapters=adapters,
+            rnd.split, name, params=params, view=view,
             cache_dir=rnd.path(f"{name}_cache"), weights_fp=fingerprint)
 
     def reference(self, rnd: _Round) -> None:
@@ -348,10 +347,12 @@ class _Driver:
         state's adapters, off) or under the policy at the round's start."""
         if self.config.reference.mode != "precomputed":
             return
+        # "previous": the policy as the round starts; "initial": the initial model's base,
+        # a LoRA state's own weights with the adapters off or the frozen initial weights
         previous = self.o.reference == "previous"
-        rnd.ref_table = self._table(
-            rnd, "reference", self.state.params if previous or self.lora else self.initial_params,
-            previous or not self.lora, f"online round {rnd.r} reference {self.o.reference}")
+        params = self.state.params if self.initial_params is None else self.initial_params
+        rnd.ref_table = self._table(rnd, "reference", params, "policy" if previous else "base",
+                                    f"online round {rnd.r} reference {self.o.reference}")
 
     def train(self, rnd: _Round) -> None:
         """The round's steps, then its rows under the trained policy (policy_cache/)."""
@@ -365,7 +366,7 @@ class _Driver:
                                                     self.state, self.step, stop, it,
                                                     rnd.ref_table)
         self.loop.flush()
-        policy = self._table(rnd, "policy", self.state.params, True,
+        policy = self._table(rnd, "policy", self.state.params, "policy",
                              f"online round {rnd.r} policy after step {self.step}")
         rnd.metrics.update(logratio_metrics(policy, rnd.ref_table))
 

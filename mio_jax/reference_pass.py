@@ -20,17 +20,18 @@ from mio_jax.data import pipeline as data_lib
 
 
 def precompute_table(config, model: stages.Model, sharding, mesh, cfg: step_lib.StepConfig,
-                     split: data_lib.PreparedSplit, name: str, *, params, adapters: bool,
+                     split: data_lib.PreparedSplit, name: str, *, params, view: str,
                      cache_dir: str, weights_fp: str) -> reference_lib.ReferenceTable:
-    """Reference log-probs of one split under ``params`` (``adapters=False``: a LoRA
-    model's base): one unshuffled, unshared pass, cached under ``cache_dir`` by the
-    split's contents, ``weights_fp`` and the settings."""
+    """Reference log-probs of one split under ``params`` seen as ``view``
+    (``train_step.VIEWS``: "base" for the initial model, "policy" for a policy's own): one
+    unshuffled, unshared pass, cached under ``cache_dir`` by the split's contents,
+    ``weights_fp`` and the settings."""
     dcfg = config.data.copy_and_resolve_references()
     with dcfg.unlocked():  # the reference pass reads every group in the [B, K, L] layout
         dcfg.packing = False
         dcfg.shared_prompt = False
     ref_fn = jax.jit(functools.partial(step_lib.reference_logps, model.graphdef, cfg=cfg,
-                                       adapters=adapters))
+                                       view=view))
 
     def batches():
         return data_lib.make_pipeline(dcfg, model.tokenizer, split="eval",

@@ -21,7 +21,7 @@ from mio_jax import models
 from mio_jax import reference as reference_lib
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
-from mio_jax.models import adapters as adapters_lib
+from mio_jax.models import lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,7 @@ def step_config(config) -> step_lib.StepConfig:
                       else tuple(float(w) for w in config.loss.weights)),
         grad_accum_steps=int(config.train.grad_accum_steps),
         chunk_size=int(config.model.logps_chunk_size),
-        reference=("base" if config.reference.mode == "frozen" and adapters_lib.enabled(config)
+        reference=("base" if config.reference.mode == "frozen" and lora_lib.enabled(config)
                    else config.reference.mode),
         lengths=any(losses.spec(n).needs_lengths != "none" for n in names),
         ld_alpha=None if config.loss.ld_alpha is None else float(config.loss.ld_alpha),
@@ -121,5 +121,5 @@ def step_config(config) -> step_lib.StepConfig:
         max_tokens_fraction=(None if config.model.completion_logits_fraction is None
                              else float(config.model.completion_logits_fraction)),
         weight_norms=bool(config.log.weight_norms),
-        dropout_seed=(int(config.seed) if adapters_lib.enabled(config)
+        dropout_seed=(int(config.seed) if lora_lib.enabled(config)
                       and config.model.lora.dropout > 0 else None))

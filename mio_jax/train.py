@@ -141,14 +141,15 @@ def build_reference(config, workdir: str, model: Model, data: Data,
     if mode == "none":
         return Reference(consts)
     full = step_cfg.full_projection()
-    lora = model.config.lora is not None  # the reference is the base: adapters off
-    weights_fp = reference_lib.weights_fingerprint(model.other if lora else model.params)
+    # the initial model's base: a LoRA model's frozen weights (in ``other``), or the weights
+    base = model.other if model.config.lora is not None else model.params
+    weights_fp = reference_lib.weights_fingerprint(base)
     cache_dir = (paths.resolve(config.reference.cache_dir) if config.reference.cache_dir
                  else paths.join(workdir, "reference_cache"))
 
     def table(split, name):
         return precompute_table(config, model, data.sharding, mesh, full, split, name,
-                                params=model.params, adapters=not lora, cache_dir=cache_dir,
+                                params=model.params, view="base", cache_dir=cache_dir,
                                 weights_fp=weights_fp)
 
     train_table = table(data.train.prepared, "train")

@@ -71,9 +71,10 @@ class StepConfig:
       loss_weights: mix weights (None: all 1).
       grad_accum_steps: micro-batches per optimizer step (A).
       chunk_size: vocabulary chunk of the log-prob projection.
-      reference: "frozen" (a copy of the initial weights in ``StepConsts.ref_params``),
-        "base" (LoRA: the same base weights with the adapters off, no copy),
-        "precomputed" or "none".
+      reference: where the reference log-probs come from: "frozen" (a copy of the initial
+        weights in ``StepConsts.ref_params``), "base" (a LoRA model's own base: its
+        weights with the adapters off, no copy), "precomputed" (the batch's
+        ``ref_logps``) or "none" (reference-free losses).
       lengths: pass completion lengths to the loss (needed by length-normalised losses).
       ld_alpha: LD-DPO weight of tokens past the shorter completion (None: off).
       use_weighting: WPO weighting of each group's loss (TRL ``use_weighting``).
@@ -125,27 +126,35 @@ def projection_fits(cfg: StepConfig, mask_shape, row_counts) -> bool:
     return int(counts.max()) <= block
 
 
-def policy_logps(graphdef, params, other, batch: layouts.Batch,
-                 cfg: StepConfig, *, adapters: bool = True,
-                 dropout_key=None) -> layouts.SequenceLogps:
-    """Per-sequence log-probs, lengths and (WPO) weights of one batch under ``params``.
+# Which weights a forward pass runs: "policy", the model as it trains (a LoRA model with its
+# adapters on), or "base", the model without its adapters: a LoRA model's frozen base, which
+# is the reference under LoRA (a model without adapters is its own base).
+VIEWS = ("policy", "base")
 
-    ``adapters=False`` runs a LoRA model with its adapters off (the base);
-    ``dropout_key`` turns on LoRA dropout (training only)."""
+
+def policy_logps(graphdef, params, other, batch: layouts.Batch,
+                 cfg: StepConfig, *, view: str = "policy",
+                 dropout_key=None) -> layouts.SequenceLogps:
+    """Per-sequence log-probs, lengths and (WPO) weights of one batch under ``params``,
+    seen as ``view`` (one of ``VIEWS``); ``dropout_key`` turns on LoRA dropout (training
+    only)."""
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}: expected one of {VIEWS}")
     model = nnx.merge(graphdef, params, other)
     if hasattr(model, "set_adapters"):
-        model.set_adapters(adapters, dropout_key)
+        model.set_adapters(view == "policy", dropout_key)
     return layouts.sequence_logps(model, batch, chunk_size=cfg.chunk_size,
                                   completion_fraction=cfg.max_tokens_fraction,
                                   ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
 
 
 def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
-                    cfg: StepConfig, *, adapters: bool = True) -> jax.Array:
-    """Reference per-sequence log-prob sums ``[B, K]`` (no gradient); ``adapters=False``
-    for the base of a LoRA model."""
+                    cfg: StepConfig, *, view: str = "base") -> jax.Array:
+    """Reference per-sequence log-prob sums ``[B, K]`` (no gradient). The reference is a
+    base (a frozen copy of the initial weights, or a LoRA model's base) unless ``view`` is
+    "policy" (an online round's reference: the policy as the round started)."""
     seq = policy_logps(graphdef, jax.lax.stop_gradient(ref_params), other, batch,
-                       dataclasses.replace(cfg, use_weighting=False), adapters=adapters).logps
+                       dataclasses.replace(cfg, use_weighting=False), view=view).logps
     return jax.lax.stop_gradient(seq)
 
 
@@ -153,11 +162,9 @@ def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
                    cfg: StepConfig, dropout_key=None):
     """Weighted loss sum of one micro-batch, plus metric sums and the weight sum."""
     if cfg.reference in ("frozen", "base"):
-        if cfg.reference == "frozen":
-            ref_bk = reference_logps(graphdef, consts.ref_params, consts.other, batch, cfg)
-        else:  # LoRA: the same base, adapters off; no second copy of any weight
-            ref_bk = reference_logps(graphdef, params, consts.other, batch, cfg,
-                                     adapters=False)
+        # "base": a LoRA model's own weights with the adapters off, no second copy of any
+        ref_bk = reference_logps(graphdef, consts.ref_params if cfg.reference == "frozen"
+                                 else params, consts.other, batch, cfg)
         # The reference forward runs to completion before the policy forward starts, so
         # its temporaries are freed before the policy's saved activations pile up (left to
         # the scheduler, the two can overlap and add up at the memory peak).

@@ -19,7 +19,6 @@ from mio_jax import evaluate, losses, models, train
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
 from mio_jax.models import adapters, lora, peft_io
-from mio_jax.models.config import ModelConfig
 
 LORA = {"model.lora.enabled": True, "model.lora.rank": 4, "model.lora.alpha": 8.0}
 BETA, LR = 0.1, 1e-3  # configs/tiny_test.py's loss.beta and optim.learning_rate
@@ -97,7 +96,7 @@ def test_the_base_reference_equals_the_frozen_copy_of_the_base(tiny, tmp_path, t
     full = _stages(tiny_config(*tiny), str(tmp_path / "f"))
     with jax.set_mesh(mesh):
         base_ref = jax.jit(lambda p, o, b: step_lib.reference_logps(
-            model.graphdef, p, o, b, cfg, adapters=False))(params, model.other, batch)
+            model.graphdef, p, o, b, cfg, view="base"))(params, model.other, batch)
         policy = jax.jit(lambda p, o, b: step_lib.policy_logps(
             model.graphdef, p, o, b, cfg).logps)(params, model.other, batch)
         frozen = jax.jit(lambda p, o, b: step_lib.reference_logps(
@@ -116,7 +115,7 @@ def test_every_loss_at_init_equals_the_full_model_at_init(tiny, tmp_path, tiny_c
         lora_pol = jax.jit(lambda p, o, b: step_lib.policy_logps(
             model.graphdef, p, o, b, cfg).logps)(model.params, model.other, batch)
         lora_ref = jax.jit(lambda p, o, b: step_lib.reference_logps(
-            model.graphdef, p, o, b, cfg, adapters=False))(model.params, model.other, batch)
+            model.graphdef, p, o, b, cfg, view="base"))(model.params, model.other, batch)
         full_pol = jax.jit(lambda p, o, b: step_lib.policy_logps(
             full[1].graphdef, p, o, b, full[2]).logps)(full[1].params, full[1].other, full[4])
     np.testing.assert_array_equal(np.asarray(lora_pol), np.asarray(full_pol))

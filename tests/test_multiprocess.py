@@ -93,8 +93,11 @@ def kway_files(tiny, tmp_path_factory):
 
 
 FEATURES = {
-    # frozen reference; shared prompt rows, completion-only projection, bucketing; shuffled;
-    # held-out reasoning accuracy by greedy generation at each eval
+    # frozen reference; shared prompt rows, completion-only projection, bucketing; shuffled
+    "shared_bucketed_frozen": (2, 4, {
+        "data.shared_prompt": True, "model.completion_logits_fraction": 0.9,
+        "data.bucketing": True, "data.pad_to_multiple_of": 8}),
+    # the same with held-out reasoning accuracy by greedy generation at each eval
     "shared_bucketed_frozen_reasoning": (2, 4, {
         "data.shared_prompt": True, "model.completion_logits_fraction": 0.9,
         "data.bucketing": True, "data.pad_to_multiple_of": 8,
@@ -114,12 +117,12 @@ FEATURES = {
 }
 
 
-# The default suite runs the pod of 2 processes with the shared-prompt layout and reasoning
-# eval; the others (4 processes, tensor parallelism over processes, QLoRA: 35-90 s each on
-# 2 cores) run with -m slow. The online pod (tests/test_online.py) covers the precomputed
-# reference's cross-process gather in the default suite.
-SLOW_FEATURES = {"packed_precomputed_shuffled", "accumulated_reference_free_tensor2",
-                 "qlora_nf4_dropout_tensor2"}
+# The default suite runs the pod of 2 processes with the shared-prompt layout; the others
+# (reasoning eval, 4 processes, tensor parallelism over processes, QLoRA: 35-90 s each on
+# 2 cores) run with -m slow. The online pod (tests/test_online.py) covers, in the default
+# suite, the precomputed reference's cross-process gather and the reasoning eval of a pod.
+SLOW_FEATURES = {"shared_bucketed_frozen_reasoning", "packed_precomputed_shuffled",
+                 "accumulated_reference_free_tensor2", "qlora_nf4_dropout_tensor2"}
 
 
 @pytest.mark.parametrize("feature", [
@@ -194,18 +197,18 @@ def _process_files(step_dir, index):
 
 def test_a_shard_unreadable_on_one_host_makes_all_fall_back_together(tiny, tmp_path, tiny_config,
                                                                     subprocess_env):
-    overrides = {"train.steps": 6, "checkpoint.every_steps": 2, "eval.every_steps": 0}
+    overrides = {"train.steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0}
     work = tmp_path / "pod"
     _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
-    broken = _process_files(work / "checkpoints" / "6" / "state", 1)
-    assert broken, os.listdir(work / "checkpoints" / "6" / "state")
+    broken = _process_files(work / "checkpoints" / "4" / "state", 1)
+    assert broken, os.listdir(work / "checkpoints" / "4" / "state")
     for path in broken:  # only host 1's shard of the newest step is torn
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 3)
     before = sorted(os.listdir(work / "checkpoints"))
     shutil.rmtree(work / "hf_export")
     results = _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
-    assert "resumed from" in results[0].log and "at step 4" in results[0].log
+    assert "resumed from" in results[0].log and "at step 2" in results[0].log
     assert "unreadable on process(es) [1]" in results[0].log
     assert sorted(os.listdir(work / "checkpoints")) == before  # nothing moved or deleted
     _one_process(tiny, tmp_path / "one", overrides, tiny_config)
@@ -266,9 +269,10 @@ def test_pod_processes_keep_the_other_xla_flags():
     assert env["JAX_PROCESS_ID"] == "1" and env["JAX_NUM_PROCESSES"] == "2"
 
 
-# both launchers hand over to the same local rehearsal; -m slow adds tpu_pod.sh's
-@pytest.mark.parametrize("script", ["slurm_gpu.sh",
-                                    pytest.param("tpu_pod.sh", marks=pytest.mark.slow)])
+# both launchers hand over to the same local rehearsal (the pods above test that
+# rehearsal); each launcher's own contract is checked with -m slow (about 20 s each)
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["slurm_gpu.sh", "tpu_pod.sh"])
 def test_launchers_rehearse_a_pod_on_this_machine(script, tiny, tmp_path, tiny_config,
                                                   subprocess_env):
     """MIO_LOCAL_PROCESSES runs the launcher's own contract with N local processes (SLURM's

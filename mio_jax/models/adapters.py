@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -24,16 +23,10 @@ from flax import nnx
 from mio_jax.errors import ConfigError
 from mio_jax.models import hf_io, peft_io, quant
 from mio_jax.models import lora as lora_lib
-from mio_jax.models.config import ModelConfig
 from mio_jax.models.llama import Decoder, dense_weight
-from mio_jax.models.weights import linear_specs, stacked_specs
+from mio_jax.models.weights import stacked_specs
 from mio_jax.reference import frozen_params
 
-
-
-def enabled(config) -> bool:
-    """Whether a training config trains LoRA adapters (``model.lora.enabled``)."""
-    return bool(config.model.lora.enabled)
 
 
 def spec_from_config(config, num_layers: int) -> lora_lib.LoraSpec | None:
@@ -59,7 +52,7 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
     m = config.model
     kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules,
               remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention=m.attention)
-    if not enabled(config):
+    if not lora_lib.enabled(config):
         return hf_io.load_pretrained(model_path, **kw)
     structure = hf_io.read_model_config(model_path)
     try:
@@ -81,7 +74,7 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
     # The base is never updated: keep it in the compute dtype (or quantized).
     base = frozen_params(base, m.dtype)
     if m.lora.quantize in quant.QWIX_KINDS:
-        base = quantize_base(base, model.cfg, m.lora.quantize, mesh, rules)
+        base = quant.quantize_base(base, model.cfg, m.lora.quantize, mesh, rules)
     nnx.replace_by_pure_dict(rest, base)
     model = nnx.merge(graphdef, adapters, rest)
     if start is not None:
@@ -108,20 +101,6 @@ def _check_same(spec: lora_lib.LoraSpec, found: lora_lib.LoraSpec, folder: str) 
         if want != got:
             raise ConfigError(f"model.lora.{key}={want!r} but the adapter in {folder} "
                               f"(model.lora.init_from) has {got!r}; set model.lora.{key} to match")
-
-
-def quantize_base(base: dict, cfg: ModelConfig, kind: str, mesh, rules) -> dict:
-    """``base`` with every stacked linear weight replaced by a ``quant.QuantizedWeight``
-    (HF layout ``[L, out, in]``), one row at a time, each field sharded like the weight."""
-    layers = dict(base["layers"])
-    for name, spec in linear_specs(cfg).items():
-        w = layers[name]
-        block = math.gcd(spec.hf_shape(cfg)[1], 64)  # NF4 blocks of 64 inputs (fewer if
-        fn = jax.jit(lambda x, spec=spec, block=block:  # the input width needs it)
-                     quant.quantize(jax.vmap(spec.to_hf)(x), kind, block_size=block))
-        layers[name] = quant.place_quantized(fn(w), spec, mesh, rules)
-        del w
-    return dict(base, layers=layers)
 
 
 def split(model: Decoder) -> tuple[Any, Any, Any]:

@@ -248,42 +248,6 @@ def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,
                          f"(got float32; use {prefix}attention='xla' for float32)")
 
 
-def _validate_lora(cfg, defaults) -> None:
-    """``model.lora.*``: values in range, targets that parse, options that fit together; with
-    LoRA off, no other ``model.lora`` key changed from ``defaults`` (a LoRA setting given
-    without ``enabled=True`` would otherwise train every weight and write no adapter)."""
-    c = cfg.model.lora
-    if not c.enabled:
-        for key in sorted(k for k in defaults if k != "enabled"):
-            if c.get(key) != defaults[key]:
-                raise ConfigError(
-                    f"model.lora.{key}={c[key]!r} is set but model.lora.enabled=False: LoRA is "
-                    f"off, so every weight would train and no adapter would be written; set "
-                    f"model.lora.enabled=True (or leave model.lora.{key} at {defaults[key]!r})")
-        return
-    try:  # structure only: the layer count is known once the model is read
-        layers = c.layers_to_transform
-        lora_lib.make_spec(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
-                           num_layers=(max(layers) + 1 if layers else 1),
-                           layers_to_transform=layers, dropout=c.dropout,
-                           use_rslora=c.use_rslora, init=c.init)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    from mio_jax.models import quant  # lazy: gguf and qwix, read for a LoRA config only
-
-    if c.quantize not in quant.BASE_STORAGES:
-        raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of "
-                          f"{list(quant.BASE_STORAGES)}")
-    if c.quantize == "gguf":
-        path = str(cfg.model.path)
-        if not (path == "smollm2" or path.endswith(".gguf")):
-            raise ConfigError(f"model.lora.quantize='gguf' keeps a GGUF file's blocks, but "
-                              f"model.path={path!r} is not a .gguf file (use 'nf4' or 'int8')")
-        if c.base_adapters:
-            raise ConfigError("model.lora.base_adapters cannot be merged into GGUF blocks "
-                              "(model.lora.quantize='gguf'); use quantize='nf4' or 'none'")
-
-
 def validate_model_config(cfg, *, lora_defaults, backend: str | None = None) -> None:
     """Checks the ``model`` section of a training config.
 
@@ -316,7 +280,7 @@ def validate_model_config(cfg, *, lora_defaults, backend: str | None = None) -> 
     except ValueError as e:
         raise ConfigError(f"model.completion_logits_fraction={m.completion_logits_fraction}: "
                           f"{e}") from e
-    _validate_lora(cfg, lora_defaults)
+    lora_lib.validate_section(cfg, lora_defaults)
     if m.attention == "cudnn":
         if backend is None:
             import jax

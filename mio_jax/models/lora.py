@@ -1,4 +1,7 @@
-"""LoRA adapters on the decoder's linear weights: which weights, their layout, init, delta.
+"""LoRA adapters on the decoder's linear weights: the ``model.lora`` config section and its
+check, which weights (PEFT's targets), their layout, init, low-rank update and merge.
+(Applying them to a whole decoder, load / split / merged, is ``lora_decoder``; PEFT folders
+are ``peft_io``.)
 
 An adapter on weight row ``name`` of the weight table (``q``, ``k``, ``v``, ``o``,
 ``gate``, ``up``, ``down``; PEFT calls them ``q_proj`` ... ``down_proj``) is a pair of
@@ -29,6 +32,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mio_jax.errors import ConfigError
+
 # PEFT module name -> our weight-table row, and back.
 PEFT_TARGETS: dict[str, str] = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -43,6 +48,9 @@ HF_MODULES: dict[str, str] = {
     "down": "model.layers.{i}.mlp.down_proj",
 }
 ALL_LINEAR = tuple(PEFT_TARGETS)
+# How a LoRA run's frozen base is stored (``model.lora.quantize``): as loaded, quantized by
+# qwix's rules (``quant.QWIX_KINDS``), or kept as the GGUF file's own blocks.
+BASE_STORAGES = ("none", "int8", "nf4", "gguf")
 INITS = ("default", "gaussian")
 RANK_AXIS = "lora_rank"  # logical axis of the rank dimension (replicated)
 
@@ -171,6 +179,59 @@ def make_spec(*, rank: int, alpha: float, target_modules, num_layers: int,
                               key=f"{prefix}target_modules")
     return LoraSpec(rank=rank, alpha=float(alpha), targets=targets, dropout=float(dropout),
                     use_rslora=bool(use_rslora), init=init, num_layers=num_layers)
+
+
+def enabled(config) -> bool:
+    """Whether a training config trains LoRA adapters (``model.lora.enabled``)."""
+    return bool(config.model.lora.enabled)
+
+
+def spec_from_config(config, num_layers: int) -> LoraSpec | None:
+    """The ``LoraSpec`` of ``config.model.lora`` for a model of ``num_layers`` layers
+    (None when LoRA is off). Raises ValueError naming the key."""
+    c = config.model.lora
+    if not c.enabled:
+        return None
+    layers = None if c.layers_to_transform is None else tuple(c.layers_to_transform)
+    return make_spec(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
+                     num_layers=num_layers, layers_to_transform=layers, dropout=c.dropout,
+                     use_rslora=c.use_rslora, init=c.init)
+
+
+def validate_section(cfg, defaults) -> None:
+    """``model.lora.*`` of a training config: values in range, targets that parse, options
+    that fit together; with LoRA off, no other ``model.lora`` key changed from ``defaults``
+    (a LoRA setting given without ``enabled=True`` would otherwise train every weight and
+    write no adapter).
+
+    Raises:
+      ConfigError naming the key.
+    """
+    c = cfg.model.lora
+    if not c.enabled:
+        for key in sorted(k for k in defaults if k != "enabled"):
+            if c.get(key) != defaults[key]:
+                raise ConfigError(
+                    f"model.lora.{key}={c[key]!r} is set but model.lora.enabled=False: LoRA is "
+                    f"off, so every weight would train and no adapter would be written; set "
+                    f"model.lora.enabled=True (or leave model.lora.{key} at {defaults[key]!r})")
+        return
+    try:  # structure only: the layer count is known once the model is read
+        layers = c.layers_to_transform
+        spec_from_config(cfg, max(layers) + 1 if layers else 1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if c.quantize not in BASE_STORAGES:
+        raise ConfigError(f"model.lora.quantize={c.quantize!r}; choose one of "
+                          f"{list(BASE_STORAGES)}")
+    if c.quantize == "gguf":
+        path = str(cfg.model.path)
+        if not (path == "smollm2" or path.endswith(".gguf")):
+            raise ConfigError(f"model.lora.quantize='gguf' keeps a GGUF file's blocks, but "
+                              f"model.path={path!r} is not a .gguf file (use 'nf4' or 'int8')")
+        if c.base_adapters:
+            raise ConfigError("model.lora.base_adapters cannot be merged into GGUF blocks "
+                              "(model.lora.quantize='gguf'); use quantize='nf4' or 'none'")
 
 
 def factor_axes(row_axes: tuple[str, ...], hf_axes: tuple[tuple[str, ...], ...]

@@ -59,16 +59,15 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from mio_jax.models.config import ModelConfig
+from mio_jax.models.weights import linear_specs
 from mio_jax.sharding import logical_to_spec
 
 # Field-dim labels (see `field_dims`).
 OUT = "out"  # the weight's output dim: shard like the weight's output logical axis
 IN = "in"  # walks along the weight's input dim (block index, or element for int8)
 
-QWIX_KINDS = ("int8", "nf4")
-# The one list of how a LoRA run's frozen base is stored (``model.lora.quantize``): as
-# loaded, quantized by qwix's rules, or kept as the GGUF file's own blocks.
-BASE_STORAGES = ("none", *QWIX_KINDS, "gguf")
+QWIX_KINDS = ("int8", "nf4")  # what ``quantize`` stores by qwix's rules
 
 
 @struct.dataclass
@@ -518,3 +517,18 @@ def place_quantized(qw, spec, mesh, rules):
         pspec = logical_to_spec(axes[key], rules, mesh, value.shape)
         fields[key] = jax.device_put(value, jax.sharding.NamedSharding(mesh, pspec))
     return qw.replace(fields=fields)
+
+
+def quantize_base(base: dict, cfg: ModelConfig, kind: str, mesh, rules) -> dict:
+    """A LoRA run's frozen ``base`` with every stacked linear weight replaced by a
+    ``QuantizedWeight`` of ``kind`` (``QWIX_KINDS``; HF layout ``[L, out, in]``), one row at
+    a time, each field sharded like the weight."""
+    layers = dict(base["layers"])
+    for name, spec in linear_specs(cfg).items():
+        w = layers[name]
+        block = math.gcd(spec.hf_shape(cfg)[1], 64)  # NF4 blocks of 64 inputs (fewer if
+        fn = jax.jit(lambda x, spec=spec, block=block:  # the input width needs it)
+                     quantize(jax.vmap(spec.to_hf)(x), kind, block_size=block))
+        layers[name] = place_quantized(fn(w), spec, mesh, rules)
+        del w
+    return dict(base, layers=layers)
