@@ -52,5 +52,5 @@ if [[ " $STAGES " == *" runs "* ]]; then
   done
 fi
 if [[ " $STAGES " == *" report "* ]]; then
-  $PY launch/online_report.py --runs="$OUT" --out=docs/results/online
+  $PY scripts/online_report.py --runs="$OUT" --out=docs/results/online
 fi

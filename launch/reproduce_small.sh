@@ -82,7 +82,7 @@ for stage in $STAGES; do
     eval)
       for m in $METHODS; do evaluate "$m" "$OUT/runs/$m/hf_export"; done ;;
     report)
-      $PY launch/reproduce_small_report.py --out_dir="$OUT" --results="$RESULTS" --methods="$METHODS" ;;
+      $PY scripts/reproduce_small_report.py --out_dir="$OUT" --results="$RESULTS" --methods="$METHODS" ;;
     *) echo "unknown stage $stage (pairs base_eval methods long seeds train eval report)" >&2; exit 2 ;;
   esac
 done

@@ -135,3 +135,14 @@ def test_imports_are_read_from_source(source, want, tmp_path):
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert _imports(str(path), "mio_jax.probe", known) == want
+
+
+def test_the_library_never_imports_its_test_harness():
+    """``mio_jax.testing`` (tiny artefacts, the GCS emulator, test verifiers) serves tests;
+    no module outside it imports it, so the library runs without its test dependencies."""
+    known, graph = _graph()
+    users = [f"{known[m]}:{line}" for m, imports in graph.items()
+             if not m.startswith("mio_jax.testing")
+             for name, line, _ in imports if name.startswith("mio_jax.testing")]
+    assert "mio_jax.testing.gcs_emulator" in known
+    assert not users, users

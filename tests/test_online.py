@@ -274,13 +274,13 @@ def test_plot_rounds_draws_each_runs_round_panels(uninterrupted, tmp_path):
 
 
 def test_study_report_tables_come_from_the_runs_files(uninterrupted, tmp_path):
-    # launch/online_report.py on two copies of the tiny run, the second without its own
+    # scripts/online_report.py on two copies of the tiny run, the second without its own
     # start eval (the study's later runs skip it and take the shared base_eval.json).
     import importlib.util
     import shutil
 
     spec = importlib.util.spec_from_file_location(
-        "online_report", os.path.join(REPO, "launch", "online_report.py"))
+        "online_report", os.path.join(REPO, "scripts", "online_report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     work, _ = uninterrupted

@@ -1,4 +1,4 @@
-"""``python -m mio_jax.gcs_emulator start ...``: ``gcp-storage-emulator`` with GCS's
+"""``python -m mio_jax.testing.gcs_emulator start ...``: ``gcp-storage-emulator`` with GCS's
 object generations and preconditions, for tests (``mio_jax.testing.GcsEmulator``).
 
 The emulator keeps a generation per object but ignores the preconditions that name one

@@ -1,6 +1,6 @@
 """Report stage of launch/reproduce_small.sh: figures, results table and metrics of the runs.
 
-    python launch/reproduce_small_report.py --out_dir=workdirs/reproduce_small \
+    python scripts/reproduce_small_report.py --out_dir=workdirs/reproduce_small \
         --results=docs/results/small --methods="mio dpo rpo js_multi infonce"
 
 Reads `<out_dir>/runs/<method>/metrics.jsonl`, `<out_dir>/eval/<name>.json`,

@@ -1,4 +1,6 @@
-"""Tiny real artefacts for tests: a model checkpoint, a tokenizer and preference data.
+"""The test harness of mio_jax (and of code built on it), outside the library's core: no
+library module imports it. Tiny real artefacts: a model checkpoint, a tokenizer and preference
+data; a GCS emulator (``gcs_emulator``); verifiers for online-training tests.
 
 Everything is real: a randomly initialised 2-layer Llama written as a Hugging Face
 folder by the models exporter, a character-level BPE tokenizer with a ChatML template,
@@ -79,7 +81,7 @@ def tiny_setup(tmp_path, n_train: int = 64, n_eval: int = 16):
 class GcsEmulator:
     """A real local GCS server (``gcp-storage-emulator``, in-memory) for ``gs://`` tests.
 
-    Starts ``python -m mio_jax.gcs_emulator`` (the emulator with GCS's generation
+    Starts ``python -m mio_jax.testing.gcs_emulator`` (the emulator with GCS's generation
     preconditions, which tensorstore needs from the second checkpoint of a process on) on
     127.0.0.1 and sets, in ``os.environ`` (and in ``env`` for child processes), the
     variables the clients honour:
@@ -103,7 +105,7 @@ class GcsEmulator:
                     "GOOGLE_CLOUD_PROJECT": "mio-test"}
         self._log = open(log_path or os.devnull, "wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mio_jax.gcs_emulator", "start", "--host=127.0.0.1",
+            [sys.executable, "-m", "mio_jax.testing.gcs_emulator", "start", "--host=127.0.0.1",
              f"--port={self.port}", "--in-memory", f"--default-bucket={bucket}"],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
