@@ -259,7 +259,7 @@ class _Driver:
         self.step = int(jax.device_get(self.state.step))
         self.position = _RoundPosition(0)
         self.loop = train_lib.make_loop(run, training, self.step, self.position)
-        self.full = run.step_cfg.full_projection()
+        self.full_projection_cfg = run.step_cfg.full_projection()
         self.jsonl_rows = evaluate_lib.jsonl_examples(self.o.jsonl) if self.o.jsonl else None
         self.restored = training.data_state if isinstance(training.data_state, dict) else None
         self.logged = _logged_rounds(run.workdir)  # process 0's view; decisions are agreed
@@ -338,8 +338,8 @@ class _Driver:
 
     def _table(self, rnd: _Round, name: str, params, view: str, fingerprint: str):
         return reference_pass.precompute_table(
-            self.config, self.run.model, self.run.data.sharding, self.run.mesh, self.full,
-            rnd.split, name, params=params, view=view,
+            self.config, self.run.model, self.run.data.sharding, self.run.mesh,
+            self.full_projection_cfg, rnd.split, name, params=params, view=view,
             cache_dir=rnd.path(f"{name}_cache"), weights_fp=fingerprint)
 
     def reference(self, rnd: _Round) -> None:
@@ -376,7 +376,7 @@ class _Driver:
         self.loop.save_now(self.step, self.state)
         every = self.o.eval_every_rounds
         due = every and ((rnd.r + 1) % every == 0 or rnd.r + 1 == self.o.rounds)
-        held_out = run_eval.evaluate(self.run, self.state.params, self.step) if due else {}
+        held_out = run_eval.held_out_metrics(self.run, self.state.params, self.step) if due else {}
         done = {"round": rnd.r, "start_step": rnd.start["start_step"], "end_step": self.step,
                 "rows": len(rnd.rows), "steps": rnd.steps, **rnd.metrics,
                 "train": self.loop.last_train_metrics() if rnd.steps else {},

@@ -46,7 +46,7 @@ def _eval_fn(graphdef, cfg: step_lib.StepConfig):
                                      cfg=cfg.full_projection()))
 
 
-def evaluate(run: stages.Run, params, step: int) -> dict[str, float]:
+def held_out_metrics(run: stages.Run, params, step: int) -> dict[str, float]:
     """Eval metrics of ``params`` at ``step``: weighted means of the preference metrics
     over the eval split and, with ``eval.reasoning_tasks``, held-out reasoning accuracy."""
     out = _preference_eval(run, params)

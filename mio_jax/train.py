@@ -41,7 +41,7 @@ from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
 from mio_jax.periodic import Preempted  # noqa: F401  (public: raised by train_and_evaluate)
 from mio_jax.reference_pass import precompute_table
-from mio_jax.run_eval import device_batch, evaluate
+from mio_jax.run_eval import device_batch, held_out_metrics
 from mio_jax.run_model import build_model, export
 # the stage types (public here too: the stages below take and return them)
 from mio_jax.stages import Data, Model, Reference, Run, Training, step_config
@@ -252,7 +252,8 @@ def make_loop(run: Run, training: Training, step: int, data_iterator) -> Loop:
                                        every=config.checkpoint.every_steps,
                                        data_iterator=data_iterator,
                                        config=mio_config.as_dict(config), window=window)
-    evals = periodic.Evals(functools.partial(evaluate, run), every=config.eval.every_steps,
+    evals = periodic.Evals(functools.partial(held_out_metrics, run),
+                           every=config.eval.every_steps,
                            total_steps=total, writer=writer, window=window)
     return Loop(writer, progress, window, checkpoints, evals, _Steps(run, training))
 

@@ -52,7 +52,8 @@ class StepConsts:
     """What the step reads but never updates.
 
     Attributes:
-      other: the model's non-trainable nnx state (pure dict; empty for our decoders).
+      other: everything the optimizer does not update (pure dict; ``stages.Model.other``):
+        non-parameter state and, under LoRA, the whole frozen base (possibly quantized).
       ref_params: the frozen reference's weights (``reference.mode="frozen"``), else None.
     """
 
@@ -263,7 +264,7 @@ def train_step(state: TrainState, batch: layouts.Batch, consts: StepConsts, *, g
       state: the ``TrainState``.
       batch: a typed batch (``mio_jax.layouts``); ``ref_logps`` set for a precomputed
         reference.
-      consts: ``StepConsts`` (non-trainable model state, frozen reference weights).
+      consts: ``StepConsts`` (the state that does not train, frozen reference weights).
       graphdef: the model's nnx GraphDef.
       tx: the optax transformation; schedule: its learning-rate schedule.
       cfg: ``StepConfig``.
