@@ -292,7 +292,7 @@ def dense_weight(spec: WeightSpec, cfg: ModelConfig, a, dt):
     return a.astype(dt)
 
 
-class _Adapters:
+class _LoraUpdates:
     """The LoRA updates of one layer: `add(row, x)` is `scale * dropout(x) @ A @ B`, or
     None when `row` carries no adapter (or adapters are off)."""
 
@@ -330,10 +330,10 @@ def _einsum_f32_out(eq, x, w):
 
 
 def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None,
-           adapters: _Adapters | None = None):
+           lora: _LoraUpdates | None = None):
     """One decoder layer. With `kv=(k_bksh, v_bksh)` (this layer's cache) the new keys
     and values are written at slots index..index+T-1 and attention runs over the whole
-    cache. `adapters` adds the LoRA updates of the rows that carry one.
+    cache. `lora` adds the LoRA updates of the rows that carry one.
 
     Returns (x_btd, (k, v)): this call's keys/values `[B, T, KV, hd]`, or with `kv` the
     updated cache.
@@ -341,7 +341,7 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     dt = jnp.dtype(cfg.dtype)
     specs = stacked_specs(cfg)
     w = {n: dense_weight(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
-    lora = adapters or _Adapters(cfg, p, None, False)
+    lora = lora or _LoraUpdates(cfg, p, None, False)
     eps = cfg.rms_norm_eps
     # Training keeps jnp.einsum (its backward's dtypes are chosen in the custom VJPs).
     mm = jnp.einsum if kv is None else _einsum_f32_out
@@ -513,8 +513,8 @@ class Decoder(nnx.Module):
         cfg, rules, on = self.cfg, self.rules, self._lora_on()
 
         def layer(x, p, kv):
-            adapters = _Adapters(cfg, p, p.get("_lora_key"), on)
-            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index, adapters)
+            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index,
+                          _LoraUpdates(cfg, p, p.get("_lora_key"), on))
 
         return layer
 
