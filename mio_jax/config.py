@@ -210,6 +210,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8
     c.eval.max_batches = 0               # 0 = the whole eval split; < 0 = no eval
     c.eval.at_start = False              # also evaluate the initial model (step 0)
+    # Probe pairs: fixed held-out preference rows (a JSONL in the data format) whose
+    # chosen / rejected log-ratios and log-probs are logged at every eval as probe/*
+    # ("" = none): they show the chosen likelihood falling on pairs it never trained on.
+    c.eval.probe_path = ""
     # Held-out reasoning accuracy by greedy generation at each eval (mio_jax.evaluate):
     # comma-separated reasoning-gym tasks ("" = off), problems per task (item seeds
     # from 1e9 on, disjoint from training data), new tokens per answer.

@@ -48,9 +48,26 @@ def _eval_fn(graphdef, cfg: step_lib.StepConfig):
 
 def held_out_metrics(run: stages.Run, params, step: int) -> dict[str, float]:
     """Eval metrics of ``params`` at ``step``: weighted means of the preference metrics
-    over the eval split and, with ``eval.reasoning_tasks``, held-out reasoning accuracy."""
+    over the eval split, the probe pairs' (``probe/*``) and, with
+    ``eval.reasoning_tasks``, held-out reasoning accuracy."""
     out = _preference_eval(run, params)
+    out.update(_probe_metrics(run, params))
     out.update(_reasoning_eval(run, params, step))
+    return out
+
+
+def _probe_metrics(run: stages.Run, params) -> dict[str, float]:
+    """The probe pairs' preference metrics as ``probe/<metric>``, with their mean
+    log-ratios ``probe/logratio/chosen`` and ``probe/logratio/rejected`` (policy minus
+    reference log-prob: the rewards over beta) when the loss has a reference."""
+    if run.data.probe_split is None:
+        return {}
+    metrics = _preference_eval(run, params, run.data.probe_split, run.reference.probe_table)
+    out = {f"probe/{k}": v for k, v in metrics.items()}
+    if run.step_cfg.reference != "none":
+        for side in ("chosen", "rejected"):
+            if f"rewards/{side}" in metrics:
+                out[f"probe/logratio/{side}"] = metrics[f"rewards/{side}"] / run.step_cfg.beta
     return out
 
 

@@ -53,13 +53,15 @@ class Data:
     """Attributes: train (the train ``PreferenceIterator``; None when a caller feeds its own
     batches to ``run_steps``, as the online rounds do), eval_split (the prepared eval split
     or None), total_steps, sharding (of every batch field, on its leading axis),
-    row_multiple (packed rows per process are a multiple of its data-parallel devices)."""
+    row_multiple (packed rows per process are a multiple of its data-parallel devices),
+    probe_split (the prepared probe pairs of ``eval.probe_path``, or None)."""
 
     train: data_lib.PreferenceIterator | None
     eval_split: data_lib.PreparedSplit | None
     total_steps: int
     sharding: jax.sharding.NamedSharding
     row_multiple: int
+    probe_split: data_lib.PreparedSplit | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +81,12 @@ class Training:
 @dataclasses.dataclass(frozen=True)
 class Reference:
     """Attributes: consts (what the step reads: the frozen weights when mode is "frozen"),
-    train_table / eval_table (precomputed log-probs of each split, or None)."""
+    train_table / eval_table / probe_table (precomputed log-probs of each split, or None)."""
 
     consts: step_lib.StepConsts
     train_table: reference_lib.ReferenceTable | None = None
     eval_table: reference_lib.ReferenceTable | None = None
+    probe_table: reference_lib.ReferenceTable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,4 +125,6 @@ def step_config(config) -> step_lib.StepConfig:
                              else float(config.model.completion_logits_fraction)),
         weight_norms=bool(config.log.weight_norms),
         dropout_seed=(int(config.seed) if lora_lib.enabled(config)
-                      and config.model.lora.dropout > 0 else None))
+                      and config.model.lora.dropout > 0 else None),
+        max_grad_norm=(float(config.optim.max_grad_norm) if config.optim.max_grad_norm
+                       and config.optim.max_grad_norm > 0 else None))

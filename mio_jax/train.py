@@ -75,14 +75,19 @@ def row_multiple(mesh) -> int:
 
 
 def build_data(config, tokenizer, mesh, workdir: str) -> Data:
-    """The train pipeline (this process's share of each global batch) and the eval split."""
+    """The train pipeline (this process's share of each global batch), the eval split and
+    the probe pairs."""
     cache_dir = data_cache_dir(config, workdir)
     train_split = data_lib.prepare(config.data, tokenizer, split="train", cache_dir=cache_dir)
     logging.info("train data: %s", train_split.summary)
-    eval_split = None
+    eval_split = probe_split = None
     if config.eval.max_batches >= 0 and config.data.eval_path:
         eval_split = data_lib.prepare(config.data, tokenizer, split="eval", cache_dir=cache_dir)
         logging.info("eval data: %s", eval_split.summary)
+    if config.eval.probe_path:  # held out like the eval split, read the same way
+        probe_split = data_lib.prepare(config.data, tokenizer, split="eval",
+                                       source=config.eval.probe_path, cache_dir=cache_dir)
+        logging.info("probe pairs: %s", probe_split.summary)
     steps_per_epoch = len(train_split.groups) // config.train.batch_size
     total_steps = (math.ceil(config.train.epochs * steps_per_epoch) if config.train.epochs > 0
                    else int(config.train.steps))
@@ -90,7 +95,8 @@ def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     train = data_lib.make_pipeline(config.data, tokenizer, split="train",
                                    batch_size=config.train.batch_size, seed=config.seed,
                                    prepared=train_split, row_multiple=rows)
-    return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), rows)
+    return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), rows,
+                probe_split)
 
 
 def init_or_restore(config, workdir: str, model: Model, data: Data, mesh) -> Training:
@@ -154,7 +160,8 @@ def build_reference(config, workdir: str, model: Model, data: Data,
 
     train_table = table(data.train.prepared, "train")
     eval_table = None if data.eval_split is None else table(data.eval_split, "eval")
-    return Reference(consts, train_table, eval_table)
+    probe_table = None if data.probe_split is None else table(data.probe_split, "probe")
+    return Reference(consts, train_table, eval_table, probe_table)
 
 
 # --- the loop -------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ class StepConfig:
         step each, ~0.5 % on an accelerator), so they are opt-in.
       dropout_seed: LoRA dropout's seed (its key is folded with the step and the
         micro-batch); None when the model has no dropout.
+      max_grad_norm: the optimizer's global-norm clip (None: no clip); the step reports
+        ``grad_clipped`` (1 when the gradient norm exceeded it), so a window's mean is the
+        fraction of its steps that were clipped.
     """
 
     loss_name: str | tuple[str, ...]
@@ -104,6 +107,7 @@ class StepConfig:
     max_tokens_fraction: float | None = None
     weight_norms: bool = False
     dropout_seed: int | None = None
+    max_grad_norm: float | None = None
 
     def full_projection(self) -> "StepConfig":
         """The same settings with the output projection on every position."""
@@ -272,7 +276,8 @@ def train_step(state: TrainState, batch: layouts.Batch, consts: StepConsts, *, g
     Returns:
       ``(new_state, metrics)``: scalar metrics (weighted means over the groups
       of the step, token counts as sums), including ``loss``, ``grad_norm`` and
-      ``learning_rate`` (``param_norm``, ``update_norm`` with ``cfg.weight_norms``).
+      ``learning_rate`` (``param_norm``, ``update_norm`` with ``cfg.weight_norms``;
+      ``grad_clipped`` with ``cfg.max_grad_norm``).
     """
     grads, (sums, counts, denom) = _accumulate(state.params, graphdef, consts, batch, cfg,
                                                state.step)
@@ -281,10 +286,13 @@ def train_step(state: TrainState, batch: layouts.Batch, consts: StepConsts, *, g
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _finish_metrics(sums, counts, denom)
+    grad_norm = optax.tree.norm(grads)
     metrics.update({
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
     })
+    if cfg.max_grad_norm is not None:
+        metrics["grad_clipped"] = (grad_norm > cfg.max_grad_norm).astype(jnp.float32)
     if cfg.weight_norms:
         metrics.update({"update_norm": optax.tree.norm(updates),
                         "param_norm": optax.tree.norm(params)})

@@ -256,3 +256,25 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(lora, tiny,
         applied = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")
         assert [c["completions"] for c in applied["completions"]] == \
             [c["completions"] for c in saved["completions"]]
+
+
+def test_probe_pairs_are_logged_at_every_eval(tiny, tmp_path, tiny_config):
+    """``eval.probe_path`` pointing at the eval split's own file: the probe/* metrics of
+    every eval row equal the eval split's (the same rows through the same evaluation),
+    and the log-ratios are the rewards over beta."""
+    cfg = tiny_config(*tiny, **{"eval.probe_path": tiny[2], "train.steps": 2,
+                                "eval.every_steps": 0, "eval.at_start": True,
+                                "reference.mode": "precomputed", "checkpoint.export_hf": False})
+    out = train.train_and_evaluate(cfg, str(tmp_path))
+    rows = _eval_rows(tmp_path)
+    assert sorted(rows) == [0, 2]
+    for row in rows.values():
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen",
+                    "rewards/margins", "num_groups"):
+            assert row[f"probe/{key}"] == row[key], key
+        for side in ("chosen", "rejected"):
+            assert row[f"probe/logratio/{side}"] == pytest.approx(row[f"rewards/{side}"] / BETA,
+                                                                  rel=1e-12)
+    assert rows[2]["probe/logratio/chosen"] != 0.0  # it trained
+    assert out["eval"]["probe/logps/chosen"] == rows[2]["logps/chosen"]
+    assert os.path.isdir(tmp_path / "reference_cache")

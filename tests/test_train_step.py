@@ -164,6 +164,18 @@ def test_weight_norms_are_the_norms_of_the_update_and_new_params():
     jax.tree.map(np.testing.assert_array_equal, params1, _run(_cfg(), BATCHES[:1])[0])
 
 
+def test_grad_clipped_reports_whether_the_norm_exceeded_the_clip():
+    """With ``max_grad_norm`` the step reports ``grad_clipped``: 1 exactly when the step's
+    gradient norm exceeds the clip; nothing else changes."""
+    _, base = _baseline()
+    norms = [h["grad_norm"] for h in base]
+    low, mid, high = sorted(norms)  # clips between them (far from rounding's reach)
+    for clip in (low / 2, (low + mid) / 2, (mid + high) / 2, high * 2):
+        _, hist = _run(_cfg(max_grad_norm=clip), BATCHES)
+        assert [h["grad_clipped"] for h in hist] == [float(n > clip) for n in norms]
+        assert [{k: v for k, v in h.items() if k != "grad_clipped"} for h in hist] == base
+
+
 def test_grad_accumulation_4x2_equals_one_batch_of_8():
     p1, h1 = _baseline()
     p4, h4 = _run(_cfg(grad_accum_steps=4), BATCHES)
