@@ -24,11 +24,12 @@ parameters.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
+from typing import Sequence
 
-from mio_jax import checkpoint, errors, models, paths
+from absl import flags
+
+from mio_jax import checkpoint, cli, errors, models, paths
 from mio_jax.models import (adapters, load_pretrained, peft_io, resolve_model_path,
                             save_pretrained)
 from mio_jax.models.gguf_io import open_gguf, read_gguf
@@ -39,6 +40,19 @@ __all__ = ["DTYPES", "checkpoint_location", "convert", "convert_checkpoint", "ma
            "write_hf_folder"]
 
 DTYPES = ("float32", "bfloat16")
+EXPORTERS = {"auto": None, "mio_jax": True, "stream": False}  # --exporter -> use_exporter
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("dtype", "float32", DTYPES, "stored weight dtype", flag_values=FLAGS)
+flags.DEFINE_string("max_shard_size", "2GB", "largest safetensors shard, e.g. 2GB, 500MiB",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("exporter", "auto", list(EXPORTERS),
+                  "mio_jax: load_pretrained+save_pretrained; stream: GGUF tensors straight to "
+                  "safetensors", flag_values=FLAGS)
+flags.DEFINE_enum("format", "hf", ["hf", "peft"],
+                  "hf: a full HF folder (a LoRA checkpoint merged in float32); peft: a LoRA "
+                  "checkpoint's adapter_model.safetensors + adapter_config.json",
+                  flag_values=FLAGS)
 
 
 def _is_hf_folder(path: str) -> bool:
@@ -170,24 +184,24 @@ def convert(src: str, dst: str, *, dtype: str = "float32", max_shard_size: str |
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m mio_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="a .gguf file, 'smollm2', an HF folder, or a training "
-                        "checkpoint (workdir, workdir/checkpoints, or checkpoints/<step>)")
-    parser.add_argument("dst", help="output HF folder (a local path or a URL: gs://...)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
-    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MiB")
-    parser.add_argument("--exporter", choices=("auto", "mio_jax", "stream"), default="auto",
-                        help="mio_jax: load_pretrained+save_pretrained; stream: GGUF tensors straight to safetensors")
-    parser.add_argument("--format", choices=("hf", "peft"), default="hf",
-                        help="hf: a full HF folder (a LoRA checkpoint merged in float32); "
-                        "peft: a LoRA checkpoint's adapter_model.safetensors + adapter_config.json")
-    args = parser.parse_args(argv)
-    use = {"auto": None, "mio_jax": True, "stream": False}[args.exporter]
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mio_jax.convert SRC DST [flags]`` (the ``mio-convert`` command); ``argv``:
+    the arguments after the program name (default: the command line's). Returns the exit
+    status."""
+    return cli.run(_convert, FLAGS, __doc__, argv)
+
+
+def _convert(args: list[str]) -> int:
+    """Converts ``SRC DST`` with the parsed flags; returns the exit status."""
+    if len(args) != 2:
+        errors.fail(f"expected SRC and DST, got {len(args)} argument(s): SRC is a .gguf file, "
+                    "'smollm2', an HF folder or a training checkpoint (workdir, "
+                    "workdir/checkpoints, or checkpoints/<step>); DST the output HF folder "
+                    "(a local path or a URL: gs://...)")
+    src, dst = args
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      use_exporter=use, fmt=args.format)
+        out = convert(src, dst, dtype=FLAGS.dtype, max_shard_size=FLAGS.max_shard_size,
+                      use_exporter=EXPORTERS[FLAGS.exporter], fmt=FLAGS.format)
     except (*errors.INPUT_ERRORS, ValueError, RuntimeError) as e:  # e.g. an empty checkpoint
         return errors.report(e)
     print(f"wrote {out}")
@@ -195,4 +209,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

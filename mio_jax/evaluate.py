@@ -16,12 +16,13 @@ so a trainer can call it with its own sampler every N steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from mio_jax import distributed, errors, models, paths, verifiers
+from absl import flags
+
+from mio_jax import cli, distributed, errors, models, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.data.sources import iter_jsonl
 from mio_jax.errors import ConfigError
@@ -33,6 +34,32 @@ Z95 = 1.959963984540054  # standard normal quantile at 0.975
 Messages = list[dict[str, str]]
 # A sampler maps chat prompts to one completion text each (the model, or a test's stand-in).
 Sampler = Callable[[Sequence[Messages]], list[str]]
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "HF folder or .gguf file (local or gs://...)",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("adapter", "", "PEFT LoRA folder applied to --model (e.g. a run's "
+                    "peft_adapter/)", flag_values=FLAGS)
+flags.DEFINE_multi_string("task", [], "reasoning-gym task (repeatable)", flag_values=FLAGS)
+flags.DEFINE_string("jsonl", None, "JSONL with question/answer rows instead of (or besides) "
+                    "tasks", flag_values=FLAGS)
+flags.DEFINE_string("verifier", None, "default: reasoning_gym for tasks, exact_number for "
+                    "--jsonl", flag_values=FLAGS)
+flags.DEFINE_string("task_config", "", "JSON kwargs of every --task's reasoning-gym config, "
+                    "e.g. '{\"max_digits\": 1}'", flag_values=FLAGS)
+flags.DEFINE_integer("num_examples", 100, "examples per task (and the first N of --jsonl)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "eval seed; item seeds start at 10**9 + seed", flag_values=FLAGS)
+flags.DEFINE_integer("samples", 1, "completions per example", flag_values=FLAGS)
+flags.DEFINE_integer("pass_k", 1, "k of pass@k (<= --samples)", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "top-k sampling (0: off)", flag_values=FLAGS)
+flags.DEFINE_string("system", DEFAULT_SYSTEM, "system prompt ('' for none)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 256, "longest completion", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 16, "prompts per generate call", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output JSON file (a local path or gs://...)",
+                    flag_values=FLAGS, required=True)
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -263,47 +290,34 @@ def evaluate(sampler: Sampler, examples: Sequence[Mapping[str, Any]], verifier: 
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point (see the module docstring)."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mio_jax.evaluate`` (the ``mio-evaluate`` command; see the module
+    docstring); ``argv``: the arguments after the program name (default: the command
+    line's)."""
     distributed.refuse_multi_process("mio_jax.evaluate")
-    ap = argparse.ArgumentParser(description="Evaluate a model on held-out verifiable tasks.")
-    ap.add_argument("--model", required=True, help="HF folder or .gguf file (local or gs://...)")
-    ap.add_argument("--adapter", default="",
-                    help="PEFT LoRA folder applied to --model (e.g. a run's peft_adapter/)")
-    ap.add_argument("--task", action="append", default=[], help="reasoning-gym task (repeatable)")
-    ap.add_argument("--jsonl", help="JSONL with question/answer rows instead of (or besides) tasks")
-    ap.add_argument("--verifier", default=None,
-                    help="default: reasoning_gym for tasks, exact_number for --jsonl")
-    ap.add_argument("--task_config", default="",
-                    help='JSON kwargs of every --task\'s reasoning-gym config, e.g. \'{"max_digits": 1}\'')
-    ap.add_argument("--num_examples", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0, help="eval seed; item seeds start at 10**9 + seed")
-    ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--pass_k", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=0)
-    ap.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none)")
-    ap.add_argument("--max_new_tokens", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--out", required=True, help="output JSON file (a local path or gs://...)")
-    args = ap.parse_args(argv)
-    if not args.task and not args.jsonl:
-        ap.error("give --task and/or --jsonl")
-    if args.pass_k > args.samples:
-        ap.error(f"--pass_k={args.pass_k} needs --samples >= pass_k")
-    if args.samples > 1 and args.temperature == 0.0:
-        ap.error("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    cli.run(_evaluate, FLAGS, __doc__, argv)
+
+
+def _evaluate(args: list[str]) -> None:
+    """Checks the parsed flags against each other, then evaluates."""
+    cli.expect_no_arguments(args)
+    if not FLAGS.task and not FLAGS.jsonl:
+        errors.fail("give --task and/or --jsonl")
+    if FLAGS.pass_k > FLAGS.samples:
+        errors.fail(f"--pass_k={FLAGS.pass_k} needs --samples >= pass_k")
+    if FLAGS.samples > 1 and FLAGS.temperature == 0.0:
+        errors.fail("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
     with errors.input_errors_in_one_line():  # a missing model, adapter or JSONL: one line
-        _run(args)
+        _run(FLAGS)
 
 
-def _run(args) -> None:
-    """Evaluates and writes the report of parsed ``main`` arguments."""
+def _run(args: flags.FlagValues) -> None:
+    """Evaluates and writes the report of the parsed flags ``args``."""
     sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                            adapter=args.adapter)
-    report: dict[str, Any] = {"args": vars(args), "eval_seed_base": EVAL_SEED_BASE, "results": {}}
+    report: dict[str, Any] = {"args": args.flag_values_dict(), "eval_seed_base": EVAL_SEED_BASE,
+                              "results": {}}
     task_config = parse_task_config(args.task_config)
     sources = [(t, heldout_examples(t, args.num_examples, args.seed, task_config), args.verifier or "reasoning_gym")
                for t in args.task]

@@ -1,4 +1,5 @@
-"""A pod rehearsed on one machine: N JAX processes on 127.0.0.1, D CPU devices each.
+"""A pod rehearsed on one machine: N JAX processes on 127.0.0.1, D CPU devices each, all
+running the command given after the flags (and ``--``).
 
 Every process gets the environment contract ``mio_jax.main`` reads on a real pod or
 cluster (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), plus
@@ -16,7 +17,6 @@ error that names the process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import signal
@@ -26,6 +26,21 @@ import sys
 import tempfile
 import time
 from typing import Callable, Mapping, Sequence
+
+from absl import flags
+
+from mio_jax import cli, errors
+
+FLAGS = flags.FlagValues()
+FLAGS.set_gnu_getopt(False)  # the flags come first: from the command on, nothing is ours
+flags.DEFINE_integer("num_processes", None, "N, processes of the pod", lower_bound=1,
+                     flag_values=FLAGS, required=True)
+flags.DEFINE_integer("devices_per_process", 1, "D, simulated CPU devices of each process",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("timeout", 24 * 3600.0, "seconds before every process still running is "
+                   "killed", flag_values=FLAGS)
+flags.DEFINE_string("log_dir", "", "folder of the process_<i>.log files (default: a "
+                    "temporary folder)", flag_values=FLAGS)
 
 
 def free_port() -> int:
@@ -156,23 +171,23 @@ def run(argv: Sequence[str], *, num_processes: int, devices_per_process: int,
     return pod.wait(timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_processes", type=int, required=True)
-    p.add_argument("--devices_per_process", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=24 * 3600.0)
-    p.add_argument("--log_dir", default="")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
-    a = p.parse_args(argv)
-    command = a.command[1:] if a.command[:1] == ["--"] else a.command
-    if not command or a.num_processes < 1 or a.devices_per_process < 1:
-        p.error("give --num_processes >= 1, --devices_per_process >= 1 and a command after --")
-    pod = LocalPod(command, num_processes=a.num_processes,
-                   devices_per_process=a.devices_per_process, log_dir=a.log_dir or None)
-    print(f"local pod: {a.num_processes} processes x {a.devices_per_process} devices; logs in "
-          f"{pod.log_dir}", flush=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mio_jax.local_pod --num_processes=N [flags] -- COMMAND ...``; ``argv``: the
+    arguments after the program name (default: the command line's). Returns the exit
+    status: 1 when the pod failed."""
+    return cli.run(_local_pod, FLAGS, __doc__, argv)
+
+
+def _local_pod(command: list[str]) -> int:
+    """Runs ``command`` as a pod of the parsed flags' shape; returns the exit status."""
+    if not command:
+        errors.fail("expected the command to run after the flags, e.g. -- python -m mio_jax.main")
+    pod = LocalPod(command, num_processes=FLAGS.num_processes,
+                   devices_per_process=FLAGS.devices_per_process, log_dir=FLAGS.log_dir or None)
+    print(f"local pod: {FLAGS.num_processes} processes x {FLAGS.devices_per_process} devices; "
+          f"logs in {pod.log_dir}", flush=True)
     try:
-        pod.wait(a.timeout)
+        pod.wait(FLAGS.timeout)
     except PodFailed as e:
         print(e, file=sys.stderr)
         return 1
@@ -181,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

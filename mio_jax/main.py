@@ -21,14 +21,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mio_jax import config as mio_config
-from mio_jax import distributed, errors, online, online_config, train
+from mio_jax import cli, distributed, errors, online, online_config, train
 
+FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Experiment file (configs/*.py or your own).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, export).")
+                                flag_values=FLAGS, lock_config=True)
+flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, export).",
+                    flag_values=FLAGS)
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: auto "
-                  "when SLURM/TPU multi-process variables are set).")
-flags.mark_flags_as_required(["config", "workdir"])
+                  "when SLURM/TPU multi-process variables are set).", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def _parse_flags(argv):
@@ -37,22 +39,20 @@ def _parse_flags(argv):
     path = given[-1].split(":", 1)[0] if given else ""
     if path and not os.path.isfile(path):
         errors.fail(f"experiment file {path!r} not found")
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001  (anything the experiment file raises)
-        keys = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config.")]
-        errors.fail(mio_config.describe_load_error(e, path, keys))
+    keys = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if a.startswith("--config.")]
+    return cli.parse(FLAGS, argv, doc=__doc__,
+                     describe=lambda e: mio_config.describe_load_error(e, path, keys))
 
 
 def main(argv):
     del argv
-    use = flags.FLAGS.distributed
+    use = FLAGS.distributed
     if distributed.multi_process_env() if use is None else use:
         distributed.initialize()  # before anything touches a device
     distributed.configure_logging()
     try:
-        mio_config.validate(flags.FLAGS.config, num_devices=jax.device_count())
-        config = mio_config.resolve(flags.FLAGS.config)
+        mio_config.validate(FLAGS.config, num_devices=jax.device_count())
+        config = mio_config.resolve(FLAGS.config)
     except mio_config.ConfigError as e:
         errors.fail(str(e))
     logging.info("versions: python %s, jax %s, flax %s, optax %s, orbax %s", sys.version.split()[0],
@@ -64,7 +64,7 @@ def main(argv):
         with errors.input_errors_in_one_line():  # a bad row, file or key: one line, exit 2
             # an online run's rounds build on the trainer's stages; main picks the driver
             driver = online if online_config.enabled(config) else train
-            result = driver.train_and_evaluate(config, flags.FLAGS.workdir)
+            result = driver.train_and_evaluate(config, FLAGS.workdir)
     except ValueError as e:  # not a known input error: where it came from, for bug reports
         logging.exception("run failed")
         errors.fail(f"{type(e).__name__}: {e}")

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 from absl import logging as absl_logging
 from tqdm import tqdm

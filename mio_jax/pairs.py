@@ -27,8 +27,9 @@ import runpy
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from absl import flags
 
-from mio_jax import distributed, errors, evaluate, paths, verifiers
+from mio_jax import cli, distributed, errors, evaluate, paths, verifiers
 from mio_jax.models import smollm2_gguf_path
 
 
@@ -56,6 +57,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.system = evaluate.DEFAULT_SYSTEM
     c.out = "pairs.jsonl"
     return c
+
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("config", "", "Python file whose get_config() sets any of the settings "
+                    "below; the flags given override it", flag_values=FLAGS)
+cli.define_from_defaults(default_config(), FLAGS, "a setting of default_config() (see the "
+                         "comments there)")
 
 
 def _message(text: str) -> list[dict[str, str]]:
@@ -232,36 +240,48 @@ def run(cfg: ml_collections.ConfigDict, sampler: evaluate.Sampler | None = None,
     return report
 
 
-def parse_config(argv: Sequence[str] | None = None) -> ml_collections.ConfigDict:
-    """`--config=FILE.py` (its `get_config()`), then `--key=value` flags, over the defaults."""
-    import argparse
+def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config of a command line (``argv``: the arguments after the program name)."""
+    return _config(cli.parse(FLAGS, ["mio_jax.pairs", *argv], doc=__doc__))
 
+
+def _config(args: list[str]) -> ml_collections.ConfigDict:
+    """The config of the parsed flags (``args``: the positional arguments, which must be
+    none): the defaults, then ``--config=FILE.py`` (its ``get_config()``), then the flags
+    given.
+
+    Raises:
+      mio_jax.errors.ConfigError: the file defines no ``get_config()`` or sets an unknown key.
+    """
+    cli.expect_no_arguments(args)
     cfg = default_config()
-    ap = argparse.ArgumentParser(description="Sample, verify and write on-policy preference rows.")
-    ap.add_argument("--config", default="", help="Python file with get_config()")
-    for k, v in cfg.items():
-        ap.add_argument(f"--{k}", type=type(v), default=None)
-    args = ap.parse_args(argv)
-    if args.config:
-        loaded = runpy.run_path(args.config)
+    if FLAGS.config:
+        loaded = runpy.run_path(FLAGS.config)
         if "get_config" not in loaded:
-            raise ValueError(f"{args.config}: defines no get_config()")
+            raise errors.ConfigError(f"{FLAGS.config}: defines no get_config()")
         for k, v in loaded["get_config"]().items():
             if k not in cfg:
-                raise ValueError(f"{args.config}: unknown pairs config key {k!r}; known: {sorted(cfg)}")
+                raise errors.ConfigError(f"{FLAGS.config}: unknown pairs config key {k!r}; "
+                                         f"known: {sorted(cfg)}")
             cfg[k] = v
     for k in cfg.keys():
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
+        if FLAGS[k].present:
+            cfg[k] = FLAGS[k].value
     return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point (see the module docstring)."""
+    """``python -m mio_jax.pairs`` (the ``mio-pairs`` command; see the module docstring);
+    ``argv``: the arguments after the program name (default: the command line's)."""
     distributed.refuse_multi_process("mio_jax.pairs")
-    cfg = parse_config(argv)
-    print(cfg)
-    with errors.input_errors_in_one_line():  # a bad model, JSONL or verifier: one line
+    cli.run(_pairs, FLAGS, __doc__, argv)
+
+
+def _pairs(args: list[str]) -> None:
+    """Builds and writes the rows of the parsed flags' config."""
+    with errors.input_errors_in_one_line():  # a bad config file, model, JSONL or verifier
+        cfg = _config(args)
+        print(cfg)
         report = run(cfg)
     s = report["stats"]
     print(f"{s['prompts']} prompts x {cfg.num_samples} samples: {s['correct']} correct, "

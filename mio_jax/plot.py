@@ -1,4 +1,5 @@
-"""Training curves of one or several runs from their `metrics.jsonl`, on one figure.
+"""Training curves of one or several runs from their `metrics.jsonl`, on one figure (the
+positional arguments are the runs' workdirs).
 
     python -m mio_jax.plot WORKDIR [WORKDIR ...] [--out=FILE.png]
 
@@ -20,13 +21,14 @@ training, and the held-out accuracy with its 95 % interval at the rounds it was 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
-from mio_jax import errors, paths
+from absl import flags
+
+from mio_jax import cli, errors, paths
 from mio_jax.data.sources import iter_jsonl
 
 PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -34,6 +36,11 @@ PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewa
 EVAL_ACCURACY = "eval accuracy"
 
 Series = dict[str, tuple[list[int], list[float]]]  # key -> (steps, values)
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("rounds", False, "per-round panels of online runs", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "PNG path (default: WORKDIR/curves.png, or rounds.png with "
+                    "--rounds, of the first run)", flag_values=FLAGS)
 
 
 def read_metrics(workdir: str) -> Series:
@@ -102,8 +109,8 @@ def round_series(series: Series) -> dict[str, tuple[list[int], list[float]]]:
             out[key] = ([at[s] for s in st], vals)
     acc = series.get(f"eval/{HELD_OUT}")
     if acc:
-        low = dict(zip(*series[f"eval/reasoning/ci95_low"]))
-        high = dict(zip(*series[f"eval/reasoning/ci95_high"]))
+        low = dict(zip(*series["eval/reasoning/ci95_low"]))
+        high = dict(zip(*series["eval/reasoning/ci95_high"]))
         pts = [(at.get(s, -1 if s == 0 else None), (v, low[s], high[s]))
                for s, v in zip(*acc)]
         pts = [(r, v) for r, v in pts if r is not None]
@@ -198,16 +205,19 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point (see the module docstring)."""
-    ap = argparse.ArgumentParser(description="Plot training curves from metrics.jsonl files.")
-    ap.add_argument("workdirs", nargs="+")
-    ap.add_argument("--rounds", action="store_true", help="per-round panels of online runs")
-    ap.add_argument("--out", default="", help="PNG path (default: WORKDIR/curves.png, or "
-                    "rounds.png with --rounds, of the first run)")
-    args = ap.parse_args(argv)
-    out = args.out or paths.join(args.workdirs[0], "rounds.png" if args.rounds else "curves.png")
+    """``python -m mio_jax.plot WORKDIR [WORKDIR ...]`` (the ``mio-plot`` command; see the
+    module docstring); ``argv``: the arguments after the program name (default: the command
+    line's)."""
+    cli.run(_plot, FLAGS, __doc__, argv)
+
+
+def _plot(workdirs: list[str]) -> None:
+    """Draws the runs in ``workdirs`` with the parsed flags."""
+    if not workdirs:
+        errors.fail("expected at least one WORKDIR (a training workdir with metrics.jsonl)")
+    out = FLAGS.out or paths.join(workdirs[0], "rounds.png" if FLAGS.rounds else "curves.png")
     with errors.input_errors_in_one_line():  # a missing or damaged metrics file: one line
-        fig = (plot_rounds if args.rounds else plot_runs)(args.workdirs)
+        fig = (plot_rounds if FLAGS.rounds else plot_runs)(workdirs)
         save_figure(fig, out)
     print(f"wrote {out}")
 

@@ -24,15 +24,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 
-from mio_jax import losses
+from mio_jax import cli, losses
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,6 +54,14 @@ def get_config() -> ml_collections.ConfigDict:
     # (method.md section 4: DPO's (-beta/2, +beta/2) at z = 0 against MIO's (-beta/4, +beta/4)).
     c.runs = (("dpo_beta0.1", "dpo", 0.1), ("mio_beta0.2", "mio", 0.2), ("mio_beta0.1", "mio", 0.1))
     return c
+
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "output folder for metrics.json and toy.png", flag_values=FLAGS,
+                    required=True)
+# every setting of get_config() but the runs, whose tuples a flag does not spell
+cli.define_from_defaults({k: v for k, v in get_config().items() if k != "runs"}, FLAGS,
+                         "a toy setting (see get_config())")
 
 
 def make_problem(key: jax.Array, cfg: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -243,27 +252,24 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m mio_jax.toy --out=DIR [--num_pairs=4 --optimizer=adam --learning_rate=1e-2 ...]`."""
-    import argparse
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mio_jax.toy --out=DIR [--num_pairs=4 --optimizer=adam --learning_rate=1e-2
+    ...]``; ``argv``: the arguments after the program name (default: the command line's)."""
+    cli.run(_toy, FLAGS, __doc__, argv)
 
+
+def _toy(args: list[str]) -> None:
+    """Runs the toy with the parsed flags; writes the metrics and the figure."""
+    cli.expect_no_arguments(args)
     cfg = get_config()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder for metrics.json and toy.png")
-    for k, v in cfg.items():
-        if k != "runs":
-            ap.add_argument(f"--{k}", type=type(v), default=v)
-    args = ap.parse_args(argv)
-    for k in cfg.keys():
-        if k != "runs":
-            cfg[k] = getattr(args, k)
+    cfg.update({k: FLAGS[k].value for k in cfg if k != "runs"})
     result = run(cfg)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "metrics.json"), "w") as f:
         json.dump(result, f)
-    plot(result).savefig(os.path.join(args.out, "toy.png"), dpi=110)
+    plot(result).savefig(os.path.join(FLAGS.out, "toy.png"), dpi=110)
     print("\n".join(summary_lines(result)))
-    print(f"wrote {args.out}/metrics.json and {args.out}/toy.png")
+    print(f"wrote {FLAGS.out}/metrics.json and {FLAGS.out}/toy.png")
 
 
 if __name__ == "__main__":

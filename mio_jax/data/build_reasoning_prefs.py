@@ -13,7 +13,6 @@ Regenerate (from the repository root; needs `pip install reasoning-gym`):
 Deterministic: same seeds and package versions give the same files.
 """
 
-import argparse
 import ast
 import fractions
 import gzip
@@ -21,6 +20,11 @@ import json
 import os
 import random
 import re
+from typing import Sequence
+
+from absl import flags
+
+from mio_jax import cli
 
 SYSTEM = (
     "You are a careful math tutor. Solve the problem step by step and end with "
@@ -28,6 +32,16 @@ SYSTEM = (
 )
 TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
 OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(__file__), "assets"),
+                    "folder of the two .jsonl.gz files", flag_values=FLAGS)
+flags.DEFINE_integer("train_seed", 1234, "problem seed of the train split", flag_values=FLAGS)
+flags.DEFINE_integer("eval_seed", 987654, "problem seed of the eval split", flag_values=FLAGS)
+flags.DEFINE_integer("train_per_task", 1000, "train pairs per task", flag_values=FLAGS)
+flags.DEFINE_integer("eval_per_task", 100, "eval pairs per task", flag_values=FLAGS)
+flags.DEFINE_integer("max_tokens", 192, "longest rendered prompt + chosen / rejected kept",
+                     flag_values=FLAGS)
 
 
 def _fmt(x: fractions.Fraction) -> str:
@@ -188,15 +202,15 @@ def _write(rows: list[dict], path: str) -> None:
             f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(__file__), "assets"))
-    parser.add_argument("--train_seed", type=int, default=1234)
-    parser.add_argument("--eval_seed", type=int, default=987654)
-    parser.add_argument("--train_per_task", type=int, default=1000)
-    parser.add_argument("--eval_per_task", type=int, default=100)
-    parser.add_argument("--max_tokens", type=int, default=192)
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mio_jax.data.build_reasoning_prefs [flags]``; ``argv``: the arguments after
+    the program name (default: the command line's)."""
+    cli.run(_build, FLAGS, __doc__, argv)
+
+
+def _build(args: list[str]) -> None:
+    """Builds and writes both splits with the parsed flags."""
+    cli.expect_no_arguments(args)
     # lazy: evaluate (and through it the config schema) imports this module for SYSTEM;
     # the model stack and transformers load only when a set is built
     from mio_jax.models.embedded import smollm2_gguf_path  # lazy: see above
@@ -204,14 +218,14 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(smollm2_gguf_path())
     seen: set = set()
-    train = build_split(args.train_seed, args.train_per_task, tokenizer, args.max_tokens, seen)
-    evals = build_split(args.eval_seed, args.eval_per_task, tokenizer, args.max_tokens, seen)
+    train = build_split(FLAGS.train_seed, FLAGS.train_per_task, tokenizer, FLAGS.max_tokens, seen)
+    evals = build_split(FLAGS.eval_seed, FLAGS.eval_per_task, tokenizer, FLAGS.max_tokens, seen)
     assert not {r["prompt"][1]["content"] for r in train} & {
         r["prompt"][1]["content"] for r in evals
     }
-    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
     for name, rows in (("train", train), ("eval", evals)):
-        path = os.path.join(args.out_dir, f"reasoning_prefs_{name}.jsonl.gz")
+        path = os.path.join(FLAGS.out_dir, f"reasoning_prefs_{name}.jsonl.gz")
         _write(rows, path)
         print(f"{path}: {len(rows)} pairs, {os.path.getsize(path)} bytes")
 

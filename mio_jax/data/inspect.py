@@ -11,15 +11,24 @@ between ⟦ and ⟧.
 """
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mio_jax import errors
+from mio_jax import cli, errors
 from mio_jax.data import batching, pipeline
 from mio_jax.models.embedded import smollm2_gguf_path
 from mio_jax.models.tokenizer import load_tokenizer
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "training or data config file",
+                                flag_values=FLAGS)
+flags.DEFINE_enum("split", "train", ["train", "eval"], "split to inspect", flag_values=FLAGS)
+flags.DEFINE_integer("examples", 3, "rendered examples", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "batch size for the padding figure", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "", "tokenizer path (default: config.model)", flag_values=FLAGS)
+flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 
 def histogram(values: np.ndarray, *, bins: int = 8, width: int = 40, title: str = "") -> str:
@@ -170,42 +179,28 @@ def load_tokenizer_for(config, override: str = ""):
     return load_tokenizer(path)
 
 
-def _define_flags() -> dict:
-    # Defined only when run as a program, so importing this module next to
-    # mio_jax.main (which also has --config) does not clash.
-    return {
-        "config": config_flags.DEFINE_config_file("config", None, "training or data config file"),
-        "split": flags.DEFINE_enum("split", "train", ["train", "eval"], "split to inspect"),
-        "examples": flags.DEFINE_integer("examples", 3, "rendered examples"),
-        "batch_size": flags.DEFINE_integer("batch_size", 8, "batch size for the padding figure"),
-        "tokenizer": flags.DEFINE_string("tokenizer", "", "tokenizer path (default: config.model)"),
-    }
-
-
-def main(argv, flag_values: dict):
+def main(argv):
     """Prepares the chosen split and prints the report."""
     del argv
-    config = flag_values["config"].value
+    config = FLAGS.config
     data_config = config.data if "data" in config else config
     with errors.input_errors_in_one_line():  # a bad row or a missing file: one line, exit 2
-        tokenizer = load_tokenizer_for(config, flag_values["tokenizer"].value)
-        prepared = pipeline.prepare(data_config, tokenizer, split=flag_values["split"].value)
+        tokenizer = load_tokenizer_for(config, FLAGS.tokenizer)
+        prepared = pipeline.prepare(data_config, tokenizer, split=FLAGS.split)
     print(
         report_text(
             prepared,
             tokenizer,
             data_config,
-            examples=flag_values["examples"].value,
-            batch_size=flag_values["batch_size"].value,
+            examples=FLAGS.examples,
+            batch_size=FLAGS.batch_size,
         )
     )
 
 
 def run() -> None:
     """The ``mio-inspect-data`` command: ``python -m mio_jax.data.inspect``'s flags."""
-    flag_values = _define_flags()
-    flags.mark_flag_as_required("config")
-    app.run(lambda argv: main(argv, flag_values))
+    cli.run(main, FLAGS, __doc__)
 
 
 if __name__ == "__main__":
