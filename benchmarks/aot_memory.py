@@ -20,7 +20,7 @@ time O(1) in depth), vocabulary chunk 8192, the config's sequence length, mesh
 
 - ``full``: every weight trains (128 pairs x 2048 tokens a step). The frozen reference
   keeps a second copy of the weights in the bfloat16 compute dtype
-  (``mio_jax.reference.frozen_params``, sharded like the params); the precomputed
+  (``mio_jax.models.frozen.frozen_params``, sharded like the params); the precomputed
   reference keeps none.
 - ``lora``: the trainable state is the adapters alone (rank 16, alpha 32, all seven linear
   rows; float32, Adam moments float32); the frozen base is abstract bfloat16 arrays in
@@ -125,7 +125,7 @@ CPU_XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
 
 def _abstract_base(o_state, cfg, kind: str, mesh, rules):
-    """The frozen LoRA base as abstract arrays, stored as ``adapters.load`` leaves it: every
+    """The frozen LoRA base as abstract arrays, stored as ``lora_decoder.load`` leaves it: every
     weight in the compute dtype, sharded by its logical axes; with ``kind`` int8 / nf4 the
     seven stacked linear rows are ``quant.QuantizedWeight``s of abstract fields (HF layout,
     blocks of ``gcd(in, 64)`` as ``quant.quantize_base`` picks), each field sharded as
@@ -136,7 +136,7 @@ def _abstract_base(o_state, cfg, kind: str, mesh, rules):
     from flax import nnx
     from jax.sharding import NamedSharding
 
-    from mio_jax import reference as reference_lib
+    from mio_jax.models import frozen
     from mio_jax import sharding as sharding_lib
     from mio_jax.models import lora as lora_lib
     from mio_jax.models import quant
@@ -144,7 +144,7 @@ def _abstract_base(o_state, cfg, kind: str, mesh, rules):
 
     specs = sharding_lib.state_partition_specs(o_state, rules, mesh)
     base = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, frozen.frozen_dtype(x.dtype, cfg.dtype),
                                           sharding=NamedSharding(mesh, s)),
         nnx.to_pure_dict(o_state), specs)
     if kind == "none":
@@ -206,9 +206,9 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
 
     from mio_jax import config as mio_config
     from mio_jax import layouts, models, optim, train, train_step
-    from mio_jax import reference as reference_lib
+    from mio_jax.models import frozen
     from mio_jax import sharding as sharding_lib
-    from mio_jax.models import adapters
+    from mio_jax.models import lora
 
     arg = f"{model},mio,{hardware}" + ("" if mode == "full" else f",{mode}")
     c = mio_config.load(f"{PAPER_CONFIG}:{arg}")
@@ -227,7 +227,7 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
                                      param_dtype=c.model.param_dtype,
                                      remat_policy=c.model.remat_policy,
                                      scan_layers=c.model.scan_layers)
-    lora = adapters.spec_from_config(c, cfg.num_hidden_layers)
+    lora = lora.spec_from_config(c, cfg.num_hidden_layers)
     cfg = dataclasses.replace(cfg, lora=lora)
     rules = sharding_lib.DEFAULT_RULES
     # Built and split before the mesh is set (nnx's abstract init would read the logical
@@ -268,7 +268,7 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     ref_params = None
     if reference == "frozen":  # the trainer's frozen reference: compute-dtype weights
         ref_params = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, reference_lib.frozen_dtype(x.dtype, cfg.dtype),
+            lambda x: jax.ShapeDtypeStruct(x.shape, frozen.frozen_dtype(x.dtype, cfg.dtype),
                                            sharding=x.sharding), params)
     consts = train_step.StepConsts(other, ref_params)
     step_cfg = dataclasses.replace(train.step_config(c), reference=reference)

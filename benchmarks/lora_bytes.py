@@ -17,7 +17,7 @@ import jax
 
 from mio_jax import config as mio_config
 from mio_jax import models
-from mio_jax.models import adapters, quant
+from mio_jax.models import lora_decoder, quant
 
 
 def measure(storage: str) -> dict:
@@ -25,9 +25,9 @@ def measure(storage: str) -> dict:
     c.model.path = "smollm2"
     c.model.lora.enabled = True
     c.model.lora.quantize = storage
-    model = adapters.load(c, models.resolve_model_path(c.model.path), None, None)
-    _, params, other = adapters.split(model)
-    n_adapter, adapter_bytes = adapters.parameter_count(params)
+    model = lora_decoder.load(c, models.resolve_model_path(c.model.path), None, None)
+    _, params, other = lora_decoder.split(model)
+    n_adapter, adapter_bytes = lora_decoder.parameter_count(params)
     linear_bytes = linear_values = 0
     for leaf in jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight)):
         if isinstance(leaf, quant.QuantizedWeight):
@@ -35,7 +35,7 @@ def measure(storage: str) -> dict:
             linear_values += math.prod(leaf.shape)
     base_values = sum(math.prod(x.shape) for x in jax.tree.leaves(
         other, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight)))
-    _, base_bytes = adapters.parameter_count(other)
+    _, base_bytes = lora_decoder.parameter_count(other)
     return {"storage": storage, "base_values": base_values, "base_bytes": base_bytes,
             "base_bytes_per_param": base_bytes / base_values,
             "quantized_linear_bytes_per_param": (linear_bytes / linear_values

@@ -112,7 +112,8 @@ def main(argv=None):
     import optax
     from flax import nnx
 
-    from mio_jax import losses, reference
+    from mio_jax import losses
+    from mio_jax.models import frozen
     from mio_jax import train_step as ts
 
     print(f"machine: {_common.machine()}", flush=True)
@@ -128,7 +129,7 @@ def main(argv=None):
     cfg_p = ts.StepConfig(loss_name="mio", beta=0.1, chunk_size=8192, lengths=False,
                           reference="precomputed")
     tx = optax.adamw(1e-6)
-    ref = reference.frozen_params(params, a.dtype)  # as train.py
+    ref = frozen.frozen_params(params, a.dtype)  # as train.py
 
     def trunk(params):
         m = nnx.merge(graphdef, params, other)

@@ -70,7 +70,8 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    from mio_jax import metrics, reference, train_step
+    from mio_jax import metrics, train_step
+    from mio_jax.models import frozen
     from mio_jax.data import shared_prompt
 
     print(f"machine: {_common.machine()}", flush=True)
@@ -95,7 +96,7 @@ def main(argv=None):
 
     tx = optax.adamw(1e-6)
     state = _common.init_state(params, tx)
-    ref_params = reference.frozen_params(params, a.dtype)  # as train.py
+    ref_params = frozen.frozen_params(params, a.dtype)  # as train.py
     chunks = [int(c) for c in a.chunk_size.split(",")]
     base_cfg = train_step.StepConfig(loss_name=a.loss, beta=0.1, chunk_size=chunks[0],
                                      lengths=False)

@@ -26,7 +26,7 @@ fine-tuning, LoRA (against TRL + PEFT), and mio_jax's QLoRA beside them.
     init (A Kaiming-uniform with bound 1/sqrt(fan_in), B zero). A is drawn once with
     numpy (seed 0) in mio_jax's layout and written as a PEFT adapter folder
     (``mio_jax.models.peft_io.write_adapter``); both frameworks start from that folder
-    (mio_jax: ``model.lora.init_from``, through ``mio_jax.models.adapters.load`` as the
+    (mio_jax: ``model.lora.init_from``, through ``mio_jax.models.lora_decoder.load`` as the
     trainer builds its model; TRL: ``DPOTrainer(peft_config=<the folder's LoraConfig>)``
     and then the folder's tensors loaded into the trainer's adapter), so both take the
     same first update;
@@ -159,11 +159,11 @@ def build_lora_model(a, workdir: str):
 
     The starting adapter is written as a PEFT folder under ``workdir`` (the TRL side loads
     the same folder). A converted model is built as the trainer builds it
-    (``adapters.load`` with ``model.lora.init_from`` = the folder, ``quantize`` = the
+    (``lora_decoder.load`` with ``model.lora.init_from`` = the folder, ``quantize`` = the
     mode); a random shape (``--mio_only``) is initialised and given the same adapter."""
     from mio_jax import config as mio_config
     from mio_jax import models
-    from mio_jax.models import adapters, peft_io, quant
+    from mio_jax.models import lora_decoder, peft_io, quant
 
     quantize = {"lora": "none"}.get(a.mode, a.mode)
     folder = os.path.join(workdir, "adapter")
@@ -177,8 +177,8 @@ def build_lora_model(a, workdir: str):
         start = draw_adapters(cfg)
         peft_io.write_adapter(folder, cfg, cfg.lora, start)
         model = models.init_model(cfg, seed=0)
-        adapters.set_adapters(model, start)
-        graphdef, params, other = adapters.split(model)
+        lora_decoder.set_adapters(model, start)
+        graphdef, params, other = lora_decoder.split(model)
         if quantize != "none":
             other = quant.quantize_base(other, cfg, quantize, None, None)
         return graphdef, params, other, cfg, folder
@@ -196,8 +196,8 @@ def build_lora_model(a, workdir: str):
     c.model.lora.dropout = 0.0
     c.model.lora.init_from = folder
     c.model.lora.quantize = quantize
-    model = adapters.load(c, models.resolve_model_path(c.model.path), None, None)
-    graphdef, params, other = adapters.split(model)
+    model = lora_decoder.load(c, models.resolve_model_path(c.model.path), None, None)
+    graphdef, params, other = lora_decoder.split(model)
     return graphdef, params, other, model.cfg, folder
 
 
@@ -222,7 +222,7 @@ def run_case(a) -> dict:
 
     from mio_jax import train_step
     from mio_jax.data.shared_prompt import to_shared_prompt
-    from mio_jax.models import adapters
+    from mio_jax.models import lora_decoder
 
     b, L = (int(x) for x in a.shape.split("x"))
     lora = a.mode != "full"
@@ -268,7 +268,7 @@ def run_case(a) -> dict:
     tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
     state = _common.init_state(params, tx)
     ref_params = params if reference == "frozen" else None
-    trainable = adapters.parameter_count(params)[0]
+    trainable = lora_decoder.parameter_count(params)[0]
     mio_ref = None
     if a.reference == "precomputed":  # the base's log-probs in the LoRA modes
         mio_ref = np.asarray(jax.jit(lambda p, o, x: train_step.reference_logps(

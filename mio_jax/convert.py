@@ -30,8 +30,9 @@ from typing import Sequence
 from absl import flags
 
 from mio_jax import checkpoint, cli, errors, models, paths
-from mio_jax.models import (adapters, load_pretrained, peft_io, resolve_model_path,
+from mio_jax.models import (load_pretrained, lora_decoder, peft_io, resolve_model_path,
                             save_pretrained)
+from mio_jax.models import lora as lora_lib
 from mio_jax.models.gguf_io import open_gguf, read_gguf
 from mio_jax.models.hf_io import parse_size, write_hf_folder
 from mio_jax.models.tokenizer import load_tokenizer
@@ -110,7 +111,7 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
         # The structure comes from the base model's config alone (no weights are read).
         cfg = models.read_model_config(model_path, dtype=model_cfg.get("dtype", "float32"),
                                        param_dtype=model_cfg.get("param_dtype", "float32"))
-        spec = adapters.spec_from_config(run_cfg, cfg.num_hidden_layers) if lora else None
+        spec = lora_lib.spec_from_config(run_cfg, cfg.num_hidden_layers) if lora else None
         cfg = dataclasses.replace(cfg, lora=spec)
         graphdef, params_state, other = nnx.split(
             nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))),
@@ -125,9 +126,9 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
         peft_io.write_adapter(dst, cfg, spec, params, base_model_name_or_path=model_cfg["path"])
         return dst
     if lora:  # the base as training saw it (base adapters merged, quantized), then merged
-        model = adapters.load(run_cfg, model_path, None, None)
-        adapters.set_adapters(model, params)
-        model = adapters.merged(model, "float32")
+        model = lora_decoder.load(run_cfg, model_path, None, None)
+        lora_decoder.set_adapters(model, params)
+        model = lora_decoder.merged(model, "float32")
     else:
         model = nnx.merge(graphdef, params, nnx.to_pure_dict(other))
     models.save_pretrained(model, tokenizer, dst, max_shard_size=max_shard_size, dtype=dtype)

@@ -26,7 +26,7 @@ from mio_jax import cli, distributed, errors, models, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.data.sources import iter_jsonl
 from mio_jax.errors import ConfigError
-from mio_jax.models import adapters
+from mio_jax.models import lora_decoder
 
 EVAL_SEED_BASE = 10**9
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
@@ -256,7 +256,7 @@ def make_sampler(model_path: str, *, max_new_tokens: int = 256, temperature: flo
     `batch_size`. Each call advances the seed, so calling again gives fresh samples.
     `adapter`: a PEFT LoRA folder (e.g. a run's `peft_adapter/`) applied to the model.
     """
-    model = (adapters.load_with_adapter(model_path, adapter, dtype=dtype) if adapter
+    model = (lora_decoder.load_with_adapter(model_path, adapter, dtype=dtype) if adapter
              else models.load_pretrained(model_path, dtype=dtype))
     tokenizer = models.load_tokenizer(model_path)
     state = {"seed": seed}

@@ -49,6 +49,7 @@ from mio_jax import train as train_lib
 from mio_jax import verifiers
 from mio_jax.data import pipeline as data_lib
 from mio_jax.data import sources as data_sources
+from mio_jax.models import frozen
 from mio_jax.online_config import PAIR_RULES, total_steps
 
 # ---- pure pieces -------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         training = train_lib.restore_or_init(config, workdir, model, data.total_steps, mesh)
         initial = None  # LoRA: the base with the adapters off; "previous": the state
         if model.config.lora is None and config.online.reference == "initial":
-            initial = reference_lib.frozen_params(model.params, model.config.dtype)
+            initial = frozen.frozen_params(model.params, model.config.dtype)
         model = dataclasses.replace(model, params=None)
         run = stages.Run(config, workdir, mesh, model, data,
                          stages.Reference(step_lib.StepConsts(model.other)),

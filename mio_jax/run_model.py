@@ -12,7 +12,7 @@ from mio_jax import models
 from mio_jax import paths
 from mio_jax import sharding as sharding_lib
 from mio_jax import stages
-from mio_jax.models import adapters as adapters_lib
+from mio_jax.models import lora_decoder
 from mio_jax.models import peft_io
 
 
@@ -27,12 +27,12 @@ def build_model(config, mesh) -> stages.Model:
     tokenizer = models.load_tokenizer(
         models.resolve_model_path(config.model.tokenizer_path) if config.model.tokenizer_path
         else model_path)
-    model = adapters_lib.load(config, model_path, mesh, sharding_lib.DEFAULT_RULES)
-    graphdef, params, other = adapters_lib.split(model)
+    model = lora_decoder.load(config, model_path, mesh, sharding_lib.DEFAULT_RULES)
+    graphdef, params, other = lora_decoder.split(model)
     trainable = nnx.LoRAParam if model.cfg.lora is not None else nnx.Param
     _, params_state, _ = nnx.split(model, trainable, ...)
     if model.cfg.lora is not None:
-        adapters_lib.log_sizes(params, other)
+        lora_decoder.log_sizes(params, other)
     return stages.Model(graphdef=graphdef, params=params, other=other, config=model.cfg,
                  tokenizer=tokenizer,
                  param_specs=sharding_lib.state_partition_specs(
@@ -55,7 +55,7 @@ def export(run: stages.Run, params) -> str:
             peft_io.write_adapter(paths.join(run.workdir, "peft_adapter"), model.cfg,
                                   model.cfg.lora, params,
                                   base_model_name_or_path=str(run.config.model.path))
-        model = adapters_lib.merged(model)
+        model = lora_decoder.merged(model)
     if jax.process_index() == 0:
         models.save_pretrained(model, run.model.tokenizer, path)
     logging.info("exported Hugging Face model to %s", path)

@@ -39,6 +39,7 @@ from mio_jax import reference as reference_lib
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
+from mio_jax.models import frozen
 from mio_jax.periodic import Preempted  # noqa: F401  (public: raised by train_and_evaluate)
 from mio_jax.reference_pass import precompute_table
 from mio_jax.run_eval import device_batch, held_out_metrics
@@ -140,7 +141,7 @@ def build_reference(config, workdir: str, model: Model, data: Data,
     mode = config.reference.mode
     if mode == "frozen" and model.config.lora is None:
         return Reference(step_lib.StepConsts(
-            model.other, reference_lib.frozen_params(model.params, model.config.dtype)))
+            model.other, frozen.frozen_params(model.params, model.config.dtype)))
     if mode == "frozen":  # LoRA: the base in ``other`` with the adapters off, no copy
         return Reference(step_lib.StepConsts(model.other))
     consts = step_lib.StepConsts(model.other)

@@ -18,7 +18,7 @@ from mio_jax import config as mio_config
 from mio_jax import evaluate, losses, models, train
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
-from mio_jax.models import adapters, lora, peft_io
+from mio_jax.models import lora, lora_decoder, peft_io
 
 LORA = {"model.lora.enabled": True, "model.lora.rank": 4, "model.lora.alpha": 8.0}
 BETA, LR = 0.1, 1e-3  # configs/tiny_test.py's loss.beta and optim.learning_rate
@@ -226,7 +226,7 @@ def test_exports_peft_folder_and_merged_weights_that_generate_alike(tiny, tmp_pa
     assert with_adapter == evaluate.make_sampler(str(work / "hf_export"),
                                                  max_new_tokens=6)(prompts)
     ids = [[5, 17, 33, 2, 64, 90, 11], [41, 7, 77, 13]]
-    applied = adapters.load_with_adapter(tiny[0], str(folder))
+    applied = lora_decoder.load_with_adapter(tiny[0], str(folder))
     exported = models.load_pretrained(str(work / "hf_export"))
     assert models.generate_ids(applied, ids, max_new_tokens=8) == \
         models.generate_ids(exported, ids, max_new_tokens=8)
@@ -328,3 +328,9 @@ def test_smollm2_gguf_blocks_kept_as_the_file_has_them_give_the_dequantized_mode
     structure = models.read_model_config(path)
     ids = jnp.asarray([[1, 504, 3458, 314, 260, 1345, 30]])
     _q4_1_blocks_give_the_dequantized_model(path, ids, structure.num_hidden_layers)
+
+
+def test_the_base_storages_are_the_quantizer_kinds_plus_as_loaded_and_gguf():
+    from mio_jax.models import quant
+
+    assert set(lora.BASE_STORAGES) == {"none", "gguf", *quant.QWIX_KINDS}

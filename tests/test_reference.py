@@ -9,6 +9,7 @@ import pytest
 
 import tolerance
 from mio_jax import layouts, reference, testing
+from mio_jax.models import frozen
 
 
 def _host_batches(n_groups=10, bs=4, L=12, seed=0, bump=None):
@@ -168,10 +169,10 @@ def test_frozen_params_in_compute_dtype_give_identical_logps(untied):
                                              tie_word_embeddings=not untied)
     graphdef, p, o = nnx.split(models.init_model(cfg, seed=1), nnx.Param, ...)
     params, other = nnx.to_pure_dict(p), nnx.to_pure_dict(o)
-    frozen = reference.frozen_params(params, "bfloat16")
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen))
+    cast = frozen.frozen_params(params, "bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
     sh = NamedSharding(jax.make_mesh((8,), ("fsdp",)), P("fsdp"))
-    moved = reference.frozen_params({"w": jax.device_put(jnp.ones((16, 4)), sh)}, "bfloat16")
+    moved = frozen.frozen_params({"w": jax.device_put(jnp.ones((16, 4)), sh)}, "bfloat16")
     assert moved["w"].sharding == sh and moved["w"].dtype == jnp.bfloat16
     rng = np.random.default_rng(0)
     groups = [TokenizedGroup(row_id=f"r{i}", prompt_ids=rng.integers(5, 90, 4).astype(np.int32),
@@ -183,5 +184,5 @@ def test_frozen_params_in_compute_dtype_give_identical_logps(untied):
     fn = jax.jit(functools.partial(train_step.reference_logps, graphdef, cfg=step_cfg))
     want = np.asarray(fn(params, other, batch))
     assert np.all(np.isfinite(want))
-    np.testing.assert_array_equal(np.asarray(fn(frozen, other, batch)), want)
-    assert reference.frozen_params(params, "float32") is params
+    np.testing.assert_array_equal(np.asarray(fn(cast, other, batch)), want)
+    assert frozen.frozen_params(params, "float32") is params

@@ -250,7 +250,7 @@ def test_decode_steps_equal_the_full_forward(model):
 
 
 def test_lora_and_quantized_base_decode_like_the_full_forward(tmp_path):
-    from mio_jax.models import adapters, lora, quant
+    from mio_jax.models import lora, lora_decoder, quant
 
     folder = write_case("llama3", str(tmp_path / "l"))
     spec = lora.make_spec(rank=4, alpha=8, target_modules="q_proj,v_proj,down_proj",
@@ -259,7 +259,7 @@ def test_lora_and_quantized_base_decode_like_the_full_forward(tmp_path):
     rng = np.random.default_rng(0)
     values = jax.tree.map(lambda a: rng.standard_normal(a.shape) * 0.3,
                           nnx.to_pure_dict(nnx.state(m, nnx.LoRAParam)))
-    adapters.set_adapters(m, values)
+    lora_decoder.set_adapters(m, values)
     graphdef, lora_state, rest = nnx.split(m, nnx.LoRAParam, ...)
     base = quant.quantize_base(nnx.to_pure_dict(rest), m.cfg, "nf4", None, None)
     nnx.replace_by_pure_dict(rest, base)

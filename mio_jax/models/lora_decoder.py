@@ -1,8 +1,8 @@
-"""A LoRA decoder as a whole: build it from a config, split it for training, merge it.
+"""LoRA on a whole decoder: build it from a config, split it for training, merge it.
 
-`mio_jax.models.lora` holds the adapter math and layout; this module works on modules:
+``mio_jax.models.lora`` holds the ``model.lora`` section, the spec and the adapter math;
+this module applies them to ``Decoder`` modules:
 
-- ``spec_from_config``: the ``LoraSpec`` of a training config's ``model.lora`` section;
 - ``load``: base weights (optionally with PEFT adapters merged in, and/or stored
   quantized), adapters initialised to a zero update or read from a PEFT folder;
 - ``split``: ``(graphdef, adapters, rest)``; the adapters are the only trainable state,
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -23,22 +24,10 @@ from flax import nnx
 from mio_jax.errors import ConfigError
 from mio_jax.models import hf_io, peft_io, quant
 from mio_jax.models import lora as lora_lib
+from mio_jax.models.frozen import frozen_params
 from mio_jax.models.llama import Decoder, dense_weight
 from mio_jax.models.weights import stacked_specs
-from mio_jax.reference import frozen_params
 
-
-
-def spec_from_config(config, num_layers: int) -> lora_lib.LoraSpec | None:
-    """The ``LoraSpec`` of ``config.model.lora`` for a model of ``num_layers`` layers
-    (None when LoRA is off). Raises ValueError naming the key."""
-    c = config.model.lora
-    if not c.enabled:
-        return None
-    layers = None if c.layers_to_transform is None else tuple(c.layers_to_transform)
-    return lora_lib.make_spec(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
-                              num_layers=num_layers, layers_to_transform=layers,
-                              dropout=c.dropout, use_rslora=c.use_rslora, init=c.init)
 
 
 def load(config, model_path: str, mesh, rules) -> Decoder:
@@ -56,7 +45,7 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
         return hf_io.load_pretrained(model_path, **kw)
     structure = hf_io.read_model_config(model_path)
     try:
-        spec = spec_from_config(config, structure.num_hidden_layers)
+        spec = lora_lib.spec_from_config(config, structure.num_hidden_layers)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     start = None
@@ -132,8 +121,6 @@ def merged(model: Decoder, dtype: str | None = None) -> Decoder:
     """An adapter-free copy of ``model`` whose weights hold the base plus every LoRA
     update, merged in float32 and cast to ``dtype`` (default: the model's param dtype).
     A quantized base is dequantized first. The model itself is not changed."""
-    import dataclasses
-
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     base_cfg = dataclasses.replace(cfg, lora=None, param_dtype=dtype)
