@@ -215,10 +215,12 @@ def base_config() -> ml_collections.ConfigDict:
     # ("" = none): they show the chosen likelihood falling on pairs it never trained on.
     c.eval.probe_path = ""
     # Held-out reasoning accuracy by greedy generation at each eval (mio_jax.evaluate):
-    # comma-separated reasoning-gym tasks ("" = off), problems per task (item seeds
-    # from 1e9 on, disjoint from training data), new tokens per answer.
+    # comma-separated reasoning-gym tasks ("" = off), problems per task, the held-out
+    # split ("validation": item seeds from 1e9, for choosing settings; "test": from 1.5e9,
+    # reported once; both disjoint from training data), new tokens per answer.
     c.eval.reasoning_tasks = ""
     c.eval.reasoning_examples = 16
+    c.eval.reasoning_split = "validation"
     c.eval.reasoning_task_config = ""    # JSON kwargs of every task's config (difficulty); "" = defaults
     c.eval.reasoning_max_new_tokens = 96
     c.eval.reasoning_batch_size = 16      # prompts per generation batch (greedy)

@@ -2,13 +2,16 @@
 
     python -m mio_jax.evaluate --model=PATH_OR_GGUF --task=basic_arithmetic --task=chain_sum \
         --num_examples=100 --seed=0 --out=eval.json
-    python -m mio_jax.evaluate --model=... --jsonl=questions.jsonl --pass_k=4 --samples=8 \
-        --temperature=0.8 --out=eval.json
+    python -m mio_jax.evaluate --model=... --split=test --task=basic_arithmetic \
+        --num_examples=1000 --samples=8 --pass_k=4 --temperature=0.8 --out=test_eval.json
 
 Held-out seeds: reasoning-gym item i of a data set created with seed S is drawn from
-`Random(S + i)`. Evaluation uses S = EVAL_SEED_BASE + seed (EVAL_SEED_BASE = 10**9), so the
-item seeds are >= 10**9, while training data and on-policy pairs (`mio_jax.pairs`) must use item
-seeds below 10**9 (`check_training_seeds`).
+`Random(S + i)`. Held-out problems come in two splits with disjoint item seeds: "validation"
+(S = 10**9 + seed, for choosing hyper-parameters; the trainer's held-out evals use it) and
+"test" (S = 1.5 * 10**9 + seed, reported once). Training data and on-policy pairs
+(`mio_jax.pairs`) must use item seeds below 10**9 (`check_training_seeds`). Every evaluation
+stores each problem's completions with their verdicts (`completions[i].correct`), which
+`mio_jax.compare` pairs across methods and seeds.
 
 The pure core, `evaluate_predictions`, takes completions and examples and returns the metrics,
 so a trainer can call it with its own sampler every N steps.
@@ -25,10 +28,14 @@ from absl import flags
 from mio_jax import cli, distributed, errors, models, paths, verifiers
 from mio_jax.data.build_reasoning_prefs import SYSTEM as DEFAULT_SYSTEM
 from mio_jax.data.sources import iter_jsonl
-from mio_jax.errors import ConfigError
+from mio_jax.errors import ConfigError, InputError
 from mio_jax.models import lora_decoder
 
-EVAL_SEED_BASE = 10**9
+# The first item seed of each held-out split; a split's seed + num_examples stays below
+# SPLIT_SPAN, so validation items [1e9, 1.5e9) and test items [1.5e9, 2e9) never meet.
+HELD_OUT_SPLITS = {"validation": 10**9, "test": 1_500_000_000}
+SPLIT_SPAN = 500_000_000
+EVAL_SEED_BASE = HELD_OUT_SPLITS["validation"]  # below it: training items
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
 
 Messages = list[dict[str, str]]
@@ -49,7 +56,10 @@ flags.DEFINE_string("task_config", "", "JSON kwargs of every --task's reasoning-
                     "e.g. '{\"max_digits\": 1}'", flag_values=FLAGS)
 flags.DEFINE_integer("num_examples", 100, "examples per task (and the first N of --jsonl)",
                      flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "eval seed; item seeds start at 10**9 + seed", flag_values=FLAGS)
+flags.DEFINE_enum("split", "validation", list(HELD_OUT_SPLITS), "held-out split of the "
+                  "reasoning-gym problems (disjoint item seeds)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "eval seed; the split's item seeds start at its base + seed",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("samples", 1, "completions per example", flag_values=FLAGS)
 flags.DEFINE_integer("pass_k", 1, "k of pass@k (<= --samples)", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)", flag_values=FLAGS)
@@ -128,22 +138,36 @@ def evaluate_predictions(
       completion 0 (a binomial count); `pass@k` is the mean over examples of the unbiased
       estimator, with the standard error of that mean.
     """
+    return aggregate(score(completions, examples, verifier), examples, pass_k=pass_k)
+
+
+def score(completions: Sequence[Sequence[str]], examples: Sequence[Mapping[str, Any]],
+          verifier: str | verifiers.Verifier) -> list[list[bool]]:
+    """Each example's verdicts, one per completion (pure). Raises ValueError unless every
+    example has the same n >= 1 completions."""
     if len(completions) != len(examples):
         raise ValueError(f"evaluate_predictions: {len(completions)} completion lists for "
                          f"{len(examples)} examples")
     counts = {len(c) for c in completions}
     if len(counts) > 1 or 0 in counts:
-        raise ValueError(f"evaluate_predictions: every example needs the same n >= 1 completions, got {counts}")
+        raise ValueError(f"evaluate_predictions: every example needs the same n >= 1 "
+                         f"completions, got {counts}")
     verify = verifiers.get(verifier) if isinstance(verifier, str) else verifier
+    return [[verifiers.is_correct(verify(text, ex)) for text in comps]
+            for comps, ex in zip(completions, examples)]
+
+
+def aggregate(verdicts: Sequence[Sequence[bool]], examples: Sequence[Mapping[str, Any]], *,
+              pass_k: int = 1) -> dict[str, Any]:
+    """Per-task and overall metrics of per-example verdicts (see ``evaluate_predictions``)."""
     per_task: dict[str, list[tuple[bool, float]]] = {}
-    for i, (comps, ex) in enumerate(zip(completions, examples)):
-        correct = [verifiers.is_correct(verify(text, ex)) for text in comps]
+    for correct, ex in zip(verdicts, examples):
         per_task.setdefault(task_name(ex), []).append(
             (correct[0], pass_at_k(len(correct), sum(correct), pass_k)))
     everything = [r for rows in per_task.values() for r in rows]
-    n_samples = counts.pop() if counts else 0
+    n_samples = len(verdicts[0]) if verdicts else 0
 
-    def aggregate(rows: list[tuple[bool, float]]) -> dict[str, Any]:
+    def summary(rows: list[tuple[bool, float]]) -> dict[str, Any]:
         n = len(rows)
         correct = sum(r[0] for r in rows)
         pk = [r[1] for r in rows]
@@ -156,8 +180,8 @@ def evaluate_predictions(
 
     if not everything:
         raise ValueError("evaluate_predictions: no examples")
-    return {"tasks": {t: aggregate(rows) for t, rows in sorted(per_task.items())},
-            "overall": aggregate(everything)}
+    return {"tasks": {t: summary(rows) for t, rows in sorted(per_task.items())},
+            "overall": summary(everything)}
 
 
 def format_table(result: Mapping[str, Any], pass_k: int = 1) -> str:
@@ -183,9 +207,9 @@ def parse_task_config(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"task_config: not valid JSON ({e}): {text!r}") from e
+        raise InputError(f"task_config: not valid JSON ({e}): {text!r}") from e
     if not isinstance(value, dict):
-        raise ValueError(f"task_config: expected a JSON object, got {text!r}")
+        raise InputError(f"task_config: expected a JSON object, got {text!r}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
 
 
@@ -207,15 +231,23 @@ def reasoning_gym_examples(task: str, num_examples: int, seed: int,
     try:
         ds = reasoning_gym.create_dataset(task, size=num_examples, seed=seed, **dict(task_config or {}))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"reasoning-gym task {task!r} with config {dict(task_config or {})}: {e}") from e
+        raise InputError(f"reasoning-gym task {task!r} with config {dict(task_config or {})}: {e}") from e
     return [{"task": task, "question": e["question"], "answer": str(e["answer"]),
              "metadata": e.get("metadata", {})} for e in ds]
 
 
 def heldout_examples(task: str, num_examples: int, seed: int,
-                     task_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Held-out evaluation rows: item seeds from EVAL_SEED_BASE + seed on (disjoint from training)."""
-    return reasoning_gym_examples(task, num_examples, EVAL_SEED_BASE + seed, task_config)
+                     task_config: Mapping[str, Any] | None = None,
+                     split: str = "validation") -> list[dict[str, Any]]:
+    """Held-out evaluation rows of ``split`` (``HELD_OUT_SPLITS``): item seeds from the
+    split's base + ``seed`` on, disjoint from training and from the other split."""
+    if split not in HELD_OUT_SPLITS:
+        raise InputError(f"held-out split {split!r}: expected one of {list(HELD_OUT_SPLITS)}")
+    if seed < 0 or seed + num_examples > SPLIT_SPAN:
+        raise InputError(f"held-out seed {seed} with {num_examples} problems leaves the "
+                         f"{split} split: seed + num_examples must lie in [0, {SPLIT_SPAN}]")
+    return reasoning_gym_examples(task, num_examples, HELD_OUT_SPLITS[split] + seed,
+                                  task_config)
 
 
 def check_training_seeds(seed: int, num_examples: int) -> None:
@@ -276,17 +308,20 @@ def evaluate(sampler: Sampler, examples: Sequence[Mapping[str, Any]], verifier: 
     """Samples `samples` completions per example with `sampler` and scores them.
 
     Returns:
-      `evaluate_predictions`'s result plus "completions": per example its question, answer
-      and completion texts.
+      `evaluate_predictions`'s result plus "completions": per example its task, question,
+      answer, completion texts and their verdicts ("correct"; the per-problem outcomes that
+      `mio_jax.compare` reads).
     """
     prompts = [prompt_messages(ex, system) for ex in examples for _ in range(samples)]
     texts = sampler(prompts)
     if len(texts) != len(prompts):
         raise ValueError(f"sampler returned {len(texts)} completions for {len(prompts)} prompts")
     grouped = [texts[i * samples:(i + 1) * samples] for i in range(len(examples))]
-    result = evaluate_predictions(grouped, examples, verifier, pass_k=pass_k)
-    result["completions"] = [{"question": ex["question"], "answer": ex["answer"], "completions": g}
-                             for ex, g in zip(examples, grouped)]
+    verdicts = score(grouped, examples, verifier)
+    result = aggregate(verdicts, examples, pass_k=pass_k)
+    result["completions"] = [{"task": task_name(ex), "question": ex["question"],
+                              "answer": ex["answer"], "completions": g, "correct": v}
+                             for ex, g, v in zip(examples, grouped, verdicts)]
     return result
 
 
@@ -316,10 +351,12 @@ def _run(args: flags.FlagValues) -> None:
     sampler = make_sampler(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                            adapter=args.adapter)
-    report: dict[str, Any] = {"args": args.flag_values_dict(), "eval_seed_base": EVAL_SEED_BASE,
+    report: dict[str, Any] = {"args": args.flag_values_dict(), "split": args.split,
+                              "eval_seed_base": HELD_OUT_SPLITS[args.split],
                               "results": {}}
     task_config = parse_task_config(args.task_config)
-    sources = [(t, heldout_examples(t, args.num_examples, args.seed, task_config), args.verifier or "reasoning_gym")
+    sources = [(t, heldout_examples(t, args.num_examples, args.seed, task_config, args.split),
+                args.verifier or "reasoning_gym")
                for t in args.task]
     if args.jsonl:
         sources.append(("jsonl", jsonl_examples(args.jsonl, args.num_examples),
@@ -343,7 +380,8 @@ def validate_eval_config(cfg) -> None:
 
     Rules: ``eval.every_steps >= 0``, ``eval.batch_size >= 1``; with
     ``eval.reasoning_tasks`` set, ``eval.reasoning_examples``,
-    ``eval.reasoning_max_new_tokens`` and ``eval.reasoning_batch_size`` >= 1 and every task
+    ``eval.reasoning_max_new_tokens`` and ``eval.reasoning_batch_size`` >= 1,
+    ``eval.reasoning_split`` a held-out split, and every task
     one that ``heldout_examples`` can build with ``eval.reasoning_task_config``
     (reasoning-gym installed, the name and the settings known).
 
@@ -364,6 +402,9 @@ def validate_eval_config(cfg) -> None:
     for key in ("reasoning_examples", "reasoning_max_new_tokens", "reasoning_batch_size"):
         if e.get(key, 1) < 1:
             raise ConfigError(f"eval.{key}={e.get(key)} must be >= 1")
+    if e.reasoning_split not in HELD_OUT_SPLITS:
+        raise ConfigError(f"eval.reasoning_split={e.reasoning_split!r}: expected one of "
+                          f"{list(HELD_OUT_SPLITS)}")
     try:
         task_config = parse_task_config(e.get("reasoning_task_config", ""))
     except ValueError as err:

@@ -4,7 +4,8 @@ positional arguments are the runs' workdirs).
     python -m mio_jax.plot WORKDIR [WORKDIR ...] [--out=FILE.png]
 
 Panels (each skipped when no run has data for it): loss, rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, and the evaluation accuracy (any key
+rewards/margins, rewards/accuracies, logps/chosen, the probe pairs' chosen and rejected
+log-ratios and logps/chosen (``eval.probe_path``), and the evaluation accuracy (any key
 holding "accuracy" other than rewards/accuracies, e.g. `eval/accuracy`). Train rows are solid
 lines; rows of another split (`"split": "eval"` as `mio_jax.metrics.JsonlWriter` writes them, or
 keys already prefixed "eval/") are dashed. The legend names each run by its workdir and, when
@@ -32,7 +33,12 @@ from mio_jax import cli, errors, paths
 from mio_jax.data.sources import iter_jsonl
 
 PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-          "logps/chosen")
+          "logps/chosen", "probe/logratio/chosen", "probe/logratio/rejected",
+          "probe/logps/chosen")
+# the probe pairs' panels (``eval.probe_path``: held-out pairs never trained on)
+TITLES = {"probe/logratio/chosen": "probe pairs: chosen log-ratio",
+          "probe/logratio/rejected": "probe pairs: rejected log-ratio",
+          "probe/logps/chosen": "probe pairs: logps/chosen"}
 EVAL_ACCURACY = "eval accuracy"
 
 Series = dict[str, tuple[list[int], list[float]]]  # key -> (steps, values)
@@ -200,7 +206,7 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None = None):
                 train = key == panel or (panel == EVAL_ACCURACY and not key.startswith("eval"))
                 ax.plot(steps, values, color=colors[r % len(colors)], ls="-" if train else "--",
                         marker="." if len(steps) < 30 else None, label=f"{label} {key}")
-        ax.set_title(panel)
+        ax.set_title(TITLES.get(panel, panel))
     return finish_panels(fig, axes, len(panels), "step")
 
 

@@ -108,7 +108,8 @@ def _reasoning_eval(run: stages.Run, params, step: int) -> dict[str, float]:
     ecfg = run.config.eval
     task_config = evaluate_lib.parse_task_config(ecfg.reasoning_task_config)
     examples = [ex for t in tasks for ex in
-                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, 0, task_config)]
+                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, 0, task_config,
+                                              ecfg.reasoning_split)]
     model = nnx.merge(run.model.graphdef, params, run.model.other)
 
     def sampler(prompts):

@@ -112,6 +112,43 @@ def test_heldout_seeds_are_disjoint_from_training():
         evaluate.check_training_seeds(10**9 - 5, 10)
 
 
+def test_validation_and_test_splits_draw_disjoint_item_seeds():
+    """Validation items come from Random(1e9 + seed + i), test items from
+    Random(1.5e9 + seed + i); a seed that would let one split reach the other is refused."""
+    val = evaluate.heldout_examples("chain_sum", 3, seed=7)
+    test = evaluate.heldout_examples("chain_sum", 3, seed=7, split="test")
+    want = reasoning_gym.create_dataset("chain_sum", size=3, seed=1_500_000_007)
+    assert [e["question"] for e in test] == [e["question"] for e in want]
+    assert [e["question"] for e in val] != [e["question"] for e in test]
+    bases = sorted(evaluate.HELD_OUT_SPLITS.values())
+    assert bases[0] == evaluate.EVAL_SEED_BASE  # training seeds stay below both
+    assert bases[1] - bases[0] == evaluate.SPLIT_SPAN  # [base, base + span) never overlap
+    with pytest.raises(ValueError, match="leaves the validation split"):
+        evaluate.heldout_examples("chain_sum", 10, seed=evaluate.SPLIT_SPAN - 5)
+    with pytest.raises(ValueError, match="expected one of"):
+        evaluate.heldout_examples("chain_sum", 1, seed=0, split="train")
+
+
+def test_every_problem_keeps_its_verdicts(examples):
+    """evaluate() stores, per problem, its task and the verdict of each completion; the
+    verdicts are what the metrics count."""
+    answers = {e["question"]: e["answer"] for e in examples}
+
+    def sampler(prompts):  # right on even problems, and only the first of two samples
+        out = []
+        for i, p in enumerate(prompts):
+            q = p[-1]["content"]
+            good = list(answers).index(q) % 2 == 0 and i % 2 == 0
+            out.append(f"The answer is {answers[q] if good else 'nothing'}.")
+        return out
+
+    result = evaluate.evaluate(sampler, examples, "reasoning_gym", samples=2, pass_k=2)
+    rows = result["completions"]
+    assert [r["correct"] for r in rows] == [[i % 2 == 0, False] for i in range(len(examples))]
+    assert all(r["task"] == evaluate.task_name(e) for r, e in zip(rows, examples))
+    assert result["overall"]["correct"] == sum(r["correct"][0] for r in rows)
+
+
 def test_task_config_sets_the_difficulty():
     cfg = evaluate.parse_task_config('{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, '
                                      '"operators": ["+"], "allow_negation": false}')

@@ -24,7 +24,8 @@ def runs(tmp_path):
          "logps/chosen": -50.0, "lr": 1e-6},
         {"step": 20, "split": "train", "loss": 0.60, "rewards/chosen": -0.2, "rewards/margins": 0.4,
          "logps/chosen": -53.5},
-        {"step": 20, "split": "eval", "loss": 0.65, "rewards/chosen": -0.1},
+        {"step": 20, "split": "eval", "loss": 0.65, "rewards/chosen": -0.1,
+         "probe/logps/chosen": -40.0, "probe/logratio/chosen": -0.3},
         {"step": 30, "split": "train", "loss": 0.50, "rewards/chosen": -0.5, "rewards/margins": 0.9,
          "logps/chosen": -58.0},
     ], config={"loss": {"name": "dpo", "beta": 0.1}})
@@ -57,10 +58,13 @@ def test_lines_equal_the_logged_values(runs, tmp_path):
         ("rewards/margins", "run_a (dpo) rewards/margins"): ([10, 20, 30], [0.1, 0.4, 0.9]),
         ("logps/chosen", "run_a (dpo) logps/chosen"): ([10, 20, 30], [-50.0, -53.5, -58.0]),
         ("eval accuracy", "run_b eval/accuracy"): ([10, 30], [0.25, 0.5]),
+        ("probe pairs: chosen log-ratio", "run_a (dpo) eval/probe/logratio/chosen"): ([20], [-0.3]),
+        ("probe pairs: logps/chosen", "run_a (dpo) eval/probe/logps/chosen"): ([20], [-40.0]),
     }
     # panels without data (rewards/rejected, rewards/accuracies) are skipped
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [
-        "loss", "rewards/chosen", "rewards/margins", "logps/chosen", "eval accuracy"]
+        "loss", "rewards/chosen", "rewards/margins", "logps/chosen",
+        "probe pairs: chosen log-ratio", "probe pairs: logps/chosen", "eval accuracy"]
     styles = {line.get_label(): line.get_linestyle() for ax in fig.axes for line in ax.get_lines()}
     assert styles["run_a (dpo) loss"] == "-" and styles["run_a (dpo) eval/loss"] == "--"
 
