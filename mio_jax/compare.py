@@ -2,8 +2,11 @@
 
     python -m mio_jax.compare --runs=STUDY/runs --eval=last --baseline=dpo \
         [--base=STUDY/base_eval.json] [--out=STUDY/comparison.json]
+    python -m mio_jax.compare --runs=SWEEP/mio_lr1e-06_beta0.1 \
+        --runs=SWEEP/dpo_lr5e-07_beta0.1 --eval=test_eval.json --baseline=dpo
 
-A study's run folders are named ``<method>_seed<k>``; ``--eval`` is the evaluation file
+A study's run folders are named ``<method>_seed<k>``, in one or several ``--runs`` folders
+(a sweep keeps each cell's runs in the cell's folder); ``--eval`` is the evaluation file
 inside each (``last``: the newest ``reasoning_eval/step_<N>.json``, or a path such as
 ``test_eval.json``). Every evaluation must hold the same problems in the same order, each
 with the verdict of every completion (``completions[i].correct``, written by
@@ -31,8 +34,8 @@ from mio_jax.errors import InputError
 RUN_NAME = re.compile(r"(?P<method>.+)_seed(?P<seed>\d+)$")
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("runs", None, "folder of <method>_seed<k> run folders", flag_values=FLAGS,
-                    required=True)
+flags.DEFINE_multi_string("runs", None, "folder of <method>_seed<k> run folders (repeatable)",
+                          flag_values=FLAGS, required=True)
 flags.DEFINE_string("eval", "last", "evaluation file inside each run ('last': the newest "
                     "reasoning_eval/step_<N>.json)", flag_values=FLAGS)
 flags.DEFINE_string("baseline", None, "the method every other is compared with ('base' for "
@@ -87,16 +90,22 @@ def _eval_path(run_dir: str, which: str) -> str:
     return max(found, key=lambda p: int(re.findall(r"step_(\d+)\.json$", p)[0]))
 
 
-def load_study(runs: str, which: str, base: str = "") -> dict[str, dict[int, Outcomes]]:
-    """method -> seed -> outcomes of every ``<method>_seed<k>`` folder under ``runs`` (and
-    ``base`` as method "base" with seed None standing for every seed)."""
+def load_study(runs: str | Sequence[str], which: str,
+               base: str = "") -> dict[str, dict[int, Outcomes]]:
+    """method -> seed -> outcomes of every ``<method>_seed<k>`` folder under the folder(s)
+    ``runs`` (and ``base`` as method "base", its seed -1 standing for every seed)."""
     study: dict[str, dict[int, Outcomes]] = {}
-    for name in sorted(os.listdir(runs)):
-        match = RUN_NAME.match(name)
-        if match and os.path.isdir(os.path.join(runs, name)):
-            path = _eval_path(os.path.join(runs, name), which)
-            study.setdefault(match["method"], {})[int(match["seed"])] = outcomes_of(
-                paths.read_json(path), path)
+    for folder in [runs] if isinstance(runs, str) else runs:
+        for name in sorted(os.listdir(folder)):
+            match = RUN_NAME.match(name)
+            if not (match and os.path.isdir(os.path.join(folder, name))):
+                continue
+            method, seed = match["method"], int(match["seed"])
+            if seed in study.get(method, {}):
+                raise InputError(f"{os.path.join(folder, name)}: {method} seed {seed} is "
+                                 "already in another --runs folder")
+            path = _eval_path(os.path.join(folder, name), which)
+            study.setdefault(method, {})[seed] = outcomes_of(paths.read_json(path), path)
     if base:
         study["base"] = {-1: outcomes_of(paths.read_json(base), base)}
     if not study:

@@ -233,6 +233,10 @@ def _sweep(argv: list[str]) -> None:
                            evaluator=_test_evaluator(a), mode=a.select_mode)
     paths.write_json(os.path.join(a.out, "sweep.json"), result, indent=1)
     table = format_table(result)
+    runs = " ".join(f"--runs={os.path.join(a.out, c['cell'])}"
+                    for _, c in sorted(result["chosen"].items()))
+    table += (f"\n\nThe paired comparison of the chosen cells on test:\n\n    python -m "
+              f"mio_jax.compare {runs} --eval=test_eval.json --baseline={a.methods[-1]}")
     with open(os.path.join(a.out, "sweep.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     print(table)

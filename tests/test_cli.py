@@ -29,9 +29,9 @@ COMMANDS = {
     "mio_jax.sweep": "--learning_rates",
 }
 
-# Runs a command as ``python -m`` does (runpy, as __main__) once per command line given,
-# in one process so that the command's imports are paid once; prints, per command line,
-# the exit status and what it wrote. An exception other than SystemExit escapes: a traceback.
+# Runs commands as ``python -m`` does (runpy, as __main__), each command line in turn, in one
+# process so that the imports are paid once; prints, per command line, the exit status and
+# what it wrote. An exception other than SystemExit escapes: a traceback.
 DRIVER = """
 import contextlib, io, json, runpy, sys
 
@@ -45,18 +45,25 @@ def run(module, argv):
             status = 0 if e.code is None else e.code
     return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
 
-module, *command_lines = sys.argv[1:]
-print(json.dumps([run(module, json.loads(line)) for line in command_lines]))
+print(json.dumps([run(module, argv) for module, argv in json.loads(sys.argv[1])]))
 """
+CASES = (["--help"], ["--no_such_flag=1"])
+
+
+@pytest.fixture(scope="module")
+def outcomes(subprocess_env):
+    """(module, case index) -> what the command did, every command line in one process."""
+    lines = [(module, case) for module in sorted(COMMANDS) for case in CASES]
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(lines)], cwd=ROOT,
+                       env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.splitlines()[-1])
+    return {(m, CASES.index(case)): out for (m, case), out in zip(lines, results)}
 
 
 @pytest.mark.parametrize("module", sorted(COMMANDS))
-def test_help_and_an_unknown_flag(module, subprocess_env):
-    lines = [["--help"], ["--no_such_flag=1"]]
-    r = subprocess.run([sys.executable, "-c", DRIVER, module, *map(json.dumps, lines)],
-                       cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    helped, unknown = json.loads(r.stdout.splitlines()[-1])
+def test_help_and_an_unknown_flag(module, outcomes):
+    helped, unknown = outcomes[module, 0], outcomes[module, 1]
     assert helped["status"] == 0, helped
     assert COMMANDS[module] in helped["stdout"], helped["stdout"]
     assert unknown["status"] == 2, unknown

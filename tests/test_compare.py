@@ -56,6 +56,21 @@ def test_methods_are_compared_per_seed_and_per_problem(study):
     assert "mcnemar_p" not in rows[0]["sampled"]
 
 
+def test_runs_in_several_folders_form_one_study(study, tmp_path):
+    """A sweep keeps each chosen cell's runs in its own folder: several --runs folders."""
+    cells = tmp_path / "cells"
+    for method in GREEDY:
+        (cells / method).mkdir(parents=True)
+        for seed in GREEDY[method]:
+            os.rename(study / "runs" / f"{method}_seed{seed}",
+                      cells / method / f"{method}_seed{seed}")
+    one = compare.compare(compare.load_study([str(cells / "mio"), str(cells / "dpo")], "last"),
+                          "dpo", num_resamples=200)
+    assert one[0]["greedy"]["mcnemar_only_method"] == 4
+    with pytest.raises(compare.InputError, match="already in another --runs folder"):
+        compare.load_study([str(cells / "mio"), str(cells / "mio")], "last")
+
+
 def test_the_base_model_is_every_seeds_baseline(study):
     study_data = compare.load_study(str(study / "runs"), "last", str(study / "base.json"))
     rows = {r["method"]: r for r in compare.compare(study_data, "base", num_resamples=500)}

@@ -170,7 +170,7 @@ def test_grad_clipped_reports_whether_the_norm_exceeded_the_clip():
     _, base = _baseline()
     norms = [h["grad_norm"] for h in base]
     low, mid, high = sorted(norms)  # clips between them (far from rounding's reach)
-    for clip in (low / 2, (low + mid) / 2, (mid + high) / 2, high * 2):
+    for clip in ((low + mid) / 2, (mid + high) / 2):
         _, hist = _run(_cfg(max_grad_norm=clip), BATCHES)
         assert [h["grad_clipped"] for h in hist] == [float(n > clip) for n in norms]
         assert [{k: v for k, v in h.items() if k != "grad_clipped"} for h in hist] == base
