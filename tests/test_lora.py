@@ -136,7 +136,7 @@ def test_lora_run_on_a_2x4_mesh_equals_one_device(tiny, tmp_path, tiny_config):
     runs = {}
     for shape in ((1, 2, 4), (1, 1, 1)):
         cfg = tiny_config(*tiny, **LORA, **{"mesh.shape": shape, "train.steps": 3,
-                                            "eval.every_steps": 0, "model.lora.dropout": 0.1,
+                                            "eval.max_batches": -1, "model.lora.dropout": 0.1,
                                             "checkpoint.export_hf": False})
         runs[shape] = train.train_and_evaluate(cfg, str(tmp_path / str(len(runs))))
     a, b = runs[(1, 2, 4)], runs[(1, 1, 1)]

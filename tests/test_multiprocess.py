@@ -118,10 +118,11 @@ FEATURES = {
 
 
 # These pods (35-90 s each on 2 cores) run with -m slow. The default suite's pods: the
-# torn-shard test below (the shared-prompt layout, bucketing, the tokenized cache built in
-# parts, a frozen reference, equal to one process), the preemption test (SIGTERM, elastic
-# resume, convert) and the online pod (tests/test_online.py: the precomputed reference's
-# cross-process gather, sampling, the reasoning eval).
+# torn-shard test below (the tokenized cache built in parts, a frozen reference, equal to
+# one process), the preemption test (SIGTERM, elastic resume, convert) and the online pod
+# (tests/test_online.py: the precomputed reference's cross-process gather, sampling, the
+# reasoning eval). The other layouts are equal to the unshared one on one process in the
+# default suite (tests/test_train.py), and in pods with -m slow.
 @pytest.mark.slow
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_pod_equals_one_process(feature, tiny, tmp_path, tiny_config, subprocess_env):
@@ -197,11 +198,10 @@ def _process_files(step_dir, index):
 
 def test_a_shard_unreadable_on_one_host_makes_all_fall_back_together(tiny, tmp_path, tiny_config,
                                                                     subprocess_env):
-    """A pod of 2 processes in the shared-prompt layout: process 1's shard of the newest
-    checkpoint torn, every process falls back to the one before, and the resumed run
-    equals one process (its tokenized cache built in 2 parts equal to one)."""
-    overrides = {**FEATURES["shared_bucketed_frozen"][2], "train.steps": 4,
-                 "checkpoint.every_steps": 2, "eval.every_steps": 0}
+    """A pod of 2 processes: process 1's shard of the newest checkpoint torn, every process
+    falls back to the one before, and the resumed run equals one process (its tokenized
+    cache built in 2 parts equal to one)."""
+    overrides = {"train.steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0}
     work = tmp_path / "pod"
     _run_pod(tiny, work, overrides, n=2, d=4, env=subprocess_env)
     broken = _process_files(work / "checkpoints" / "4" / "state", 1)
