@@ -197,7 +197,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.max_new_tokens = 96
     c.online.sample_batch_size = 64      # sequences per generation call
     # What the round trains on: "best_worst" (the best- and worst-scored answers of a
-    # prompt, one pair), "all_pairs" (every correct x incorrect pair), "group" (one K-way
+    # prompt, one pair), "length_matched" (a correct answer and the incorrect one closest
+    # to it in length), "all_pairs" (every correct x incorrect pair), "group" (one K-way
     # group: a correct answer first, then the distinct incorrect ones; data.kway_mode).
     c.online.pairs = "best_worst"
     c.online.num_negatives = 0           # group: at most N incorrect answers (0 = all)

@@ -9,7 +9,8 @@ import math
 from mio_jax import evaluate, paths, verifiers
 from mio_jax.errors import ConfigError
 
-PAIR_RULES = {"best_worst": ("best_worst", 1), "all_pairs": ("pairs", 0), "group": ("group", 0)}
+PAIR_RULES = {"best_worst": ("best_worst", 1), "length_matched": ("length_matched", 1),
+              "all_pairs": ("pairs", 0), "group": ("group", 0)}
 REFERENCES = ("initial", "previous")
 
 

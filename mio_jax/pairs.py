@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.top_k = 0
     c.max_new_tokens = 256
     c.batch_size = 8  # prompts per sampler call (batch_size * K sequences)
-    c.mode = "pairs"  # "pairs", "best_worst" or "group"
+    c.mode = "pairs"  # "pairs", "best_worst", "length_matched" or "group"
     c.pairs_per_prompt = 1  # mode pairs: first N (correct, incorrect) combinations; 0 = all
     c.num_negatives = 0  # mode group: at most N incorrect samples per row; 0 = all distinct
     c.verifier = ""  # "" = reasoning_gym for tasks, exact_number for JSONL; or name / module:fn
@@ -81,8 +81,10 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
       texts: the K sample texts.
       scores: their verifier scores; `verifiers.is_correct` splits correct / incorrect.
       mode: "pairs" (conversational rows), "best_worst" (one row: the best-scored correct
-        sample against the worst-scored incorrect one, the first of equals) or "group"
-        (one K-way row).
+        sample against the worst-scored incorrect one, the first of equals),
+        "length_matched" (one row: the first correct sample against the incorrect one
+        closest to it in length, in characters; the first of equals: so that the pair's
+        log-ratios do not just measure length) or "group" (one K-way row).
       pairs_per_prompt: mode pairs, keep the first N distinct (correct, incorrect)
         combinations in sample order; 0 keeps all.
       num_negatives: mode group, keep at most N distinct incorrect samples; 0 keeps all.
@@ -95,9 +97,13 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
     if not good or not bad:
         return []
     meta = {"task": evaluate.task_name(example), "answer": str(example["answer"])}
-    if mode == "best_worst":
-        g = max(good, key=lambda i: (scores[i], -i))
-        b = min(bad, key=lambda i: (scores[i], i))
+    if mode in ("best_worst", "length_matched"):
+        if mode == "best_worst":
+            g = max(good, key=lambda i: (scores[i], -i))
+            b = min(bad, key=lambda i: (scores[i], i))
+        else:
+            g = good[0]
+            b = min(bad, key=lambda i: (abs(len(texts[i]) - len(texts[g])), i))
         return [{"prompt": list(prompt), "chosen": _message(texts[g]),
                  "rejected": _message(texts[b]), **meta,
                  "chosen_score": float(scores[g]), "rejected_score": float(scores[b])}]
@@ -127,7 +133,7 @@ def rows_for_prompt(prompt: Sequence[Mapping[str, str]], example: Mapping[str, A
     raise ValueError(f"pairs: mode must be one of {MODES}, got {mode!r}")
 
 
-MODES = ("pairs", "best_worst", "group")
+MODES = ("pairs", "best_worst", "length_matched", "group")
 
 
 def build(sampler: evaluate.Sampler, examples: Sequence[Mapping[str, Any]], verifier: str | verifiers.Verifier,

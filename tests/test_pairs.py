@@ -127,7 +127,7 @@ def test_task_config_reaches_the_prompts():
 def test_bad_settings(tmp_path, examples):
     with pytest.raises(ValueError, match="num_samples must be >= 2"):
         pairs.build(ScriptedSampler({}), examples, "reasoning_gym", num_samples=1, mode="pairs")
-    with pytest.raises(ValueError, match=r"mode must be one of \('pairs', 'best_worst', 'group'\)"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('pairs', 'best_worst', 'length_matched', 'group'\)"):
         pairs.build(ScriptedSampler({}), examples, "reasoning_gym", num_samples=2, mode="triples")
     cfg = pairs.default_config()
     cfg.seed = 10**9
@@ -169,3 +169,14 @@ def test_best_worst_pairs_the_best_correct_with_the_worst_incorrect_answer():
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("b", "c")]
     assert (rows[0]["chosen_score"], rows[0]["rejected_score"]) == (1.0, 0.0)
     assert pairs.rows_for_prompt(prompt, ex, ["a", "b"], [1.0, 1.0], mode="best_worst") == []
+
+
+def test_length_matched_pairs_the_first_correct_with_the_incorrect_of_closest_length():
+    prompt, ex = [{"role": "user", "content": "q"}], {"answer": "3", "task": "t"}
+    texts = ["wrong, long answer", "ok 3", "no", "bad!", "also 3"]
+    rows = pairs.rows_for_prompt(prompt, ex, texts, [0.0, 1.0, 0.0, 0.0, 1.0],
+                                 mode="length_matched")
+    # the first correct "ok 3" (4 characters): "bad!" (4) beats "no" (2) and the long one
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("ok 3", "bad!")]
+    assert pairs.rows_for_prompt(prompt, ex, ["a", "b"], [0.0, 0.0], mode="length_matched") == []
