@@ -13,10 +13,13 @@ Each run is ``python -m mio_jax.main --config=CONFIG:METHOD`` with
 ``OUT/<method>_lr<lr>_beta<beta>/<method>_seed<k>``. A run's validation score is the last
 eval row's ``--select_metric`` in its ``metrics.jsonl`` (the trainer's held-out evals use the
 validation split). The test evaluation is ``python -m mio_jax.evaluate --split=test`` on the
-run's export (``hf_export``: merged weights, LoRA runs included). Everything is resumable: a finished run (``sweep_run.json``) and a written test
-evaluation are kept, an interrupted run resumes from its own checkpoints, and a rerun of the
-same command goes on where it stopped. ``OUT/sweep.json`` and ``OUT/sweep.md`` hold the
-table: every cell's validation score, the cell chosen per method, its test accuracy per seed.
+run's export (``hf_export``: merged weights, LoRA runs included), on the same test problems
+for every seed (evaluation seed 0), so that ``mio_jax.compare`` pairs them by problem.
+Everything is resumable: a finished run (``sweep_run.json``) and a written test evaluation
+are kept, an interrupted run resumes from its own checkpoints, and a rerun of the same
+command goes on where it stopped. ``OUT/sweep.json`` and ``OUT/sweep.md`` (``--table``) hold
+the table: every cell's validation score, the cell chosen per method, its test accuracy per
+seed.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ flags.DEFINE_integer("test_samples", 1, "sampled completions per test problem (b
 flags.DEFINE_float("test_temperature", 0.0, "test sampling temperature", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 96, "longest test answer", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "the sweep's folder", flag_values=FLAGS, required=True)
+flags.DEFINE_string("table", "sweep", "the table's file name in --out (NAME.json, NAME.md): "
+                    "sweeps that share their runs keep their own tables", flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +201,7 @@ def _test_evaluator(args: flags.FlagValues) -> Evaluator:
         out = os.path.join(work, "test_eval.json")
         command = [sys.executable, "-m", "mio_jax.evaluate", "--split=test",
                    f"--model={os.path.join(work, 'hf_export')}", f"--out={out}",
-                   f"--num_examples={args.test_examples}", f"--seed={seed}",
+                   f"--num_examples={args.test_examples}", "--seed=0",
                    f"--max_new_tokens={args.max_new_tokens}",
                    *[f"--task={t}" for t in args.task]]
         if args.task_config:
@@ -231,13 +236,13 @@ def _sweep(argv: list[str]) -> None:
                            test_seeds=test_seeds,
                            runner=_main_runner(a.config, a.set, a.select_metric),
                            evaluator=_test_evaluator(a), mode=a.select_mode)
-    paths.write_json(os.path.join(a.out, "sweep.json"), result, indent=1)
+    paths.write_json(os.path.join(a.out, f"{a.table}.json"), result, indent=1)
     table = format_table(result)
     runs = " ".join(f"--runs={os.path.join(a.out, c['cell'])}"
                     for _, c in sorted(result["chosen"].items()))
     table += (f"\n\nThe paired comparison of the chosen cells on test:\n\n    python -m "
               f"mio_jax.compare {runs} --eval=test_eval.json --baseline={a.methods[-1]}")
-    with open(os.path.join(a.out, "sweep.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(a.out, f"{a.table}.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     print(table)
 
