@@ -23,9 +23,13 @@ if [[ $STEP == all || $STEP == pairs ]] && [[ ! -f $DATA/train_pairs.jsonl ]]; t
   $PY scripts/study_a_split.py "$OUT/pairs_all.jsonl" "$DATA"
 fi
 if [[ $STEP == all || $STEP == equal ]]; then  # every method at beta 0.1, every seed
-  $PY -m mio_jax.sweep --config=configs/study_a.py --methods=mio,dpo,rpo,sft \
+  # the confirmatory pair first, then the controls (DPO + NLL, SFT)
+  $PY -m mio_jax.sweep --config=configs/study_a.py --methods=mio,dpo \
       --learning_rates=5e-6 --betas=0.1 --select_seeds=0 "${TEST[@]}" --out="$OUT/runs" \
-      --table=equal_beta
+      --table=confirmatory
+  $PY -m mio_jax.sweep --config=configs/study_a.py --methods=rpo,sft \
+      --learning_rates=5e-6 --betas=0.1 --select_seeds=0 "${TEST[@]}" --out="$OUT/runs" \
+      --table=controls
 fi
 if [[ $STEP == all || $STEP == tuned ]]; then  # MIO and DPO: beta 0.1 or 0.5 on validation
   $PY -m mio_jax.sweep --config=configs/study_a.py --methods=mio,dpo \
