@@ -6,13 +6,23 @@
   python -m mio_jax.main --config=configs/online.py:mio,runlocal --workdir=/tmp/online_smoke
 
 ``arg`` is a method of ``configs/reproduce_small.py``'s METHODS (mio, dpo, rpo = DPO + NLL,
-js_multi, infonce; betas gradient-matched, beta_DPO = beta_MIO / 2), optionally followed by
-",lora" (a rank-16 LoRA adapter on the frozen base, which is then the reference) and/or
-",runlocal" (a one-minute smoke run). Every round samples 4 answers to 32 single-digit
-arithmetic problems with the policy being trained (base pass rate about 10 %: 19 of 192 in
-docs/results/small), pairs the best answer of a prompt with its worst (K-way methods: the
-whole group) and trains 4 steps of 2 rows; the held-out eval (greedy, item seeds from 1e9)
-runs at the start and every 2 rounds.
+js_multi, infonce), optionally followed by ",lora" (a rank-16 LoRA adapter on the frozen
+base, which is then the reference) and/or ",runlocal" (a one-minute smoke run). Every round
+samples 8 answers to 64 single-digit arithmetic problems with the policy being trained (base
+pass rate about 13 %: 103 of 800 in docs/results/study_a), pairs the best answer of a prompt
+with its worst (K-way methods: the whole group) and trains 2 steps of 16 rows (about one
+epoch of the round's pairs); the held-out eval (greedy, validation items from 1e9) runs at
+the start and every 2 rounds.
+
+The recipe starts from the published online preference settings for math (RLHFlow
+Online-DPO-R1, `run_iter_dpo.sh`; DPO-VP, arXiv 2503.12854): 8 samples per prompt, best
+against worst, the reference reset to the previous round's model, one or two epochs per
+round, beta 0.1 for every method (also Eurus, arXiv 2404.02078, where NCA = MIO and DPO
+share beta 0.1). Scaled to this CPU: 16 pairs per step (64-128 published; TRL's DPO example
+16) and learning rate 5e-6 (published 5e-7 on 7B models over thousands of steps; 5x
+SmolLM2's own DPO rate of 1e-6 for ~100x fewer steps, as in configs/study_a.py); LoRA 5e-5
+(TRL's examples use 10x the full-weight rate for LoRA). docs/results/online ran the previous
+recipe (learning rate 2e-5, 2 rows per step, the initial reference, gradient-matched betas).
 """
 
 import os
@@ -24,6 +34,7 @@ default = mio_config.load_module(os.path.join(_HERE, "default.py"))
 small = mio_config.load_module(os.path.join(_HERE, "reproduce_small.py"))
 
 TASK_CONFIG = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}'
+BETA = 0.1  # every method (see the module docstring)
 
 
 def get_config(arg=None):
@@ -33,7 +44,7 @@ def get_config(arg=None):
     if method not in small.METHODS or options - {"lora", "runlocal"}:
         raise ValueError(f"configs/online.py: arg {arg!r}: expected METHOD[,lora][,runlocal] "
                          f"with METHOD one of {sorted(small.METHODS)}")
-    loss, beta, kway_mode, hparams = small.METHODS[method]
+    loss, _, kway_mode, hparams = small.METHODS[method]
     c = default.get_config()
     c.data.eval_path = ""                # the rounds' own rows; the held-out eval is reasoning
     c.data.format = "auto"
@@ -46,7 +57,7 @@ def get_config(arg=None):
     c.model.completion_logits_fraction = None
 
     c.loss.name = loss
-    c.loss.beta = beta
+    c.loss.beta = BETA
     for key, value in hparams.items():
         c.loss[key] = value
     c.reference.mode = "precomputed"     # once per round, under online.reference
@@ -54,9 +65,9 @@ def get_config(arg=None):
 
     c.online.enabled = True
     c.online.rounds = 6
-    c.online.prompts_per_round = 32
-    c.online.samples_per_prompt = 4
-    c.online.steps_per_round = 4
+    c.online.prompts_per_round = 64
+    c.online.samples_per_prompt = 8
+    c.online.steps_per_round = 2
     c.online.tasks = "basic_arithmetic"
     c.online.task_config = TASK_CONFIG
     c.online.prompt_seed = 0
@@ -65,11 +76,11 @@ def get_config(arg=None):
     c.online.max_new_tokens = 96
     c.online.sample_batch_size = 64
     c.online.pairs = "group" if kway_mode == "group" else "best_worst"
-    c.online.reference = "initial"
+    c.online.reference = "previous"      # reset to the round's starting model each round
     c.online.eval_every_rounds = 2
 
-    c.train.batch_size = 2
-    c.optim.learning_rate = 2e-5
+    c.train.batch_size = 16
+    c.optim.learning_rate = 5e-6
     c.optim.warmup_steps = 2
     c.checkpoint.every_steps = 2
     c.checkpoint.keep = 2
@@ -86,7 +97,7 @@ def get_config(arg=None):
         c.model.lora.enabled = True
         c.model.lora.rank = 16
         c.model.lora.alpha = 32.0
-        c.optim.learning_rate = 2e-4     # adapters take a larger step than full weights
+        c.optim.learning_rate = 5e-5     # adapters take a larger step than full weights
     if "runlocal" in options:
         c.online.rounds = 2
         c.online.prompts_per_round = 4

@@ -29,6 +29,13 @@ EVAL_EVERY=${EVAL_EVERY:-$ROUNDS}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/$OUT/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 STAGES=${*:-runs report}
+# The recipe this study ran (configs/online.py has since moved to the published regime):
+# 32 prompts x 4 samples per round, 4 steps of 2 rows, learning rate 2e-5, the initial
+# model as the reference, gradient-matched betas (DPO's and DPO + NLL's half of MIO's 0.1).
+declare -A BETA=([mio]=0.1 [dpo]=0.05 [rpo]=0.05 [js_multi]=0.1 [infonce]=0.05)
+STUDY_RECIPE=(--config.online.prompts_per_round=32 --config.online.samples_per_prompt=4
+              --config.online.steps_per_round=4 --config.train.batch_size=2
+              --config.optim.learning_rate=2e-5 --config.online.reference=initial)
 mkdir -p "$OUT"
 if [[ " $STAGES " == *" runs "* ]]; then
   for m in $METHODS; do
@@ -43,7 +50,8 @@ if [[ " $STAGES " == *" runs "* ]]; then
       $PY -m mio_jax.main --config="configs/online.py:$m" --workdir="$run" \
         --config.seed="$s" --config.online.rounds="$ROUNDS" \
         --config.online.eval_every_rounds="$EVAL_EVERY" --config.eval.at_start="$at_start" \
-        --config.eval.reasoning_examples="$EVAL_N" --config.log.progress_bar=False
+        --config.eval.reasoning_examples="$EVAL_N" --config.log.progress_bar=False \
+        "${STUDY_RECIPE[@]}" --config.loss.beta="${BETA[$m]}"
       if [ "$at_start" = True ]; then
         cp "$run/reasoning_eval/step_0.json" "$OUT/base_eval.json"
       fi
