@@ -41,11 +41,11 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from mio_jax import checkpoint, evaluate, metrics, online_config, optim, reference, sharding
+from mio_jax import checkpoint, heldout, metrics, online_config, optim, reference, sharding
 from mio_jax.data import config as data_config
 from mio_jax.data.config import default_data_config
 from mio_jax.errors import ConfigError
-from mio_jax.evaluate import reasoning_tasks
+from mio_jax.heldout import reasoning_tasks
 from mio_jax.losses.config import (effective_hparams, hparam_defaults, loss_names,
                                    validate_loss_config)
 from mio_jax.models.config import validate_model_config
@@ -204,7 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.num_negatives = 0           # group: at most N incorrect answers (0 = all)
     c.online.reference = "initial"       # initial (the starting model) | previous (round start)
     c.online.eval_every_rounds = 1       # held-out eval (eval.reasoning_tasks) every E rounds
-    c.online.system = evaluate.DEFAULT_SYSTEM  # the system prompt ("" = none)
+    c.online.system = heldout.DEFAULT_SYSTEM  # the system prompt ("" = none)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)
@@ -447,5 +447,5 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None,
     _validate_mesh(cfg, num_devices)
     checkpoint.validate_checkpoint_config(cfg)
     metrics.validate_log_config(cfg)
-    evaluate.validate_eval_config(cfg)
+    heldout.validate_eval_config(cfg)
     online_config.validate_online_config(cfg)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from mio_jax import config as mio_config
 from mio_jax import distributed
+from mio_jax import heldout
 from mio_jax import evaluate as evaluate_lib
 from mio_jax import models
 from mio_jax import pairs as pairs_lib
@@ -61,9 +62,9 @@ def round_examples(config, r: int, jsonl_rows: Sequence[dict] | None = None
     o = config.online
     m = o.prompts_per_round
     out = []
-    task_config = evaluate_lib.parse_task_config(o.task_config)
+    task_config = heldout.parse_task_config(o.task_config)
     for task in [t.strip() for t in o.tasks.split(",") if t.strip()]:
-        for ex in evaluate_lib.reasoning_gym_examples(task, m, o.prompt_seed + r * m,
+        for ex in heldout.reasoning_gym_examples(task, m, o.prompt_seed + r * m,
                                                       task_config):
             out.append((ex, o.verifier or "reasoning_gym"))
     if jsonl_rows:

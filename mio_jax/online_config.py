@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from mio_jax import evaluate, paths, verifiers
+from mio_jax import heldout, paths, verifiers
 from mio_jax.errors import ConfigError
 
 PAIR_RULES = {"best_worst": ("best_worst", 1), "length_matched": ("length_matched", 1),
@@ -61,14 +61,14 @@ def validate_online_config(cfg) -> None:
         raise ConfigError(f"online.temperature={o.temperature} must be >= 0, online.top_p="
                           f"{o.top_p} in (0, 1], online.top_k={o.top_k} >= 0")
     try:
-        evaluate.parse_task_config(o.task_config)
+        heldout.parse_task_config(o.task_config)
     except ValueError as e:
         raise ConfigError(f"online.task_config: {e}") from e
     last_seed = o.prompt_seed + o.rounds * o.prompts_per_round
-    if o.tasks.strip() and (o.prompt_seed < 0 or last_seed > evaluate.EVAL_SEED_BASE):
+    if o.tasks.strip() and (o.prompt_seed < 0 or last_seed > heldout.EVAL_SEED_BASE):
         raise ConfigError(f"online.prompt_seed={o.prompt_seed}: the rounds' item seeds "
                           f"[{o.prompt_seed}, {last_seed}) must lie below "
-                          f"{evaluate.EVAL_SEED_BASE} (the held-out range)")
+                          f"{heldout.EVAL_SEED_BASE} (the held-out range)")
     if o.jsonl and not paths.exists(o.jsonl):
         raise ConfigError(f"online.jsonl={o.jsonl!r}: file not found")
     if o.verifier:

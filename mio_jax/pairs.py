@@ -15,7 +15,7 @@ Output rows are in the data package's formats (`mio_jax.data.formats`):
     "answer"}: the first correct sample, then the distinct incorrect ones (hardest first is
     left to the data package, which sorts negatives by score).
 Prompts whose K samples are all correct or all incorrect give no row; they are counted.
-Problem seeds must stay below the evaluation range (`mio_jax.evaluate.EVAL_SEED_BASE`).
+Problem seeds must stay below the evaluation range (`mio_jax.heldout.EVAL_SEED_BASE`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import flags
 
-from mio_jax import cli, distributed, errors, evaluate, paths, verifiers
+from mio_jax import cli, distributed, errors, evaluate, heldout, paths, verifiers
 from mio_jax.models import smollm2_gguf_path
 
 
@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.pairs_per_prompt = 1  # mode pairs: first N (correct, incorrect) combinations; 0 = all
     c.num_negatives = 0  # mode group: at most N incorrect samples per row; 0 = all distinct
     c.verifier = ""  # "" = reasoning_gym for tasks, exact_number for JSONL; or name / module:fn
-    c.system = evaluate.DEFAULT_SYSTEM
+    c.system = heldout.DEFAULT_SYSTEM
     c.out = "pairs.jsonl"
     return c
 
@@ -138,7 +138,7 @@ MODES = ("pairs", "best_worst", "length_matched", "group")
 
 def build(sampler: evaluate.Sampler, examples: Sequence[Mapping[str, Any]], verifier: str | verifiers.Verifier,
           *, num_samples: int, mode: str, pairs_per_prompt: int = 1, num_negatives: int = 0,
-          batch_size: int = 8, system: str = evaluate.DEFAULT_SYSTEM, progress: bool = True
+          batch_size: int = 8, system: str = heldout.DEFAULT_SYSTEM, progress: bool = True
           ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Samples `num_samples` answers per example, scores them and builds rows.
 
@@ -198,9 +198,9 @@ def load_examples(cfg: ml_collections.ConfigDict) -> list[tuple[list[dict[str, A
     """The configured prompt sources as (examples, verifier name) lists."""
     sources = []
     for task in [t.strip() for t in cfg.tasks.split(",") if t.strip()]:
-        evaluate.check_training_seeds(cfg.seed, cfg.num_prompts)
-        task_config = evaluate.parse_task_config(cfg.get("task_config", ""))
-        sources.append((evaluate.reasoning_gym_examples(task, cfg.num_prompts, cfg.seed, task_config),
+        heldout.check_training_seeds(cfg.seed, cfg.num_prompts)
+        task_config = heldout.parse_task_config(cfg.get("task_config", ""))
+        sources.append((heldout.reasoning_gym_examples(task, cfg.num_prompts, cfg.seed, task_config),
                         cfg.verifier or "reasoning_gym"))
     if cfg.jsonl:
         sources.append((evaluate.jsonl_examples(cfg.jsonl, cfg.num_prompts), cfg.verifier or "exact_number"))

@@ -13,6 +13,7 @@ from flax import nnx
 
 from mio_jax import config as mio_config
 from mio_jax import evaluate as evaluate_lib
+from mio_jax import heldout
 from mio_jax import layouts
 from mio_jax import logps as logps_lib
 from mio_jax import models
@@ -106,9 +107,9 @@ def _reasoning_eval(run: stages.Run, params, step: int) -> dict[str, float]:
     if not tasks:
         return {}
     ecfg = run.config.eval
-    task_config = evaluate_lib.parse_task_config(ecfg.reasoning_task_config)
+    task_config = heldout.parse_task_config(ecfg.reasoning_task_config)
     examples = [ex for t in tasks for ex in
-                evaluate_lib.heldout_examples(t, ecfg.reasoning_examples, 0, task_config,
+                heldout.heldout_examples(t, ecfg.reasoning_examples, 0, task_config,
                                               ecfg.reasoning_split)]
     model = nnx.merge(run.model.graphdef, params, run.model.other)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import reasoning_gym
 
-from mio_jax import evaluate
+from mio_jax import evaluate, heldout
 
 
 def _wilson_by_quadratic(x, n, z=1.959963984540054):
@@ -59,8 +59,8 @@ def test_pass_at_k_exact_small_cases():
 
 @pytest.fixture(scope="module")
 def examples():
-    arith = evaluate.reasoning_gym_examples("basic_arithmetic", 4, seed=7)
-    chain = evaluate.reasoning_gym_examples("chain_sum", 3, seed=7)
+    arith = heldout.reasoning_gym_examples("basic_arithmetic", 4, seed=7)
+    chain = heldout.reasoning_gym_examples("chain_sum", 3, seed=7)
     return arith + chain
 
 
@@ -104,29 +104,29 @@ def test_evaluate_predictions_errors(examples):
 
 
 def test_heldout_seeds_are_disjoint_from_training():
-    held = evaluate.heldout_examples("chain_sum", 3, seed=0)
+    held = heldout.heldout_examples("chain_sum", 3, seed=0)
     direct = reasoning_gym.create_dataset("chain_sum", size=3, seed=10**9)
     assert [e["question"] for e in held] == [e["question"] for e in direct]
-    evaluate.check_training_seeds(1234, 4000)  # the committed data set's seeds
+    heldout.check_training_seeds(1234, 4000)  # the committed data set's seeds
     with pytest.raises(ValueError, match="held out for evaluation"):
-        evaluate.check_training_seeds(10**9 - 5, 10)
+        heldout.check_training_seeds(10**9 - 5, 10)
 
 
 def test_validation_and_test_splits_draw_disjoint_item_seeds():
     """Validation items come from Random(1e9 + seed + i), test items from
     Random(1.5e9 + seed + i); a seed that would let one split reach the other is refused."""
-    val = evaluate.heldout_examples("chain_sum", 3, seed=7)
-    test = evaluate.heldout_examples("chain_sum", 3, seed=7, split="test")
+    val = heldout.heldout_examples("chain_sum", 3, seed=7)
+    test = heldout.heldout_examples("chain_sum", 3, seed=7, split="test")
     want = reasoning_gym.create_dataset("chain_sum", size=3, seed=1_500_000_007)
     assert [e["question"] for e in test] == [e["question"] for e in want]
     assert [e["question"] for e in val] != [e["question"] for e in test]
-    bases = sorted(evaluate.HELD_OUT_SPLITS.values())
-    assert bases[0] == evaluate.EVAL_SEED_BASE  # training seeds stay below both
-    assert bases[1] - bases[0] == evaluate.SPLIT_SPAN  # [base, base + span) never overlap
+    bases = sorted(heldout.HELD_OUT_SPLITS.values())
+    assert bases[0] == heldout.EVAL_SEED_BASE  # training seeds stay below both
+    assert bases[1] - bases[0] == heldout.SPLIT_SPAN  # [base, base + span) never overlap
     with pytest.raises(ValueError, match="leaves the validation split"):
-        evaluate.heldout_examples("chain_sum", 10, seed=evaluate.SPLIT_SPAN - 5)
+        heldout.heldout_examples("chain_sum", 10, seed=heldout.SPLIT_SPAN - 5)
     with pytest.raises(ValueError, match="expected one of"):
-        evaluate.heldout_examples("chain_sum", 1, seed=0, split="train")
+        heldout.heldout_examples("chain_sum", 1, seed=0, split="train")
 
 
 def test_every_problem_keeps_its_verdicts(examples):
@@ -150,20 +150,20 @@ def test_every_problem_keeps_its_verdicts(examples):
 
 
 def test_task_config_sets_the_difficulty():
-    cfg = evaluate.parse_task_config('{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, '
+    cfg = heldout.parse_task_config('{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, '
                                      '"operators": ["+"], "allow_negation": false}')
-    assert cfg["operators"] == ("+",) and evaluate.parse_task_config("") == {}
-    easy = evaluate.heldout_examples("basic_arithmetic", 6, seed=3, task_config=cfg)
+    assert cfg["operators"] == ("+",) and heldout.parse_task_config("") == {}
+    easy = heldout.heldout_examples("basic_arithmetic", 6, seed=3, task_config=cfg)
     direct = reasoning_gym.create_dataset("basic_arithmetic", size=6, seed=10**9 + 3, **cfg)
     assert [e["question"] for e in easy] == [e["question"] for e in direct]
     for e in easy:  # two single-digit terms added: |answer| is at most 18
         assert abs(int(e["answer"])) <= 18 and e["question"].count("+") == 1
     with pytest.raises(ValueError, match="expected a JSON object"):
-        evaluate.parse_task_config("[1, 2]")
+        heldout.parse_task_config("[1, 2]")
     with pytest.raises(ValueError, match="not valid JSON"):
-        evaluate.parse_task_config("{max_digits: 1}")
+        heldout.parse_task_config("{max_digits: 1}")
     with pytest.raises(ValueError, match="'basic_arithmetic' with config"):
-        evaluate.reasoning_gym_examples("basic_arithmetic", 2, 0, {"max_digitz": 1})
+        heldout.reasoning_gym_examples("basic_arithmetic", 2, 0, {"max_digitz": 1})
 
 
 def test_evaluate_with_a_sampler_and_jsonl(tmp_path):

@@ -6,15 +6,15 @@ import json
 import pytest
 import reasoning_gym
 
-from mio_jax import evaluate, pairs
+from mio_jax import heldout, pairs
 from mio_jax.data import formats, report
 
-SYSTEM = evaluate.DEFAULT_SYSTEM
+SYSTEM = heldout.DEFAULT_SYSTEM
 
 
 @pytest.fixture(scope="module")
 def examples():
-    return evaluate.reasoning_gym_examples("chain_sum", 5, seed=11)
+    return heldout.reasoning_gym_examples("chain_sum", 5, seed=11)
 
 
 def _plan(examples):

@@ -230,6 +230,7 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(lora, tiny,
     on the exported model (with LoRA: generation with the adapters applied, the merged
     export, and the base + exported PEFT adapter all agree)."""
     from mio_jax import evaluate as evaluate_lib
+    from mio_jax import heldout
 
     adapters = {"model.lora.enabled": True, "model.lora.rank": 4,
                 "optim.learning_rate": 5e-2} if lora else {}
@@ -243,7 +244,7 @@ def test_reasoning_accuracy_is_logged_and_matches_the_exported_model(lora, tiny,
     assert out["eval"]["reasoning/accuracy"] == saved["overall"]["accuracy"]
     assert out["eval"]["reasoning/basic_arithmetic/accuracy"] == \
         saved["tasks"]["basic_arithmetic"]["accuracy"]
-    examples = evaluate_lib.heldout_examples("basic_arithmetic", 3, seed=0)
+    examples = heldout.heldout_examples("basic_arithmetic", 3, seed=0)
     assert [c["question"] for c in saved["completions"]] == [e["question"] for e in examples]
     sampler = evaluate_lib.make_sampler(out["export"], max_new_tokens=6)
     again = evaluate_lib.evaluate(sampler, examples, "reasoning_gym")

@@ -25,11 +25,7 @@ from typing import Sequence
 from absl import flags
 
 from mio_jax import cli
-
-SYSTEM = (
-    "You are a careful math tutor. Solve the problem step by step and end with "
-    "a final line of the form 'The answer is N.'"
-)
+from mio_jax.heldout import DEFAULT_SYSTEM as SYSTEM
 TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
 OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
@@ -211,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _build(args: list[str]) -> None:
     """Builds and writes both splits with the parsed flags."""
     cli.expect_no_arguments(args)
-    # lazy: evaluate (and through it the config schema) imports this module for SYSTEM;
-    # the model stack and transformers load only when a set is built
+    # lazy: the model stack and transformers load only when a set is built
     from mio_jax.models.embedded import smollm2_gguf_path  # lazy: see above
     from mio_jax.models.tokenizer import load_tokenizer  # lazy: see above
 
