@@ -10,6 +10,7 @@ Reads the sweep folder of launch/study_a.sh (cells ``<method>_lr<lr>_beta<beta>`
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -20,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from mio_jax import compare, paired
 
 CELL = re.compile(r"(?P<method>[a-z_]+)_lr(?P<lr>[0-9.e+-]+)_beta(?P<beta>[0-9.e+-]+)$")
-RUN = re.compile(r"(?P<method>[a-z_]+)_seed(?P<seed>\d+)$")
 COPIED = ("metrics.jsonl", "config.json", "sweep_run.json", "sweep_test.json", "test_eval.json")
 
 
@@ -76,7 +76,7 @@ def load_runs(runs: str) -> dict:
         if not CELL.match(cell) or not os.path.isdir(os.path.join(runs, cell)):
             continue
         for name in sorted(os.listdir(os.path.join(runs, cell))):
-            match, folder = RUN.match(name), os.path.join(runs, cell, name)
+            match, folder = compare.RUN_NAME.match(name), os.path.join(runs, cell, name)
             if not match or not os.path.isdir(folder):
                 continue
             if not os.path.isfile(os.path.join(folder, "sweep_run.json")):
@@ -176,10 +176,11 @@ def report(runs: str, out: str) -> str:
     if cells:
         figure(cells, os.path.join(out, "chosen_logratio.png"))
         lines += ["", "![chosen log-ratios](chosen_logratio.png)"]
-    test_cells = [os.path.join(runs, c) for c in ("mio_lr5e-06_beta0.1", "dpo_lr5e-06_beta0.1")
-                  if all(os.path.isfile(os.path.join(runs, c, f"{m}_seed{s}", "test_eval.json"))
-                         for m in ("mio", "dpo") if c.startswith(m) for s in seeds)]
-    if len(test_cells) == 2 and seeds:
+    # the test comparison once every run of both cells has its test evaluation
+    test_cells = [os.path.join(runs, c) for c in ("mio_lr5e-06_beta0.1", "dpo_lr5e-06_beta0.1")]
+    if seeds and all(os.path.isfile(os.path.join(folder, "test_eval.json"))
+                     for cell in test_cells for folder in glob.glob(os.path.join(cell, "*_seed*"))
+                     if os.path.isdir(folder)):
         rows = compare.compare(compare.load_study(test_cells, "test_eval.json"), "dpo",
                                num_resamples=10000)
         lines += ["", "## Test accuracy (secondary; 300 problems, greedy)", "",
