@@ -42,6 +42,11 @@ def make_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int =
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
+def clip_norm(max_grad_norm) -> float | None:
+    """The global-norm clip ``max_grad_norm`` stands for: None when unset or <= 0 (no clip)."""
+    return None if max_grad_norm is None or max_grad_norm <= 0 else float(max_grad_norm)
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0,
                    schedule: str = "cosine", final_lr_fraction: float = 0.0,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
@@ -66,7 +71,7 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int 
                        warmup_steps=warmup_steps, schedule=schedule,
                        final_lr_fraction=final_lr_fraction)
     parts = []
-    if max_grad_norm is not None and max_grad_norm > 0:
+    if clip_norm(max_grad_norm) is not None:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                              mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))

@@ -18,6 +18,7 @@ from mio_jax import checkpoint as ckpt_lib
 from mio_jax import config as mio_config
 from mio_jax import losses
 from mio_jax import models
+from mio_jax import optim
 from mio_jax import reference as reference_lib
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
@@ -126,5 +127,4 @@ def step_config(config) -> step_lib.StepConfig:
         weight_norms=bool(config.log.weight_norms),
         dropout_seed=(int(config.seed) if lora_lib.enabled(config)
                       and config.model.lora.dropout > 0 else None),
-        max_grad_norm=(float(config.optim.max_grad_norm) if config.optim.max_grad_norm
-                       and config.optim.max_grad_norm > 0 else None))
+        max_grad_norm=optim.clip_norm(config.optim.max_grad_norm))
