@@ -9,6 +9,13 @@ Public API:
   names() -> every registered name;  spec(name) -> LossSpec (frozen metadata)
   one plain function per loss: mio, dpo, sigmoid, ipo, ... (same keywords as compute)
 
+Policy-gradient (GRPO family, TRL's GRPOTrainer semantics; see docs/rl.md):
+  policy_loss(loss_type, per_token_logps, old_per_token_logps, advantages, completion_mask,
+              *, ref_per_token_logps=None, **hparams) -> (loss, metrics)
+  group_advantages(rewards, num_generations, scale_rewards) -> advantages[N]
+  rloo_advantages(rewards, num_generations, normalize_advantages=False) -> advantages[N]
+  reward_metrics(rewards, num_generations, scale_rewards) -> TRL's reward log
+
 See docs/losses.md for every formula, hparam and metric.
 """
 
@@ -19,6 +26,15 @@ from mio_jax.losses._api import compute, compute_group
 from mio_jax.losses._public import make_public as _make_public
 from mio_jax.losses._registry import LossSpec, names, spec
 from mio_jax.losses.divergences import F_DIVERGENCE_TYPES, f_divergence_scores
+from mio_jax.losses.policy import (
+    POLICY_LOSS_TYPES,
+    SCALE_REWARDS,
+    group_advantages,
+    policy_loss,
+    reward_metrics,
+    reward_std,
+    rloo_advantages,
+)
 
 # One plain function per registered loss, e.g. `from mio_jax.losses import mio, dpo`.
 aot = _make_public("aot")
@@ -48,6 +64,13 @@ sppo_hard = _make_public("sppo_hard")
 __all__ = [
     "F_DIVERGENCE_TYPES",
     "LossSpec",
+    "POLICY_LOSS_TYPES",
+    "SCALE_REWARDS",
+    "group_advantages",
+    "policy_loss",
+    "reward_metrics",
+    "reward_std",
+    "rloo_advantages",
     "compute",
     "compute_group",
     "f_divergence_scores",
@@ -63,5 +86,10 @@ if set(names()) != {n for n in __all__ if n in globals() and callable(globals()[
     "names",
     "spec",
     "LossSpec",
+    "group_advantages",
+    "policy_loss",
+    "reward_metrics",
+    "reward_std",
+    "rloo_advantages",
 }:
     raise ImportError("mio_jax.losses: a registered loss has no plain function in __init__")
