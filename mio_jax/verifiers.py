@@ -28,15 +28,25 @@ _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]*)", re.IGNORECASE)
 _NUMBER_RE = re.compile(_NUMBER)
+_MARKERS = (_TAGGED, _BOXED, _HASHES, _ANSWER_IS)  # in the order they are tried
+
+
+def marked_answer(completion: str) -> str | None:
+    """The text of the completion's last marked answer (`<answer>..</answer>`, `\\boxed{..}`,
+    `#### ..` or "answer is .."), tried in that order; None when nothing is marked."""
+    for pattern in _MARKERS:
+        found = pattern.findall(completion)
+        if found:
+            return found[-1]
+    return None
 
 
 def extract_final_answer(completion: str) -> str | None:
     """The completion's final answer: the last `<answer>..</answer>`, `\\boxed{..}`, `#### ..`
     or "answer is ..", else the last non-empty line. None for an empty completion."""
-    for pattern in (_TAGGED, _BOXED, _HASHES, _ANSWER_IS):
-        found = pattern.findall(completion)
-        if found:
-            return found[-1].strip().rstrip(".").strip()
+    marked = marked_answer(completion)
+    if marked is not None:
+        return marked.strip().rstrip(".").strip()
     lines = [ln.strip() for ln in completion.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else None
 
@@ -59,7 +69,7 @@ def normalize_number(text: str, *, first: bool = False) -> str | None:
 def final_number(completion: str) -> str | None:
     """The normalised final number: the first number of the last marked answer if there is
     one ("The answer is 14 (not 15)" -> "14"), else the completion's last number."""
-    for pattern in (_TAGGED, _BOXED, _HASHES, _ANSWER_IS):
+    for pattern in _MARKERS:  # a marker without a number falls through to the next one
         found = pattern.findall(completion)
         if found:
             n = normalize_number(found[-1], first=True)

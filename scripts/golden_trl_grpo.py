@@ -15,6 +15,7 @@ What is driven (TRL's code, not a re-implementation):
     with and without `normalize_advantages`), cut out of TRL's installed source by their
     first and last lines and executed on fixed rewards (NaN for an unscorable completion),
     together with TRL's logged `reward`, `reward_std` and `frac_reward_zero_std`.
+  * TRL's `think_format_reward` and `get_soft_overlong_punishment` on fixed completions.
 Everything in float64. Tests read the JSON without torch.
 """
 
@@ -30,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import trl
+from trl.rewards import get_soft_overlong_punishment, think_format_reward
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.rloo_trainer import RLOOTrainer
 from trl.trainer.utils import nanstd
@@ -181,6 +183,20 @@ def run_rloo(rewards: list[float], num_generations: int, normalize: bool) -> lis
     return env["advantages"].tolist()
 
 
+THINK_COMPLETIONS = ["<think>\nadd 3 and 4\n</think>\nThe answer is 7.", "<think>add</think>7",
+                     "<think>\nno end tag\n7", "7 <think>late</think>",
+                     "<think>a</think><think>b</think>7", ""]
+OVERLONG = {"max_completion_len": 20, "soft_punish_cache": 8, "lengths": [0, 5, 12, 13, 16, 20, 21, 40]}
+
+
+def run_rewards() -> dict:
+    think = think_format_reward([[{"role": "assistant", "content": c}] for c in THINK_COMPLETIONS])
+    punish = get_soft_overlong_punishment(OVERLONG["max_completion_len"], OVERLONG["soft_punish_cache"])
+    overlong = punish([[1] * n for n in OVERLONG["lengths"]])
+    return {"think_format": {"completions": THINK_COMPLETIONS, "rewards": think},
+            "soft_overlong_punishment": {**OVERLONG, "rewards": overlong}}
+
+
 def main() -> None:
     inp = make_inputs()
     cases = [{"id": cid, "loss_type": lt, "hparams": hp, "on_policy": op, **run_loss(inp, lt, hp, op)}
@@ -194,7 +210,7 @@ def main() -> None:
     out = {"trl_version": trl.__version__, "torch_version": torch.__version__, "dtype": "float64",
            "inputs": inp, "defaults": DEFAULTS, "cases": cases,
            "rewards": {k: [None if np.isnan(x) else x for x in v] for k, v in REWARDS.items()},
-           "advantages": advantages, "rloo": rloo}
+           "advantages": advantages, "rloo": rloo, "reward_funcs": run_rewards()}
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {len(cases)} loss cases, {len(advantages)} advantage and {len(rloo)} RLOO cases to {OUT}")

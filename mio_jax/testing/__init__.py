@@ -167,3 +167,8 @@ def killing_verifier(completion: str, example) -> float:
         with open(path, "w") as f:
             f.write(str(left - 1))
     return parity_verifier(completion, example)
+
+
+def length_reward(prompts, completions, completion_ids, **columns) -> list:
+    """A TRL-style reward for the tests: the completion's character count, None when empty."""
+    return [float(len(c)) if c else None for c in completions]
