@@ -56,6 +56,11 @@ class PreferenceBatch:
         padding groups).
       example_id: [B] int32; index of the group in the prepared split, -1 for padding.
       ref_logps: [B, K] float32 precomputed reference sums, or None.
+      advantages: [B, K] float32 per-completion advantages of a rollout batch (policy-
+        gradient losses), else None.
+      old_token_logps: [B, K, L] float32 per-token log-probs under the policy that sampled
+        the rollouts, or None (on-policy).
+      ref_token_logps: [B, K, L] float32 per-token reference log-probs, or None.
     """
 
     input_ids: Any
@@ -67,6 +72,9 @@ class PreferenceBatch:
     valid: Any
     example_id: Any
     ref_logps: Any = None
+    advantages: Any = None
+    old_token_logps: Any = None
+    ref_token_logps: Any = None
 
 
 @struct.dataclass
@@ -252,13 +260,34 @@ def check_token_options(layout: type, *, ld_alpha: float | None, use_weighting: 
                          f"(got {layout.__name__})")
 
 
-def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
-                    use_weighting) -> SequenceLogps:
+def _unshared_hidden(model, batch: PreferenceBatch) -> jax.Array:
     b, k, l = batch.input_ids.shape
     hidden = model.hidden_states(batch.input_ids.reshape(b * k, l),
                                  attention_mask=batch.attention_mask.reshape(b * k, l),
                                  positions=batch.positions.reshape(b * k, l))
-    hidden = hidden.reshape(b, k, l, hidden.shape[-1])
+    return hidden.reshape(b, k, l, hidden.shape[-1])
+
+
+def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE
+                ) -> jax.Array:
+    """``[B, K, L]`` log-prob of each target token under ``model`` (0 where ``loss_mask``
+    is 0): what policy-gradient losses read. Unshared layout only.
+
+    Raises:
+      ValueError: for a packed or shared-prompt batch.
+    """
+    if not isinstance(batch, PreferenceBatch):
+        raise ValueError("per-token log-probs (policy-gradient losses) need the unshared "
+                         f"[B, K, L] layout, got {type(batch).__name__}")
+    stats = logps_lib.token_stats_from_hidden(
+        _unshared_hidden(model, batch), model.output_matrix(), batch.targets, batch.loss_mask,
+        chunk_size=chunk_size, with_log_sum_sq=False, validate=False)
+    return stats.logps_bt
+
+
+def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
+                    use_weighting) -> SequenceLogps:
+    hidden = _unshared_hidden(model, batch)
     mask = batch.loss_mask
     lengths = (mask != 0).sum(axis=-1).astype(jnp.float32)
     if ld_alpha is None and not use_weighting:

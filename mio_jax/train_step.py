@@ -92,6 +92,10 @@ class StepConfig:
       max_grad_norm: the optimizer's global-norm clip (None: no clip); the step reports
         ``grad_clipped`` (1 when the gradient norm exceeded it), so a window's mean is the
         fraction of its steps that were clipped.
+      policy_loss: a policy-gradient loss type (``losses.POLICY_LOSS_TYPES``) for rollout
+        batches (``advantages`` set, unshared layout): the step then optimises
+        ``losses.policy_loss`` on per-token log-probs instead of a preference loss, with
+        ``policy_hparams`` (sorted ``(name, value)``: beta, epsilon, ...). None: preference.
     """
 
     loss_name: str | tuple[str, ...]
@@ -108,6 +112,8 @@ class StepConfig:
     weight_norms: bool = False
     dropout_seed: int | None = None
     max_grad_norm: float | None = None
+    policy_loss: str | None = None
+    policy_hparams: tuple[tuple[str, Any], ...] = ()
 
     def full_projection(self) -> "StepConfig":
         """The same settings with the output projection on every position."""
@@ -163,9 +169,65 @@ def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
     return jax.lax.stop_gradient(seq)
 
 
+def _counts(batch: layouts.Batch, w_b) -> dict:
+    return {"num_tokens": jnp.sum(batch.attention_mask != 0).astype(jnp.float32),
+            "completion_tokens": jnp.sum(batch.loss_mask != 0).astype(jnp.float32),
+            "num_groups": jnp.sum(w_b > 0).astype(jnp.float32)}
+
+
+def _real_slots(batch: layouts.PreferenceBatch):
+    """[B, K] bool: the completions of real groups (padding groups and empty slots out)."""
+    return (batch.weights > 0)[:, None] & batch.valid.astype(bool)
+
+
+def _rollout_mask(batch: layouts.PreferenceBatch):
+    """[B, K, L] float32: the completion tokens that count (a truncated completion masked
+    under ``mask_truncated_completions`` has none)."""
+    return ((batch.loss_mask != 0) & _real_slots(batch)[..., None]).astype(jnp.float32)
+
+
+def rollout_totals(batch: layouts.Batch) -> dict:
+    """What a policy-gradient step normalises by, over the WHOLE step's batch (all its
+    micro-batches): the real completions (masked ones included, as TRL counts its rows),
+    the tokens that count, and the group weight."""
+    return {"sequences": jnp.sum(_real_slots(batch).astype(jnp.float32)),
+            "tokens": jnp.sum(_rollout_mask(batch)),
+            "weight": jnp.sum(batch.weights.astype(jnp.float32))}
+
+
+def _policy_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
+                 cfg: StepConfig, dropout_key, totals: dict):
+    """A rollout micro-batch's share of the step's policy-gradient loss (times the step's
+    group weight, which ``train_step`` divides by), and its metric sums."""
+    model = nnx.merge(graphdef, params, consts.other)
+    if hasattr(model, "set_adapters"):
+        model.set_adapters(True, dropout_key)
+    tok = layouts.token_logps(model, batch, chunk_size=cfg.chunk_size)
+    b, k, l = tok.shape
+
+    def flat(x):
+        return None if x is None else x.reshape(b * k, l)
+
+    loss, metrics = losses_lib.policy_loss(
+        cfg.policy_loss, flat(tok), flat(batch.old_token_logps), batch.advantages.reshape(b * k),
+        flat(_rollout_mask(batch)), ref_per_token_logps=flat(batch.ref_token_logps),
+        num_items_in_batch=totals["tokens"], num_sequences=totals["sequences"],
+        **dict(cfg.policy_hparams))
+    w_b = batch.weights.astype(jnp.float32)
+    micro_weight = jnp.sum(w_b)
+    loss_sum = loss * totals["weight"]
+    sums = {key: jnp.nan_to_num(v.astype(jnp.float32)) * micro_weight for key, v in metrics.items()}
+    sums["loss"] = jax.lax.stop_gradient(loss_sum)
+    return loss_sum, (sums, _counts(batch, w_b), micro_weight)
+
+
 def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
-                   cfg: StepConfig, dropout_key=None):
-    """Weighted loss sum of one micro-batch, plus metric sums and the weight sum."""
+                   cfg: StepConfig, dropout_key=None, totals=None):
+    """Weighted loss sum of one micro-batch, plus metric sums and the weight sum.
+    ``totals``: ``rollout_totals`` of the whole step (policy-gradient steps only)."""
+    if cfg.policy_loss is not None:
+        return _policy_sums(params, graphdef, consts, batch, cfg, dropout_key,
+                            rollout_totals(batch) if totals is None else totals)
     if cfg.reference in ("frozen", "base"):
         # "base": a LoRA model's own weights with the adapters off, no second copy of any
         ref_bk = reference_logps(graphdef, consts.ref_params if cfg.reference == "frozen"
@@ -195,12 +257,7 @@ def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
     sums = {k: jnp.sum(w_b * v.astype(jnp.float32)) for k, v in metrics.items()
             if v.ndim == 1}
     sums["loss"] = jax.lax.stop_gradient(loss_sum)
-    counts = {
-        "num_tokens": jnp.sum(batch.attention_mask != 0).astype(jnp.float32),
-        "completion_tokens": jnp.sum(batch.loss_mask != 0).astype(jnp.float32),
-        "num_groups": jnp.sum(w_b > 0).astype(jnp.float32),
-    }
-    return loss_sum, (sums, counts, jnp.sum(w_b))
+    return loss_sum, (sums, _counts(batch, w_b), jnp.sum(w_b))
 
 
 def _micro_batches(batch: layouts.Batch, a: int) -> layouts.Batch:
@@ -229,9 +286,10 @@ def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg:
                 step=0):
     """Gradient and metric SUMS over ``cfg.grad_accum_steps`` micro-batches."""
     grad_fn = jax.value_and_grad(_weighted_sums, has_aux=True)
+    totals = rollout_totals(batch) if cfg.policy_loss is not None else None
     if cfg.grad_accum_steps == 1:
         (_, aux), grads = grad_fn(params, graphdef, consts, batch, cfg,
-                                  _dropout_key(cfg, step, 0))
+                                  _dropout_key(cfg, step, 0), totals)
         return grads, aux
     if isinstance(batch, layouts.PackedBatch):
         raise ValueError("packed rows are not split into micro-batches (grad_accum_steps=1)")
@@ -240,11 +298,13 @@ def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg:
     def body(carry, xs):
         grads_acc, aux_acc = carry
         i, mb = xs
-        (_, aux), grads = grad_fn(params, graphdef, consts, mb, cfg, _dropout_key(cfg, step, i))
+        (_, aux), grads = grad_fn(params, graphdef, consts, mb, cfg, _dropout_key(cfg, step, i),
+                                  totals)
         return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    aux_shape = jax.eval_shape(lambda: grad_fn(params, graphdef, consts, first, cfg)[0][1])
+    aux_shape = jax.eval_shape(lambda: grad_fn(params, graphdef, consts, first, cfg, None,
+                                               totals)[0][1])
     zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.result_type(p.dtype, jnp.float32)),
                            params)

@@ -76,6 +76,7 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     num_items_in_batch: Any = None,
+    num_sequences: Any = None,
     entropies: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The batch loss of one GRPO-family objective and the metrics TRL logs for it.
@@ -102,6 +103,10 @@ def policy_loss(
         non-positive advantages.
       num_items_in_batch: dapo / cispo normaliser, the completion-token count of the whole
         generation batch (default: this batch's `completion_mask.sum()`).
+      num_sequences: the completion count that per-completion means divide by (grpo, sapo,
+        dr_grpo, luspo; default: B). Not a TRL knob: it lets a batch padded with fully
+        masked rows, or one micro-batch of a larger step, give its exact share of the loss
+        of the real completions (TRL's own batches are never padded).
       entropies: optional [B, T] per-token entropies, logged as `entropy`.
 
     Returns:
@@ -156,19 +161,19 @@ def policy_loss(
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
 
-    batch = logps.shape[0]
+    rows = logps.shape[0] if num_sequences is None else to_dtype(num_sequences, dtype)
     if loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).mean()
+        loss = ((per_token_loss * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).sum() / rows
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     elif loss_type == "dr_grpo":
         length = logps.shape[1] if max_completion_length is None else max_completion_length
-        loss = (per_token_loss * mask).sum() / (batch * length)
+        loss = (per_token_loss * mask).sum() / (rows * length)
     elif loss_type in TOKEN_COUNT_TYPES:
         count = mask.sum() if num_items_in_batch is None else to_dtype(num_items_in_batch, dtype)
         loss = (per_token_loss * mask).sum() / jnp.maximum(count, 1.0)
     else:  # luspo: each completion's summed loss (a sequence-level term counts once per token)
-        loss = (per_token_loss * mask).sum(-1).mean()
+        loss = (per_token_loss * mask).sum(-1).sum() / rows
 
     if beta != 0.0:
         metrics["kl"] = _masked_mean(per_token_kl, mask)

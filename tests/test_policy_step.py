@@ -1,0 +1,146 @@
+"""Policy-gradient steps on rollout batches (train_step with ``policy_loss``) and the
+rollout layout (mio_jax.rollouts): the step's loss is losses.policy_loss of the model's
+per-token log-probs, padding and micro-batches change nothing, and the rollouts carry the
+sampled tokens, rewards and advantages."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mio_jax import layouts, losses, models, optim, rollouts, testing, train_step
+
+VOCAB = testing.VOCAB
+G = 4
+
+
+def _samples(n, seed=0, g=G):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.integers(5, VOCAB, int(rng.integers(2, 7))).tolist()
+        samples = [{"ids": rng.integers(5, VOCAB, int(rng.integers(1, 9))).tolist(),
+                    "reward": float(rng.integers(0, 2)), "finish": "eos"} for _ in range(g)]
+        samples[0]["finish"] = "length"
+        out.append({"prompt_ids": prompt, "samples": samples})
+    return out
+
+
+def _model():
+    model = models.init_model(testing.tiny_model_config(), seed=0)
+    graphdef, p, o = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o)
+
+
+def _batch(ro, ids, **tables):
+    return rollouts.local_batch(ro, np.asarray(ids), pad_id=0, process_index=0,
+                                process_count=1, **tables)
+
+
+def _cfg(loss_type="grpo", **kw):
+    hp = {"beta": 0.04, "epsilon": 0.2, **kw.pop("hp", {})}
+    return train_step.StepConfig(loss_name="mio", beta=0.0, chunk_size=40, reference="none",
+                                 policy_loss=loss_type, policy_hparams=tuple(sorted(hp.items())),
+                                 **kw)
+
+
+def _step(cfg, batch, lr=1e-2):
+    graphdef, params, other = _model()
+    tx, sched = optim.make_optimizer(learning_rate=lr, total_steps=10, warmup_steps=0,
+                                     schedule="constant", max_grad_norm=0.0)
+    fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
+                                   schedule=sched, cfg=cfg))
+    state, metrics = fn(train_step.init_state(params, tx), batch, train_step.StepConsts(other))
+    return state, {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def ro():
+    out, metrics = rollouts.build(_samples(6), scale_rewards="group",
+                                  mask_truncated_completions=True, drop_zero_std_groups=False,
+                                  min_length=16)
+    return out
+
+
+def _tables(ro, shift=0.1, seed=1):
+    rng = np.random.default_rng(seed)
+    n, g, l = len(ro.groups), ro.num_generations, ro.length
+    return {"old_logps": -rng.uniform(0.5, 3, (n, g, l)).astype(np.float32),
+            "ref_logps": -rng.uniform(0.5, 3, (n, g, l)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_step_loss_is_policy_loss_of_the_models_token_logps(ro, loss_type):
+    tables = _tables(ro)
+    batch = _batch(ro, [0, 1, 2, 3], **tables)
+    cfg = _cfg(loss_type, hp={"max_completion_length": 8} if loss_type == "dr_grpo" else {})
+    _, m = _step(cfg, batch)
+    graphdef, params, other = _model()
+    tok = layouts.token_logps(nnx.merge(graphdef, params, other), batch, chunk_size=40)
+    b, k, l = tok.shape
+    mask = np.asarray(batch.loss_mask, np.float32)
+    expected, em = losses.policy_loss(
+        loss_type, tok.reshape(b * k, l), jnp.asarray(batch.old_token_logps).reshape(b * k, l),
+        jnp.asarray(batch.advantages).reshape(-1), mask.reshape(b * k, l),
+        ref_per_token_logps=jnp.asarray(batch.ref_token_logps).reshape(b * k, l),
+        **dict(cfg.policy_hparams))
+    # the same float32 program but for the reduction's order: float32 rounding of a sum
+    # of ~100 terms of size ~1
+    np.testing.assert_allclose(m["loss"], float(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["kl"], float(em["kl"]), rtol=1e-5)
+    # the first slot of every group hit the token limit: masked, but counted as a row
+    assert np.all(mask[:, 0] == 0) and np.all(mask[:, 1:].sum(-1) > 0)
+
+
+def test_padding_groups_and_micro_batches_change_nothing(ro):
+    tables = _tables(ro)
+    cfg = _cfg("grpo")
+    a_state, a = _step(cfg, _batch(ro, [0, 1, 2, 3], **tables))
+    # the same 4 groups with 4 padding groups, in two micro-batches
+    b_state, b = _step(_cfg("grpo", grad_accum_steps=2),
+                       _batch(ro, [0, -1, 1, -1, 2, -1, 3, -1], **tables))
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 a_state.params, b_state.params)
+
+
+def test_on_policy_step_at_zero_advantage_and_beta_is_a_zero_gradient(ro):
+    batch = _batch(ro, [0, 1, 2, 3])
+    batch = batch.replace(advantages=np.zeros_like(batch.advantages))
+    _, m = _step(_cfg("grpo", hp={"beta": 0.0}), batch)
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+
+
+def test_rollouts_keep_the_sampled_tokens_and_group_advantages():
+    samples = _samples(5, seed=3)
+    samples[2]["samples"] = [dict(s, reward=1.0) for s in samples[2]["samples"]]  # no signal
+    ro, m = rollouts.build(samples, scale_rewards="none", mask_truncated_completions=False,
+                           drop_zero_std_groups=True, min_length=16)
+    assert m["groups"] == 5 and m["groups_dropped"] >= 1 and len(ro.groups) == 5 - m["groups_dropped"]
+    kept = [s for s in samples if np.std([x["reward"] for x in s["samples"]]) > 0]
+    for grp, adv, s in zip(ro.groups, ro.advantages, kept):
+        assert grp.prompt_ids.tolist() == s["prompt_ids"]
+        assert [c.tolist() for c in grp.completion_ids] == [x["ids"] for x in s["samples"]]
+        r = np.asarray([x["reward"] for x in s["samples"]])
+        np.testing.assert_allclose(adv, r - r.mean(), rtol=1e-6)
+    assert m["completions/clipped_ratio"] == 0.25  # one of 4 samples per prompt hit the limit
+    lengths = [len(x["ids"]) for s in samples for x in s["samples"]]
+    assert m["completions/mean_length"] == pytest.approx(np.mean(lengths))
+    assert ro.length == 64 and ro.counted.all()
+    batch = _batch(ro, [1, -1])
+    assert batch.input_ids.shape == (2, G, 64) and batch.weights.tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(batch.advantages[0], ro.advantages[1])
+
+
+def test_batches_cover_each_iteration_once_and_depend_only_on_the_step():
+    n, bs = 10, 4
+    per = rollouts.steps_per_iteration(n, bs)
+    for it in range(2):
+        ids = np.concatenate([rollouts.batch_ids(n, bs, 7, 1, it * per + j) for j in range(per)])
+        assert sorted(ids[ids >= 0].tolist()) == list(range(n))
+    np.testing.assert_array_equal(rollouts.batch_ids(n, bs, 7, 1, 3), rollouts.batch_ids(n, bs, 7, 1, 3))
+    assert rollouts.batch_ids(n, bs, 7, 1, 0).tolist() != rollouts.batch_ids(n, bs, 7, 2, 0).tolist()
