@@ -206,6 +206,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.eval_every_rounds = 1       # held-out eval (eval.reasoning_tasks) every E rounds
     c.online.system = heldout.DEFAULT_SYSTEM  # the system prompt ("" = none)
 
+    # GRPO rounds (online.enabled and grpo.enabled): each round samples num_generations
+    # answers per prompt, scores them with reward_funcs, computes advantages and runs
+    # num_iterations passes of train.batch_size-group steps over its rollouts with
+    # losses.policy_loss. Names and defaults follow TRL's GRPOConfig (docs/rl.md);
+    # online.samples_per_prompt, online.steps_per_round, online.pairs and loss.* are unused.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.enabled = False
+    c.grpo.loss_type = "dapo"            # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo
+    c.grpo.advantage = "group"           # group (GRPO) | rloo (leave-one-out baseline)
+    c.grpo.num_generations = 8           # G, answers per prompt
+    c.grpo.num_iterations = 1            # passes over each round's rollouts
+    c.grpo.reward_funcs = "accuracy"     # mio_jax.rewards names, comma separated
+    c.grpo.reward_weights = ""           # one weight per reward ("" = all 1.0)
+    c.grpo.soft_punish_cache = 0         # soft_overlong_punishment's L_cache (tokens)
+    c.grpo.scale_rewards = "group"       # group | batch | none
+    c.grpo.mask_truncated_completions = False
+    c.grpo.drop_zero_std_groups = False  # DAPO's dynamic sampling (groups left out, counted)
+    c.grpo.beta = 0.0                    # k3 KL to online.reference (0: no reference pass)
+    c.grpo.use_bias_correction_kl = True
+    c.grpo.epsilon = 0.2
+    c.grpo.epsilon_high = ml_collections.config_dict.placeholder(float)  # None: epsilon
+    c.grpo.delta = ml_collections.config_dict.placeholder(float)
+    c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
+    c.grpo.sapo_temperature_pos = 1.0
+    c.grpo.sapo_temperature_neg = 1.05
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50              # 0 = never (the final eval still runs if max_batches != 0)
     c.eval.batch_size = 8

@@ -26,6 +26,7 @@ The per-round metrics are also rows of ``metrics.jsonl`` with split "round".
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from typing import Any, Sequence
 
@@ -43,12 +44,17 @@ from mio_jax import pairs as pairs_lib
 from mio_jax import paths
 from mio_jax import periodic
 from mio_jax import reference as reference_lib
-from mio_jax import reference_pass, run_eval, run_model, stages
+from mio_jax import online_config
+from mio_jax import reference_pass
+from mio_jax import rewards as rewards_lib
+from mio_jax import rollouts as rollouts_lib
+from mio_jax import run_eval, run_model, stages
 from mio_jax import sharding as sharding_lib
 from mio_jax import train_step as step_lib
 from mio_jax import train as train_lib
 from mio_jax import verifiers
 from mio_jax.data import pipeline as data_lib
+from mio_jax.data import plan as plan_lib
 from mio_jax.data import sources as data_sources
 from mio_jax.models import frozen
 from mio_jax.online_config import PAIR_RULES, total_steps
@@ -167,10 +173,11 @@ def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]],
     """K scored answers per prompt from ``model`` (same on every process: the same weights,
     prompts and seeds). ``check()`` runs between generation calls (preemption)."""
     o = config.online
-    k = o.samples_per_prompt
+    k = online_config.samples_per_prompt(config)
+    keep_ids = online_config.grpo_enabled(config)  # rollouts train on the sampled tokens
     prompts = [evaluate_lib.prompt_messages(ex, o.system) for ex, _ in examples]
     flat = [p for p in prompts for _ in range(k)]
-    texts, tokens, finish = [], [], []
+    texts, tokens, finish, ids, prompt_ids = [], [], [], [], []
     step = max(o.sample_batch_size, 1)
     for start in range(0, len(flat), step):
         out = models.generate(model, tokenizer, flat[start:start + step],
@@ -181,16 +188,45 @@ def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]],
         texts += out.texts
         tokens += [len(t) for t in out.token_ids]
         finish += out.finish_reasons
+        ids += [list(map(int, t)) for t in out.token_ids]
+        prompt_ids += [list(map(int, t)) for t in out.prompt_token_ids]
         if check is not None:
             check()
     result = []
     for i, ((ex, verifier), prompt) in enumerate(zip(examples, prompts)):
         verify = verifiers.get(verifier)
         own = range(i * k, (i + 1) * k)
-        result.append({"index": i, "example": ex, "verifier": verifier, "prompt": prompt,
-                       "samples": [{"text": texts[j], "score": float(verify(texts[j], ex)),
-                                    "tokens": tokens[j], "finish": finish[j]} for j in own]})
+        row = {"index": i, "example": ex, "verifier": verifier, "prompt": prompt,
+               "samples": [{"text": texts[j], "score": float(verify(texts[j], ex)),
+                            "tokens": tokens[j], "finish": finish[j]} for j in own]}
+        if keep_ids:
+            row["prompt_ids"] = prompt_ids[i * k]
+            for j, sample in zip(own, row["samples"]):
+                sample["ids"] = ids[j]
+        result.append(row)
     return result
+
+
+def score_rollouts(samples: Sequence[dict], funcs: Sequence[rewards_lib.Reward]
+                   ) -> tuple[list[dict], dict[str, float]]:
+    """The round's samples with each answer's rewards (``"rewards"``: one value per
+    function, None where it did not apply; ``"reward"``: their weighted sum, None when no
+    function scored it), and TRL's per-function reward metrics."""
+    flat = [(p, s) for p in samples for s in p["samples"]]
+    examples = [dict(p["example"], verifier=p["verifier"]) for p, _ in flat]
+    table = rewards_lib.score(funcs, [p["prompt"] for p, _ in flat], [s["text"] for _, s in flat],
+                              [s["ids"] for _, s in flat], examples)
+    total = rewards_lib.combine(table, funcs)
+    out, n = [], 0
+    for p in samples:
+        scored = []
+        for s in p["samples"]:
+            scored.append(dict(s, rewards={f.name: None if np.isnan(v) else float(v)
+                                           for f, v in zip(funcs, table[n])},
+                               reward=None if np.isnan(total[n]) else float(total[n])))
+            n += 1
+        out.append(dict(p, samples=scored))
+    return out, rewards_lib.metrics(table, funcs)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -230,6 +266,9 @@ class _Round:
     steps: int = 0
     split: Any = None
     ref_table: Any = None
+    rollouts: Any = None
+    old_logps: Any = None
+    ref_logps: Any = None
     metrics: dict = dataclasses.field(default_factory=dict)
 
     def path(self, name: str) -> str:
@@ -268,6 +307,7 @@ class _Driver:
         self.eval_at_start = (self.config.eval.at_start and
                               not distributed.from_process_zero("eval_start" in self.logged))
         self.preemption = None
+        self.grpo = online_config.grpo_enabled(self.config)
 
     def run_rounds(self) -> list[dict]:
         out = []
@@ -285,10 +325,16 @@ class _Driver:
                     self.loop.evals.run(0, self.state.params, "eval at start")
                 rnd = self.begin(r, rd)
                 self.sample(rnd)
-                self.make_rows(rnd)
-                if rnd.steps:
-                    self.reference(rnd)
-                    self.train(rnd)
+                if self.grpo:
+                    self.make_rollouts(rnd)
+                    if rnd.steps:
+                        self.rollout_tables(rnd)
+                        self.train_rollouts(rnd)
+                else:
+                    self.make_rows(rnd)
+                    if rnd.steps:
+                        self.reference(rnd)
+                        self.train(rnd)
                 out.append(self.close(rnd))
             self.loop.finish(self.step, self.state)
         return out
@@ -337,6 +383,81 @@ class _Driver:
                      len(rnd.rows), rnd.steps)
         rnd.split = data_lib.prepare(self.config.data, self.run.model.tokenizer,
                                      split="train", source=rnd.rows) if rnd.steps else None
+
+    # ---- GRPO rounds: rollouts -> per-token tables -> policy-gradient steps -------------
+
+    def make_rollouts(self, rnd: _Round) -> None:
+        """rollouts.jsonl and start.json: every answer's rewards, the round's groups with
+        their advantages, and its number of steps."""
+        g = self.config.grpo
+        path = rnd.path("rollouts.jsonl")
+        if _exists(path):
+            scored, reward_metrics = _read_jsonl(path), None
+        else:
+            scored, reward_metrics = score_rollouts(rnd.samples,
+                                                    online_config.parse_rewards(self.config))
+        ro, metrics = rollouts_lib.build(
+            scored, scale_rewards=g.scale_rewards,
+            mask_truncated_completions=bool(g.mask_truncated_completions),
+            drop_zero_std_groups=bool(g.drop_zero_std_groups),
+            min_length=int(self.config.data.max_length), advantage=g.advantage)
+        if reward_metrics is None:  # a resumed round: the metrics from the stored rewards
+            reward_metrics = _reward_metrics_of(scored)
+        rnd.rollouts, rnd.rows = ro, ro.groups
+        rnd.metrics = {**round_stats(rnd.samples), **metrics, **reward_metrics}
+        per = rollouts_lib.steps_per_iteration(len(ro.groups), self.config.train.batch_size)
+        rnd.steps = int(g.num_iterations) * per
+        rnd.start.update(rows=len(ro.groups), steps=rnd.steps)
+        start_path = rnd.path("start.json")
+        if not _exists(start_path):
+            _write_jsonl(path, scored)
+            if jax.process_index() == 0:
+                paths.write_json(start_path, rnd.start, indent=1)
+        logging.info("round %d: %s; %d groups, %d steps", rnd.r, _fmt(rnd.metrics),
+                     len(ro.groups), rnd.steps)
+
+    def rollout_tables(self, rnd: _Round) -> None:
+        """old_logps.npy (the round-start policy's per-token log-probs, when the round
+        takes more than one step) and ref_logps.npy (the reference's, when grpo.beta > 0),
+        computed once before the round's first step."""
+        at_start = self.step == rnd.start["start_step"]
+        previous = self.o.reference == "previous"
+        ref_params = self.state.params if self.initial_params is None else self.initial_params
+        needs = {"old": (rnd.steps > 1, self.state.params, "policy"),
+                 "ref": (self.config.grpo.beta != 0,
+                         ref_params, "policy" if previous else "base")}
+        for name, (needed, params, view) in needs.items():
+            if not needed:
+                continue
+            path = rnd.path(f"{name}_logps.npy")
+            if _exists(path):
+                table = np.load(paths.local_copy(path))
+            elif name == "ref" and previous and rnd.old_logps is not None:
+                table = rnd.old_logps  # the round-start policy is both
+            else:
+                if name == "old" and not at_start:
+                    raise RuntimeError(f"{rnd.folder}: old_logps.npy is missing but training "
+                                       f"of round {rnd.r} has passed step "
+                                       f"{rnd.start['start_step']}")
+                table = reference_pass.rollout_token_table(
+                    self.run, rnd.rollouts, params=params, view=view,
+                    batch_size=self.config.train.batch_size)
+            if not _exists(path) and jax.process_index() == 0:
+                buf = io.BytesIO()
+                np.save(buf, table)
+                paths.write_bytes(path, buf.getvalue())
+            setattr(rnd, f"{name}_logps", table)
+
+    def train_rollouts(self, rnd: _Round) -> None:
+        """The round's policy-gradient steps; which groups a step reads follows from the
+        step alone, so a resumed round continues where its checkpoint was taken."""
+        it = _RolloutBatches(self.config, rnd)
+        it.j = self.step - rnd.start["start_step"]
+        self.position.iterator = it
+        stop = rnd.start["start_step"] + rnd.steps
+        self.state, self.step = train_lib.run_steps(self.run, self.loop, self.preemption,
+                                                    self.state, self.step, stop, it, None)
+        self.loop.flush()
 
     def _table(self, rnd: _Round, name: str, params, view: str, fingerprint: str):
         return reference_pass.precompute_table(
@@ -387,6 +508,44 @@ class _Driver:
             paths.write_json(rnd.path("done.json"), done, indent=1)
         _log_round(self.loop, done, self.logged)
         return done
+
+
+class _RolloutBatches:
+    """A GRPO round's batches as the train loop reads them: step ``j`` of the round is the
+    global batch ``rollouts.batch_ids(..., j)``, this process's share of it with its
+    advantages and tables, and its ``BatchInfo``."""
+
+    def __init__(self, config, rnd: _Round):
+        self.config, self.rnd, self.j = config, rnd, 0
+
+    def next_with_info(self):
+        ro, bs = self.rnd.rollouts, int(self.config.train.batch_size)
+        ids = rollouts_lib.batch_ids(len(ro.groups), bs, int(self.config.seed), self.rnd.r,
+                                     self.j)
+        self.j += 1
+        host = rollouts_lib.local_batch(
+            ro, ids, pad_id=self.config.data.pad_id, process_index=jax.process_index(),
+            process_count=jax.process_count(), old_logps=self.rnd.old_logps,
+            ref_logps=self.rnd.ref_logps)
+        seq = [sum(ro.groups[i].seq_lengths) if i >= 0 else 0 for i in ids]
+        completion = [sum(int(c) * len(x) for c, x in zip(ro.counted[i], ro.groups[i].completion_ids))
+                      if i >= 0 else 0 for i in ids]
+        info = plan_lib.BatchInfo(tokens=int(sum(seq)), seq_len=ro.length,
+                                  completion_tokens=np.asarray(completion),
+                                  mask_shape=(bs, ro.num_generations, ro.length))
+        return host, info
+
+    def get_state(self) -> dict:
+        return {"rollout_step": self.j}
+
+
+def _reward_metrics_of(scored: Sequence[dict]) -> dict[str, float]:
+    """TRL's per-function reward metrics from stored rewards (a resumed round)."""
+    names = list(scored[0]["samples"][0]["rewards"]) if scored and scored[0]["samples"] else []
+    table = np.asarray([[np.nan if s["rewards"][n] is None else s["rewards"][n] for n in names]
+                        for p in scored for s in p["samples"]], np.float64)
+    funcs = [rewards_lib.Reward(n, None, 1.0) for n in names]
+    return rewards_lib.metrics(table.reshape(-1, len(names)), funcs)
 
 
 def train_online(run, training, initial_params) -> dict[str, Any]:

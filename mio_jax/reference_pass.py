@@ -14,6 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mio_jax import reference as reference_lib
+from mio_jax import rollouts as rollouts_lib
 from mio_jax import stages
 from mio_jax import train_step as step_lib
 from mio_jax.data import pipeline as data_lib
@@ -63,3 +64,23 @@ def gather_table(table: reference_lib.ReferenceTable, n: int) -> reference_lib.R
     all_present = np.asarray(multihost_utils.process_allgather(present))  # [P, N]
     chosen = np.argmax(all_present, axis=0)  # a process that holds the row
     return reference_lib.ReferenceTable(all_logps[chosen, np.arange(n)], all_present.any(axis=0))
+
+
+def rollout_token_table(run: stages.Run, ro: rollouts_lib.Rollouts, *, params, view: str,
+                        batch_size: int) -> np.ndarray:
+    """``[N, G, L]`` float32 per-token log-probs of every completion of a round's rollouts
+    under ``params`` seen as ``view``: one unshuffled pass in global batches of
+    ``batch_size`` groups, gathered so that every process holds the whole table."""
+    fn = jax.jit(functools.partial(step_lib.token_logps, run.model.graphdef, cfg=run.step_cfg,
+                                   view=view))
+    n = len(ro.groups)
+    table = np.zeros((n, ro.num_generations, ro.length), np.float32)
+    for b in range(rollouts_lib.steps_per_iteration(n, batch_size)):
+        ids = rollouts_lib.in_order_ids(n, batch_size, b)
+        host = rollouts_lib.local_batch(ro, ids, pad_id=run.config.data.pad_id,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+        out = fn(params, run.model.other, data_lib.to_global_arrays(host, run.data.sharding))
+        out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+        table[ids[ids >= 0]] = out[ids >= 0]
+    return table

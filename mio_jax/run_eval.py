@@ -30,9 +30,11 @@ def device_batch(run: stages.Run, host: layouts.Batch,
     the train loop feeds its batches through it too.
 
     Raises:
-      ValueError: a valid completion slot of an unshared batch has no completion token.
+      ValueError: a valid completion slot of an unshared preference batch has no
+        completion token.
     """
-    if isinstance(host, layouts.PreferenceBatch):
+    if isinstance(host, layouts.PreferenceBatch) and host.advantages is None:
+        # (a rollout batch may hold a completion masked on purpose: a truncated one)
         valid = np.asarray(host.valid, bool)
         logps_lib.check_completion_tokens(np.asarray(host.loss_mask)[valid],
                                           name="loss_mask (valid completions)")

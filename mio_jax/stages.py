@@ -18,6 +18,7 @@ from mio_jax import checkpoint as ckpt_lib
 from mio_jax import config as mio_config
 from mio_jax import losses
 from mio_jax import models
+from mio_jax import online_config
 from mio_jax import optim
 from mio_jax import reference as reference_lib
 from mio_jax import train_step as step_lib
@@ -127,4 +128,7 @@ def step_config(config) -> step_lib.StepConfig:
         weight_norms=bool(config.log.weight_norms),
         dropout_seed=(int(config.seed) if lora_lib.enabled(config)
                       and config.model.lora.dropout > 0 else None),
-        max_grad_norm=optim.clip_norm(config.optim.max_grad_norm))
+        max_grad_norm=optim.clip_norm(config.optim.max_grad_norm),
+        policy_loss=config.grpo.loss_type if online_config.grpo_enabled(config) else None,
+        policy_hparams=(tuple(sorted(online_config.grpo_hparams(config).items()))
+                        if online_config.grpo_enabled(config) else ()))

@@ -159,6 +159,18 @@ def policy_logps(graphdef, params, other, batch: layouts.Batch,
                                   ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
 
 
+def token_logps(graphdef, params, other, batch: layouts.PreferenceBatch, cfg: StepConfig, *,
+                view: str = "policy") -> jax.Array:
+    """Per-token log-probs ``[B, K, L]`` of a rollout batch under ``params`` seen as
+    ``view`` (no gradient): an online round's old-policy and reference tables."""
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}: expected one of {VIEWS}")
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(params), other)
+    if hasattr(model, "set_adapters"):
+        model.set_adapters(view == "policy", None)
+    return jax.lax.stop_gradient(layouts.token_logps(model, batch, chunk_size=cfg.chunk_size))
+
+
 def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
                     cfg: StepConfig, *, view: str = "base") -> jax.Array:
     """Reference per-sequence log-prob sums ``[B, K]`` (no gradient). The reference is a

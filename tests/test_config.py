@@ -226,7 +226,7 @@ def test_resolved_hparams_give_the_same_losses_as_leaving_them_none(name):
 
 def _shipped():
     """(file, arg, num_devices, backend) for every training config in configs/."""
-    from configs import paper, reproduce_small, study_a
+    from configs import grpo, paper, reproduce_small, study_a
 
     devices = {"v5p-64": (32, "tpu"), "v4-64": (32, "tpu"), "v6e-32": (32, "tpu"),
                "h100x8": (8, "gpu"), "h100x1": (1, "gpu"), "h200x1": (1, "gpu"),
@@ -241,6 +241,8 @@ def _shipped():
     out += [("online.py", f"{m}{opt}", 1, None) for m in reproduce_small.METHODS
             for opt in ("", ",lora", ",runlocal", ",lora,runlocal")]
     out += [("study_a.py", m, 1, None) for m in study_a.METHODS]
+    out += [("grpo.py", f"{r}{opt}", 1, None) for r in grpo.RECIPES
+            for opt in ("", ",lora", ",runlocal", ",lora,runlocal")]
     out += [("paper.py", f"{m},{loss},{hw}{'' if mode == 'full' else ',' + mode}{run}",
              *devices[hw]) for m in paper.MODELS for loss in ("mio", "dpo")
             for hw, modes in paper.MODES.items() for mode in modes for run in ("", ",runlocal")]

@@ -1,0 +1,172 @@
+"""GRPO rounds (online.enabled + grpo.enabled) on the tiny model: the rollouts' rewards and
+advantages, the round and step metrics, kill-and-resume, and LoRA with the base as the
+reference."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import run_compare
+
+from mio_jax import losses, online, rollouts, testing, train
+
+M, G, B, R = 6, 4, 2, 2  # prompts per round, answers per prompt, groups per step, rounds
+STEPS = -(-M // B)       # steps per round (one iteration)
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grpo") / "questions.jsonl"
+    with open(path, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"question": f"q: {i}+{i % 5}=", "answer": str(i + i % 5)}) + "\n")
+    return str(path)
+
+
+def _overrides(questions, **extra):
+    base = {"online.enabled": True, "grpo.enabled": True, "online.rounds": R,
+            "online.prompts_per_round": M, "grpo.num_generations": G, "online.tasks": "",
+            "online.jsonl": questions, "online.verifier": "mio_jax.testing:parity_verifier",
+            "online.max_new_tokens": 8, "online.temperature": 8.0,
+            "online.sample_batch_size": 32, "online.eval_every_rounds": 0, "online.system": "",
+            "data.max_length": 64, "data.shared_prompt": False, "data.packing": False,
+            "reference.mode": "precomputed", "data.eval_path": "", "eval.at_start": False,
+            "eval.every_steps": 0, "eval.reasoning_tasks": "", "train.batch_size": B,
+            "grpo.loss_type": "grpo", "grpo.beta": 0.04,
+            "grpo.reward_funcs": "accuracy,mio_jax.testing:length_reward",
+            "grpo.reward_weights": "1.0,0.01", "checkpoint.every_steps": 2,
+            "checkpoint.export_hf": False, "optim.learning_rate": 1e-3,
+            "mesh.shape": (1, 2, 4)}  # 2-way data parallel (B = 2 groups), 4-way tensor
+    base.update(extra)
+    return base
+
+
+def _round(workdir, r, name):
+    return os.path.join(workdir, "online", f"round_{r:04d}", name)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tiny_config, questions, tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("grpo_run") / "run")
+    out = online.train_and_evaluate(tiny_config(*tiny, **_overrides(questions)), work)
+    return work, out
+
+
+def test_rewards_advantages_and_round_metrics_follow_from_the_samples(run):
+    work, out = run
+    assert out["step"] == R * STEPS
+    for r in range(R):
+        scored = _jsonl(_round(work, r, "rollouts.jsonl"))
+        done = json.load(open(_round(work, r, "done.json")))
+        assert len(scored) == M and all(len(p["samples"]) == G for p in scored)
+        flat = [s for p in scored for s in p["samples"]]
+        for s in flat:  # accuracy is the verifier's verdict; the custom reward the length
+            assert s["rewards"]["accuracy"] == testing.parity_verifier(s["text"], None) == s["score"]
+            expected_len = float(len(s["text"])) if s["text"] else None
+            assert s["rewards"]["mio_jax.testing:length_reward"] == expected_len
+            weighted = s["score"] + (0.01 * expected_len if expected_len else 0.0)
+            assert s["reward"] == pytest.approx(weighted, rel=1e-12)
+            assert len(s["ids"]) == s["tokens"] > 0
+        rewards = np.asarray([s["reward"] for s in flat])
+        groups = rewards.reshape(M, G)
+        # the round's reward statistics are float32 (jax without x64): a few float32 roundings
+        assert done["reward"] == pytest.approx(rewards.mean(), rel=1e-6)
+        assert done["reward_std"] == pytest.approx(rewards.std(ddof=1), rel=1e-6)
+        zero = np.isclose(groups.std(axis=1, ddof=1), 0).mean()
+        assert done["frac_reward_zero_std"] == pytest.approx(zero)
+        assert done["completions/mean_length"] == pytest.approx(np.mean([s["tokens"] for s in flat]))
+        assert done["rewards/accuracy/mean"] == pytest.approx(np.mean([s["score"] for s in flat]))
+        assert done["steps"] == STEPS and done["rows"] == M
+        # the tables the round trained with: the round-start policy's and the reference's
+        old = np.load(_round(work, r, "old_logps.npy"))
+        ref = np.load(_round(work, r, "ref_logps.npy"))
+        assert old.shape == ref.shape == (M, G, 64)
+        if r == 0:  # round 0 starts from the initial model: the same log-probs
+            np.testing.assert_array_equal(old, ref)
+        else:
+            assert np.abs(old - ref).max() > 1e-4
+
+
+def test_step_metrics_are_trls(run):
+    work, _ = run
+    rows = [m for m in run_compare.metrics_rows(work) if m["split"] == "train"]
+    assert [m["step"] for m in rows] == list(range(1, R * STEPS + 1))
+    for m in rows:
+        for key in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                    "clip_ratio/region_mean", "grad_norm"):
+            assert np.isfinite(m[key]), key
+        assert m["kl"] >= 0 and 0 <= m["clip_ratio/region_mean"] <= 1
+    # the first step of round 0 is on-policy at the reference: no clip, no KL, and every
+    # ratio is 1, so the grpo loss is minus the mean advantage of the step's completions
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[0]["clip_ratio/region_mean"] == 0.0
+    seed = json.load(open(os.path.join(work, "config.json")))["seed"]
+    flat = [s["reward"] for p in _jsonl(_round(work, 0, "rollouts.jsonl")) for s in p["samples"]]
+    adv = np.asarray(losses.group_advantages(np.asarray(flat), G, "group")).reshape(M, G)
+    first = rollouts.batch_ids(M, B, seed, 0, 0)
+    np.testing.assert_allclose(rows[0]["loss"], -adv[first].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_crash_mid_round_then_resume_equals_uninterrupted(run, tiny, tiny_config, questions,
+                                                          tmp_path, monkeypatch):
+    from mio_jax import periodic
+
+    class Crash(Exception):
+        pass
+
+    save = periodic.Checkpoints.__call__
+
+    def crash_after_step_4(self, step, state):  # round 1, after its first step
+        save(self, step, state)
+        if step == 4:
+            self.checkpointer.wait()
+            raise Crash()
+
+    cfg = tiny_config(*tiny, **_overrides(questions))
+    part = str(tmp_path / "part")
+    monkeypatch.setattr(periodic.Checkpoints, "__call__", crash_after_step_4)
+    with pytest.raises(Crash):
+        online.train_and_evaluate(cfg, part)
+    monkeypatch.undo()
+    assert not os.path.exists(_round(part, 1, "done.json"))
+    resumed = online.train_and_evaluate(cfg, part)
+    work, whole = run
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+                 jax.device_get(whole["state"].params))
+    for r in range(R):
+        assert _jsonl(_round(part, r, "rollouts.jsonl")) == _jsonl(_round(work, r, "rollouts.jsonl"))
+    # the same process and programs: the same numbers, not just close ones
+    assert run_compare.metrics_rows(part) == run_compare.metrics_rows(work)
+
+
+def test_lora_grpo_trains_the_adapters_with_the_base_as_reference(tiny, tiny_config, questions,
+                                                                  tmp_path):
+    over = _overrides(questions, **{"online.rounds": 1, "model.lora.enabled": True,
+                                    "model.lora.rank": 4, "grpo.loss_type": "dapo",
+                                    "grpo.epsilon_high": 0.28})
+    out = online.train_and_evaluate(tiny_config(*tiny, **over), str(tmp_path / "lora"))
+    assert out["step"] == STEPS
+    assert set(out["state"].params) == {"layers"}  # adapters only
+    ref = np.load(_round(str(tmp_path / "lora"), 0, "ref_logps.npy"))
+    old = np.load(_round(str(tmp_path / "lora"), 0, "old_logps.npy"))
+    # adapters start at zero (B = 0): the base and the round-start policy agree
+    np.testing.assert_allclose(old, ref, atol=1e-6)
+    assert np.isfinite(out["train"]["loss"])
+
+
+def test_grpo_config_errors_name_the_key(tiny, tiny_config, questions, tmp_path):
+    from mio_jax.errors import ConfigError
+
+    for key, value, match in (("grpo.loss_type", "ppo", "grpo.loss_type"),
+                              ("grpo.reward_funcs", "nope", "grpo.reward_funcs"),
+                              ("grpo.scale_rewards", "std", "grpo.scale_rewards"),
+                              ("data.shared_prompt", True, "data.shared_prompt")):
+        with pytest.raises(ConfigError, match=match):
+            train.train_and_evaluate(tiny_config(*tiny, **_overrides(questions, **{key: value})),
+                                     str(tmp_path / "bad"))
