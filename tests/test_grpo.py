@@ -170,3 +170,26 @@ def test_grpo_config_errors_name_the_key(tiny, tiny_config, questions, tmp_path)
         with pytest.raises(ConfigError, match=match):
             train.train_and_evaluate(tiny_config(*tiny, **_overrides(questions, **{key: value})),
                                      str(tmp_path / "bad"))
+
+
+@pytest.mark.slow  # two JAX processes sharing the cores (about a minute on 2 cores)
+def test_pod_of_two_processes_equals_one_process(run, tiny, questions, tmp_path, subprocess_env):
+    """2 processes x 4 devices sample the same answers, score the same rewards and train to
+    the same metrics as this process's 8 devices."""
+    import sys
+
+    from mio_jax import local_pod
+
+    work = tmp_path / "pod"
+    m, t, _ = tiny
+    flags = {"model.path": m, "data.train_path": t, **_overrides(questions)}
+    cmd = [sys.executable, "-m", "mio_jax.main", "--config=configs/tiny_test.py",
+           f"--workdir={work}", *[f"--config.{k}={v}" for k, v in flags.items()]]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    local_pod.LocalPod(cmd, num_processes=2, devices_per_process=4, env=subprocess_env,
+                       cwd=repo, log_dir=str(work) + "_logs").wait(600)
+    single, _ = run
+    for r in range(R):
+        for name in ("samples.jsonl", "rollouts.jsonl"):
+            assert _jsonl(_round(str(work), r, name)) == _jsonl(_round(single, r, name)), (r, name)
+    run_compare.assert_same_run(str(work), single, weights=False)
