@@ -176,15 +176,22 @@ def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]],
     k = online_config.samples_per_prompt(config)
     keep_ids = online_config.grpo_enabled(config)  # rollouts train on the sampled tokens
     prompts = [evaluate_lib.prompt_messages(ex, o.system) for ex, _ in examples]
-    flat = [p for p in prompts for _ in range(k)]
     texts, tokens, finish, ids, prompt_ids = [], [], [], [], []
-    step = max(o.sample_batch_size, 1)
-    for start in range(0, len(flat), step):
-        out = models.generate(model, tokenizer, flat[start:start + step],
+    if keep_ids:  # rollouts: each prompt prefilled once for its G samples (generate_groups)
+        per_call, group = max(o.sample_batch_size // k, 1), k
+        calls = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+        offsets = [i * k for i in range(0, len(prompts), per_call)]
+    else:
+        flat = [p for p in prompts for _ in range(k)]
+        step, group = max(o.sample_batch_size, 1), 1
+        calls = [flat[i:i + step] for i in range(0, len(flat), step)]
+        offsets = list(range(0, len(flat), step))
+    for start, batch in zip(offsets, calls):
+        out = models.generate(model, tokenizer, batch,
                               max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                               top_p=o.top_p, top_k=o.top_k,
                               seed=int(config.seed) * 1_000_003 + r * 7919 + start,
-                              batch_size=step)
+                              batch_size=len(batch) * group, num_samples=group)
         texts += out.texts
         tokens += [len(t) for t in out.token_ids]
         finish += out.finish_reasons

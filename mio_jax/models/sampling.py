@@ -103,7 +103,7 @@ def sample_logits(logits_bv, key, temperature, top_k, top_p):
 
     Args:
       logits_bv: float32 `[B, V]`.
-      key: PRNG key.
+      key: PRNG key, or `[B]` keys (one per row).
       temperature: scalar; 0 means greedy (argmax).
       top_k: int scalar; 0 disables.
       top_p: scalar in (0, 1]; 1 disables.
@@ -120,6 +120,8 @@ def sample_logits(logits_bv, key, temperature, top_k, top_p):
         scaled = logits_bv / jnp.maximum(temperature, 1e-6)
         scaled = jax.lax.cond((top_k > 0) | (top_p < 1), _top_k_and_nucleus,
                               lambda s, k, p: s, scaled, top_k, top_p)
+        if jnp.ndim(key) == 1:  # one key per row: a row's draw ignores the others
+            return jax.vmap(jax.random.categorical)(key, scaled).astype(jnp.int32)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature <= 0, greedy, sampled, logits_bv)
@@ -180,6 +182,160 @@ def _generate_padded(graphdef, state, ids_bp, valid_bp, max_new, key, temperatur
 
     final = jax.lax.while_loop(cond, body, carry)
     return final[4], final[5]
+
+
+# ---- rollouts: G samples per prompt, the prompt's cache shared, finished rows dropped ----
+
+def _row_keys(key, row_ids):
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+
+
+def _pick_rows(step, logits_bv, keys_b, done, out, lengths, temperature, top_k, top_p,
+               eos_ids, pad_id):
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
+    tok = sample_logits(logits_bv, step_keys, temperature, top_k, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    return tok, done, out, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "group", "n_new"))
+def _prefill_groups(graphdef, state, ids_up, valid_up, keys_b, temperature, top_k, top_p,
+                    eos_ids, pad_id, *, group: int, n_new: int):
+    """`[U, P]` distinct prompts prefilled once; their caches and last logits repeated to
+    the `U * group` rows of their samples, and each row's first token drawn."""
+    model = nnx.merge(graphdef, state)
+    U, P = ids_up.shape
+    positions = default_positions(ids_up, valid_up)
+    cache = model.init_cache(U, P + n_new)
+    logits, cache = model.decode(ids_up, positions, valid_up, cache, model.decode_weights(),
+                                 last_only=True)
+
+    def rows(x):
+        return jnp.repeat(x, group, axis=0) if jnp.ndim(x) else x
+
+    cache = jax.tree.map(rows, cache)
+    B = U * group
+    out = jnp.full((B, n_new), pad_id, jnp.int32)
+    tok, done, out, lengths = _pick_rows(0, rows(logits[:, -1]), keys_b, jnp.zeros((B,), bool),
+                                         out, jnp.zeros((B,), jnp.int32), temperature, top_k,
+                                         top_p, eos_ids, pad_id)
+    return tok, rows(positions[:, -1]), done, out, lengths, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _decode_rows(graphdef, state, carry, keys_b, start, stop, temperature, top_k, top_p,
+                 eos_ids, pad_id):
+    """Decodes steps `start .. stop - 1` (or until every row is done) for the rows of
+    `carry`; each row draws from its own key."""
+    model = nnx.merge(graphdef, state)
+    weights = model.decode_weights()
+    tok, pos, done, out, lengths, cache = carry
+    B = tok.shape[0]
+
+    def body(c):
+        step, tok, pos, done, out, lengths, cache = c
+        pos = pos + 1
+        logits, cache = model.decode(tok[:, None], pos[:, None], jnp.ones((B, 1), bool), cache,
+                                     weights)
+        tok, done, out, lengths = _pick_rows(step, logits[:, 0], keys_b, done, out, lengths,
+                                             temperature, top_k, top_p, eos_ids, pad_id)
+        return step + 1, tok, pos, done, out, lengths, cache
+
+    def cond(c):
+        return (c[0] < stop) & ~jnp.all(c[3])
+
+    final = jax.lax.while_loop(cond, body, (start, tok, pos, done, out, lengths, cache))
+    return final[1:]
+
+
+def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_samples: int,
+                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                    seed: int = 0, batch_size: int | None = None, chunk_steps: int = 16
+                    ) -> list[list[int]]:
+    """`num_samples` completions of every prompt (RL rollouts), flat and prompt-major:
+    completion `i * num_samples + g` is sample g of prompt i.
+
+    Each prompt is prefilled once and its KV cache shared by its samples. Decoding runs in
+    chunks of `chunk_steps` tokens; after a chunk the rows that have finished leave the
+    batch, which shrinks to the smallest power of two that holds the rest, so rows that
+    stopped early no longer cost decode work. Every sample draws from its own key (the
+    seed folded with its index, then with the token's position), so a sample does not
+    depend on `batch_size`, `chunk_steps` or the other rows of its batch.
+
+    Args:
+      model, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, seed: as in
+        `generate_ids`.
+      prompt_ids: the distinct prompts (each non-empty).
+      num_samples: G, samples per prompt.
+      batch_size: sample rows per batch (a multiple of G; default all).
+      chunk_steps: tokens decoded between two compactions.
+    Returns:
+      the `len(prompt_ids) * num_samples` completions' ids (EOS kept as the last token).
+    """
+    if max_new_tokens < 1 or num_samples < 1 or chunk_steps < 1:
+        raise ValueError("max_new_tokens, num_samples and chunk_steps must be >= 1, got "
+                         f"{max_new_tokens}, {num_samples}, {chunk_steps}")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    G = int(num_samples)
+    rows_per_batch = batch_size or len(prompt_ids) * G
+    if rows_per_batch % G:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of num_samples={G}")
+    graphdef, state = nnx.split(model)
+    n_new = _bucket(max_new_tokens, 8)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    key = jax.random.key(seed)
+    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    results: list[list[int]] = [[] for _ in range(len(prompt_ids) * G)]
+    per = rows_per_batch // G
+    for first in range(0, len(prompt_ids), per):
+        chunk = [list(p) for p in prompt_ids[first:first + per]]
+        U = _bucket(len(chunk))
+        P = _length_bucket(max(len(p) for p in chunk))
+        ids = np.full((U, P), pad_id, np.int32)
+        valid = np.zeros((U, P), np.int32)
+        for r, p in enumerate(chunk + [chunk[0]] * (U - len(chunk))):
+            ids[r, P - len(p):] = p
+            valid[r, P - len(p):] = 1
+        row_ids = np.arange(first * G, (first + U) * G)  # global sample index of each row
+        keys = _row_keys(key, jnp.asarray(row_ids, jnp.uint32))
+        carry = _prefill_groups(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), keys,
+                                *sampling, eos, jnp.int32(pad_id), group=G, n_new=n_new)
+        real = row_ids < (first + len(chunk)) * G  # rows of padding prompts are dropped
+        step = 1
+        while True:
+            done = _to_host(carry[2])
+            live = ~done & real
+            if step >= max_new_tokens or not live.any():
+                break
+            if live.sum() <= len(row_ids) // 2:  # compact: only the live rows go on
+                keep = np.flatnonzero(live)
+                _collect(results, carry, row_ids, real & ~live)
+                size = _bucket(len(keep))
+                idx = np.concatenate([keep, np.full(size - len(keep), keep[0])])
+                carry = jax.tree.map(lambda x: x[idx] if jnp.ndim(x) else x, carry)
+                row_ids, real = row_ids[idx], np.arange(size) < len(keep)
+                keys = keys[idx]
+            stop = min(step + chunk_steps, max_new_tokens)
+            carry = _decode_rows(graphdef, state, carry, keys, jnp.int32(step), jnp.int32(stop),
+                                 *sampling, eos, jnp.int32(pad_id))
+            step = stop
+        _collect(results, carry, row_ids, real)
+    return results
+
+
+def _collect(results, carry, row_ids, which) -> None:
+    """Writes the finished rows `which` of `carry` into `results` (by global index)."""
+    if not which.any():
+        return
+    out, lengths = _to_host(carry[3]), _to_host(carry[4])
+    for r in np.flatnonzero(which):
+        results[int(row_ids[r])] = out[r, :lengths[r]].tolist()
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -268,7 +424,7 @@ def _cut_at_stop(tokenizer, ids: list[int], stop: Sequence[str]):
 def generate(model: Decoder, tokenizer, prompts: Sequence[Any], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
-             use_cache: bool = True) -> GenerationResult:
+             use_cache: bool = True, num_samples: int = 1) -> GenerationResult:
     """Generates completions for text prompts or chat conversations.
 
     Args:
@@ -279,6 +435,9 @@ def generate(model: Decoder, tokenizer, prompts: Sequence[Any], *, max_new_token
       max_new_tokens, temperature, top_p, top_k, seed, batch_size, use_cache: as in
         `generate_ids`.
       stop: strings; the completion is cut before the first occurrence of any.
+      num_samples: G > 1 draws G completions of each prompt with `generate_groups` (the
+        prompt prefilled once, finished rows dropped from the batch); the result is then
+        prompt-major (entry `i * G + g`) and `batch_size` counts sample rows.
     Returns:
       GenerationResult.
     """
@@ -291,10 +450,17 @@ def generate(model: Decoder, tokenizer, prompts: Sequence[Any], *, max_new_token
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = min(eos) if eos else 0
-    outs = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k,
-                        eos_ids=sorted(eos), pad_id=pad, seed=seed, batch_size=batch_size,
-                        use_cache=use_cache)
+    if num_samples > 1:
+        outs = generate_groups(model, prompt_ids, num_samples=num_samples,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, eos_ids=sorted(eos), pad_id=pad,
+                               seed=seed, batch_size=batch_size)
+        prompt_ids = [p for p in prompt_ids for _ in range(num_samples)]
+    else:
+        outs = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k,
+                            eos_ids=sorted(eos), pad_id=pad, seed=seed, batch_size=batch_size,
+                            use_cache=use_cache)
     texts, ids_out, reasons = [], [], []
     for ids in outs:
         text, cut, hit = _cut_at_stop(tokenizer, ids, stop or ())

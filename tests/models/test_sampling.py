@@ -329,3 +329,53 @@ def test_a_decode_step_copies_no_weight_and_no_cache():
             assert "dynamic-update-slice" in line and " copy(" not in line, line
             updates += 1
     assert updates == 2 * cfg.num_hidden_layers  # each layer's k and v, written in place
+
+
+# ---- rollouts: the prompt's cache shared by its samples, finished rows dropped ----------
+
+EOS = list(range(3, 40))  # a tenth of the tiny vocabulary ends a row: lengths spread widely
+
+
+def test_grouped_greedy_samples_equal_the_static_sampler(model):
+    static = generate_ids(model, PROMPTS, max_new_tokens=24, eos_ids=EOS)
+    assert len({len(x) for x in static}) > 1  # rows end at different steps
+    groups = sampling.generate_groups(model, PROMPTS, num_samples=3, max_new_tokens=24,
+                                      eos_ids=EOS, chunk_steps=2)
+    assert groups == [s for s in static for _ in range(3)]
+
+
+def test_grouped_sampling_ignores_batching_and_compaction(model, monkeypatch):
+    prompts = PROMPTS * 3  # 9 prompts
+    kw = dict(num_samples=4, max_new_tokens=32, temperature=1.5, eos_ids=EOS, seed=11)
+    once = sampling.generate_groups(model, prompts, chunk_steps=64, **kw)  # one chunk: no compaction
+    lengths = [len(x) for x in once]
+    assert len(set(lengths)) >= 5 and max(lengths) > 4 * min(lengths)
+    rows, decode = [], sampling._decode_rows
+
+    def counted(graphdef, state, carry, *args):
+        rows.append(carry[0].shape[0])
+        return decode(graphdef, state, carry, *args)
+
+    monkeypatch.setattr(sampling, "_decode_rows", counted)
+    compacted = sampling.generate_groups(model, prompts, chunk_steps=3, **kw)
+    monkeypatch.undo()
+    # 16 prompt slots x 4 = 64 rows, 36 of them real: the batch shrinks as rows finish
+    assert rows[0] <= 64 and min(rows) <= 16 and len(set(rows)) >= 2
+    small_batches = sampling.generate_groups(model, prompts, chunk_steps=5, batch_size=8, **kw)
+    assert compacted == once and small_batches == once
+    # a prompt's samples are draws, not copies; the same seed draws the same samples
+    assert len({tuple(x) for x in once[:4]}) > 1
+    assert sampling.generate_groups(model, prompts, chunk_steps=3, **{**kw, "seed": 12}) != once
+
+
+def test_generate_with_num_samples_returns_prompt_major_texts(model):
+    tok = tiny_tokenizer()
+    out = generate(model, tok, ["a b", "c"], max_new_tokens=6, num_samples=2, temperature=1.0,
+                   seed=3, batch_size=4)
+    assert len(out.texts) == 4 and out.prompt_token_ids[0] == out.prompt_token_ids[1]
+    ids = sampling.generate_groups(model, out.prompt_token_ids[::2], num_samples=2,
+                                   max_new_tokens=6, temperature=1.0, seed=3,
+                                   eos_ids=sorted(set(model.cfg.eos_token_id) |
+                                                  {tok.eos_token_id} - {None}),
+                                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    assert out.token_ids == ids
