@@ -405,9 +405,6 @@ def _validate_train(cfg) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                           f"train.grad_accum_steps={t.grad_accum_steps}")
-    if cfg.data.packing and t.grad_accum_steps > 1:
-        raise ConfigError(f"data.packing=True needs train.grad_accum_steps=1 (got "
-                          f"{t.grad_accum_steps}): packed rows are not split into micro-batches")
 
 
 def _validate_mesh(cfg, num_devices: int | None) -> None:

@@ -592,7 +592,8 @@ def _round_pipeline(config, run, split, r: int):
     return data_lib.make_pipeline(dcfg, run.model.tokenizer, split="train",
                                   batch_size=config.train.batch_size,
                                   seed=int(config.seed) * 1_000_003 + r, prepared=split,
-                                  row_multiple=run.data.row_multiple)
+                                  row_multiple=run.data.row_multiple,
+                                  micro_batches=config.train.grad_accum_steps)
 
 
 def _fmt(stats: dict) -> str:

@@ -95,7 +95,8 @@ def build_data(config, tokenizer, mesh, workdir: str) -> Data:
     rows = row_multiple(mesh)
     train = data_lib.make_pipeline(config.data, tokenizer, split="train",
                                    batch_size=config.train.batch_size, seed=config.seed,
-                                   prepared=train_split, row_multiple=rows)
+                                   prepared=train_split, row_multiple=rows,
+                                   micro_batches=config.train.grad_accum_steps)
     return Data(train, eval_split, total_steps, sharding_lib.batch_sharding(mesh), rows,
                 probe_split)
 

@@ -276,7 +276,9 @@ def _micro_batches(batch: layouts.Batch, a: int) -> layouts.Batch:
     """``[A*b, ...] -> [A, b, ...]`` keeping each device's rows on that device.
 
     Row ``j * A + i`` goes to micro-batch ``i``; the batch axis stays the one
-    split over devices, so no data moves.
+    split over devices, so no data moves. Packed rows were packed per micro-batch
+    (``batching.pack(micro_batches=A)``): their tokens' group ``b`` becomes ``b // A``,
+    its index among the micro-batch's groups.
     """
     def split(x):
         g = x.shape[0]
@@ -284,7 +286,11 @@ def _micro_batches(batch: layouts.Batch, a: int) -> layouts.Batch:
             raise ValueError(f"batch of {g} groups is not divisible by grad_accum_steps={a}")
         return jnp.swapaxes(x.reshape(g // a, a, *x.shape[1:]), 0, 1)
 
-    return jax.tree.map(split, batch)
+    micro = jax.tree.map(split, batch)
+    if isinstance(batch, layouts.PackedBatch):
+        micro = micro.replace(group_index=jnp.where(micro.group_index >= 0,
+                                                    micro.group_index // a, -1))
+    return micro
 
 
 def _dropout_key(cfg: StepConfig, step, micro):
@@ -303,8 +309,6 @@ def _accumulate(params, graphdef, consts: StepConsts, batch: layouts.Batch, cfg:
         (_, aux), grads = grad_fn(params, graphdef, consts, batch, cfg,
                                   _dropout_key(cfg, step, 0), totals)
         return grads, aux
-    if isinstance(batch, layouts.PackedBatch):
-        raise ValueError("packed rows are not split into micro-batches (grad_accum_steps=1)")
     micro = _micro_batches(batch, cfg.grad_accum_steps)
 
     def body(carry, xs):

@@ -57,8 +57,6 @@ RULES = [
     ({"train.batch_size": 0}, "train.batch_size and train.grad_accum_steps must be > 0"),
     ({"train.grad_accum_steps": 3},
      "train.batch_size=8 is not divisible by train.grad_accum_steps=3"),
-    ({"data.packing": True, "train.grad_accum_steps": 2},
-     "data.packing=True needs train.grad_accum_steps=1"),
     # loss (mio_jax.losses.config), with the rules the loss puts on other sections
     ({"loss.name": "dpoo"}, "loss.name='dpoo' is not a registered loss"),
     ({"loss.weights": (1.0, 0.5)}, r"loss.weights=\(1.0, 0.5\) needs one weight per loss"),

@@ -360,3 +360,18 @@ def test_bf16_compute_step_has_no_float32_matmul(untied):
     assert len(dots) > 20
     f32 = [d for d in dots if "f32>" in d[0] or "f32>" in d[1]]
     assert not f32, f"{len(f32)} of {len(dots)} dots take float32 operands: {f32[:3]}"
+
+
+def test_packed_rows_in_micro_batches_train_like_the_padded_batches():
+    """Packed per micro-batch (``batching.pack(micro_batches=2)``), the step splits the rows
+    into two micro-batches of whole groups and trains like the unshared layout."""
+    packed = [batching.pack(_groups(8, seed=s), np.arange(8), K=2, R=8, L=32, micro_batches=2)
+              for s in (1, 2, 3)]
+    for b in packed:  # row r holds only groups b with b % 2 == r % 2
+        gi = np.asarray(b.group_index)
+        for r in range(gi.shape[0]):
+            assert set(gi[r][gi[r] >= 0] % 2) <= {r % 2}
+    params, hist = _run(_cfg(grad_accum_steps=2), packed)
+    base_params, base_hist = _baseline()
+    _close_tree(params, base_params)
+    _close_history(hist, base_hist)

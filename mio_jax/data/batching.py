@@ -116,50 +116,63 @@ def pack(
     L: int,
     group_offset: int = 0,
     pad_id: int = 0,
+    micro_batches: int = 1,
 ) -> PackedBatch:
     """Packs the sequences of B groups into R rows of L tokens.
+
+    With ``micro_batches`` A > 1 the batch is ready to be split the way the train step
+    splits it (row and group ``j * A + i`` go to micro-batch ``i``): the groups ``b`` with
+    ``b % A == i`` are packed on their own into the rows ``i, i + A, ...``, so every
+    micro-batch holds whole groups.
 
     Args:
       groups: B tokenised groups (None for padding groups).
       ids: [B] example ids.
       K: slots per group.
       R: rows; L: row length.
-      group_offset: index of groups[0] in the global batch (process share).
+      group_offset: index of groups[0] in the global batch (process share; a multiple of
+        A when A > 1).
       pad_id: token id at padding.
+      micro_batches: A, dividing B and R.
 
     Returns:
       PackedBatch of numpy arrays ([R, L] token fields, [B]/[B, K] group fields).
 
     Raises:
-      PackingOverflow: when the sequences need more than R rows.
+      PackingOverflow: when the sequences need more than R rows (R / A per micro-batch).
     """
-    seqs = [
-        (b, k) for b, g in enumerate(groups) if g is not None for k in range(len(g.completion_ids))
-    ]
-    lengths = [len(groups[b].prompt_ids) + len(groups[b].completion_ids[k]) for b, k in seqs]
-    rows = pack_rows_needed(lengths, L)
-    if len(rows) > R:
-        raise PackingOverflow(
-            f"{len(seqs)} sequences ({sum(lengths)} tokens) need {len(rows)} packed rows of "
-            f"{L} tokens but data.pack_rows gives {R} per process; raise data.pack_rows"
-        )
+    a = int(micro_batches)
+    if len(groups) % a or R % a:
+        raise ValueError(f"{len(groups)} groups and {R} rows do not split into "
+                         f"{a} micro-batches")
     names = ("input_ids", "targets", "loss_mask", "positions", "attention_mask", "segment_ids")
     arrays = {k: np.zeros([R, L], np.int32) for k in names}
     arrays["input_ids"][:] = pad_id
     arrays["targets"][:] = pad_id
     arrays["group_index"] = np.full([R, L], -1, np.int32)
     arrays["slot_index"] = np.full([R, L], -1, np.int32)
-    for r, members in enumerate(rows):
-        start = 0
-        for seg, i in enumerate(sorted(members), start=1):
-            b, k = seqs[i]
-            g = groups[b]
-            n = lengths[i]
-            _fill(arrays, (r,), g.prompt_ids, g.completion_ids[k], start, pad_id)
-            arrays["segment_ids"][r, start : start + n] = seg
-            arrays["group_index"][r, start : start + n] = group_offset + b
-            arrays["slot_index"][r, start : start + n] = k
-            start += n
+    for i in range(a):
+        seqs = [(b, k) for b in range(i, len(groups), a) if groups[b] is not None
+                for k in range(len(groups[b].completion_ids))]
+        lengths = [len(groups[b].prompt_ids) + len(groups[b].completion_ids[k]) for b, k in seqs]
+        rows = pack_rows_needed(lengths, L)
+        if len(rows) > R // a:
+            where = f" of micro-batch {i} of {a}" if a > 1 else ""
+            raise PackingOverflow(
+                f"{len(seqs)} sequences{where} ({sum(lengths)} tokens) need {len(rows)} packed "
+                f"rows of {L} tokens but data.pack_rows gives {R // a} per process; raise "
+                "data.pack_rows")
+        for r, members in zip(range(i, R, a), rows):
+            start = 0
+            for seg, m in enumerate(sorted(members), start=1):
+                b, k = seqs[m]
+                g = groups[b]
+                n = lengths[m]
+                _fill(arrays, (r,), g.prompt_ids, g.completion_ids[k], start, pad_id)
+                arrays["segment_ids"][r, start : start + n] = seg
+                arrays["group_index"][r, start : start + n] = group_offset + b
+                arrays["slot_index"][r, start : start + n] = k
+                start += n
     weights, valid, example_id = _group_fields(groups, ids, K)
     return PackedBatch(**arrays, weights=weights, valid=valid, example_id=example_id)
 

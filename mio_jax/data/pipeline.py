@@ -164,6 +164,7 @@ def make_pipeline(
     process_count: int | None = None,
     prepared: PreparedSplit | None = None,
     row_multiple: int = 1,
+    micro_batches: int = 1,
 ) -> PreferenceIterator:
     """Builds the batch iterator of one split for this process.
 
@@ -179,6 +180,9 @@ def make_pipeline(
       prepared: reuse an already prepared split (skips tokenisation).
       row_multiple: packed rows per process are rounded up to this multiple
         (the number of local data-parallel devices).
+      micro_batches: the train step's micro-batches per batch (``train.grad_accum_steps``):
+        packed rows are packed per micro-batch (``batching.pack``); the other layouts are
+        split by the step as they are.
 
     Returns:
       PreferenceIterator yielding this process's share of each global batch, typed by
@@ -220,13 +224,14 @@ def make_pipeline(
         shared_prompt=bool(data_config.shared_prompt),
         shared_multiple=max(int(data_config.pad_to_multiple_of), 1),
         pad_id=data_config.pad_id,
+        micro_batches=int(micro_batches) if data_config.packing else 1,
     )
     if data_config.packing:
         if data_config.pack_rows:
-            if data_config.pack_rows % process_count:
+            if data_config.pack_rows % (process_count * assembler.micro_batches):
                 raise ValueError(
                     f"data.pack_rows={data_config.pack_rows} is not divisible by "
-                    f"process_count={process_count}"
+                    f"process_count={process_count} x micro-batches {assembler.micro_batches}"
                 )
             rows = data_config.pack_rows // process_count
         else:
@@ -236,7 +241,10 @@ def make_pipeline(
             planned = per_epoch * max(1, min(epochs or 10, 20000 // per_epoch))
             margin = 0.0 if steps <= planned else 0.05
             rows = auto_pack_rows(assembler, min(steps, planned), margin=margin)
-        rows = -(-rows // row_multiple) * row_multiple
+        # each device's rows split evenly into the micro-batches (the step's split keeps
+        # every row on its device)
+        multiple = row_multiple * assembler.micro_batches
+        rows = -(-rows // multiple) * multiple
         assembler = dataclasses.replace(assembler, pack_rows_local=rows)
     return PreferenceIterator(prepared, assembler, steps, num_workers=data_config.num_workers)
 

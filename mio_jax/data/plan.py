@@ -131,6 +131,7 @@ class Assembler:
     shared_prompt: bool = False
     shared_multiple: int = 1
     pad_id: int = 0
+    micro_batches: int = 1
 
     def local_share(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
         ids = self.plan.batch(step)
@@ -166,7 +167,8 @@ class Assembler:
         if self.packing:
             L = self.max_length
             batch = batching.pack(groups, local, K=self.K, R=self.pack_rows_local, L=L,
-                                  group_offset=offset, pad_id=self.pad_id)
+                                  group_offset=offset, pad_id=self.pad_id,
+                                  micro_batches=self.micro_batches)
         else:
             L = self.length(ids)
             batch = batching.collate(groups, local, K=self.K, L=L, pad_id=self.pad_id)
@@ -196,21 +198,21 @@ def auto_pack_rows(assembler: Assembler, steps: int, margin: float = 0.0) -> int
       margin: extra fraction of rows (rounded up) for steps beyond those checked.
 
     Returns:
-      The row count, at most B/P * K (one sequence per row always fits).
+      The row count, at most B/P * K (one sequence per row always fits); with micro
+      batches, A times the rows of the fullest micro-batch.
     """
-    need = 0
+    a = assembler.micro_batches
+    need = 0  # rows of the fullest micro-batch
     for s in range(steps):
         ids = assembler.plan.batch(s)
         per = len(ids) // assembler.process_count
         for p in range(assembler.process_count):
-            lens = [
-                n
-                for i in ids[p * per : (p + 1) * per]
-                if i >= 0
-                for n in assembler.groups.group_seq_lengths(i)
-            ]
-            need = max(need, len(batching.pack_rows_needed(lens, assembler.max_length)))
-    cap = assembler.plan.batch_size // assembler.process_count * assembler.K  # always fits
-    return min(need + int(np.ceil(need * margin)), cap)
+            share = ids[p * per : (p + 1) * per]
+            for m in range(a):
+                lens = [n for i in share[m::a] if i >= 0
+                        for n in assembler.groups.group_seq_lengths(i)]
+                need = max(need, len(batching.pack_rows_needed(lens, assembler.max_length)))
+    cap = assembler.plan.batch_size // assembler.process_count // a * assembler.K  # always fits
+    return a * min(need + int(np.ceil(need * margin)), cap)
 
 

@@ -27,7 +27,8 @@ def prepared(smollm2):
     return pipeline.prepare(_config(), smollm2, split="train")
 
 
-def _pipe(prepared, tok, *, seed=3, process_index=0, process_count=1, split="train", **kw):
+def _pipe(prepared, tok, *, seed=3, process_index=0, process_count=1, split="train",
+          micro_batches=1, **kw):
     return pipeline.make_pipeline(
         _config(**kw),
         tok,
@@ -37,6 +38,7 @@ def _pipe(prepared, tok, *, seed=3, process_index=0, process_count=1, split="tra
         prepared=prepared,
         process_index=process_index,
         process_count=process_count,
+        micro_batches=micro_batches,
     )
 
 
@@ -199,3 +201,19 @@ def test_worker_processes_give_identical_batches(prepared, smollm2):
         it.close()
     for a, b in zip(serial, parallel):
         _assert_same(a, b)
+
+
+def test_packing_per_micro_batch_keeps_whole_groups(prepared, smollm2):
+    """With the step's micro-batches (train.grad_accum_steps) the packed rows come per
+    micro-batch: row r holds only groups b with b % A == r % A, the row count is a multiple
+    of A, and the sums per sequence are those of the unpacked groups."""
+    a = 2
+    it = _pipe(prepared, smollm2, packing=True, max_length=512, micro_batches=a)
+    assert it.assembler.pack_rows_local % a == 0
+    for p in _take(it, 3):
+        gi = np.asarray(p.group_index)
+        for r in range(gi.shape[0]):
+            assert set(gi[r][gi[r] >= 0] % a) <= {r % a}
+        u = batching.collate([prepared.groups[i] for i in p.example_id], p.example_id, K=2, L=256)
+        got = batching.unpack_sequence_sums(np.asarray(p.targets % 97, np.float32), p)
+        np.testing.assert_allclose(np.asarray(got), ((u.targets % 97) * u.loss_mask).sum(-1))
