@@ -268,10 +268,11 @@ def _unshared_hidden(model, batch: PreferenceBatch) -> jax.Array:
     return hidden.reshape(b, k, l, hidden.shape[-1])
 
 
-def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE
-                ) -> jax.Array:
+def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE,
+                with_entropy: bool = False) -> logps_lib.TokenStats:
     """``[B, K, L]`` log-prob of each target token under ``model`` (0 where ``loss_mask``
-    is 0): what policy-gradient losses read. Unshared layout only.
+    is 0), and with ``with_entropy`` each position's entropy (no gradient): what
+    policy-gradient losses read. Unshared layout only.
 
     Raises:
       ValueError: for a packed or shared-prompt batch.
@@ -279,10 +280,9 @@ def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUN
     if not isinstance(batch, PreferenceBatch):
         raise ValueError("per-token log-probs (policy-gradient losses) need the unshared "
                          f"[B, K, L] layout, got {type(batch).__name__}")
-    stats = logps_lib.token_stats_from_hidden(
+    return logps_lib.token_stats_from_hidden(
         _unshared_hidden(model, batch), model.output_matrix(), batch.targets, batch.loss_mask,
-        chunk_size=chunk_size, with_log_sum_sq=False, validate=False)
-    return stats.logps_bt
+        chunk_size=chunk_size, with_entropy=with_entropy, validate=False)
 
 
 def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,

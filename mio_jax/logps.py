@@ -45,10 +45,14 @@ class TokenStats(NamedTuple):
       logps_bt: ``[..., T]`` log-prob of each target token (differentiable).
       log_sum_sq_probs_bt: ``[..., T]`` ``log(sum_v p_v^2)``, no gradient (WPO);
         ``None`` unless requested.
+      entropy_bt: ``[..., T]`` entropy of the next-token distribution,
+        ``-sum_v p_v log p_v``, no gradient (the RL losses' ``entropy`` metric); ``None``
+        unless requested.
     """
 
     logps_bt: jax.Array
     log_sum_sq_probs_bt: jax.Array | None
+    entropy_bt: jax.Array | None = None
 
 
 # ---- Validation (eager only: concrete inputs) --------------------------------
@@ -152,24 +156,28 @@ def _fold_vocab(step, init, vocab: int, chunk: int):
 
 
 def _online_init(n: int, dtype):
-    return (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), dtype), jnp.zeros((n,), dtype))
+    return (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), dtype), jnp.zeros((n,), dtype),
+            jnp.zeros((n,), dtype))
 
 
 def _online_update(stats, z_nc):
-    """Folds a ``[N, C]`` logit chunk into running (max, sum exp, sum exp^2)."""
-    m, s, sq = stats
+    """Folds a ``[N, C]`` logit chunk into running (max, sum exp, sum exp^2, sum exp * z)
+    (exponentials relative to the running max)."""
+    m, s, sq, t = stats
     m_new = jnp.maximum(m, z_nc.max(axis=-1))
     rescale = jnp.exp(m - m_new)
     e = jnp.exp(z_nc - m_new[:, None])
     s = s * rescale + e.sum(axis=-1)
     sq = sq * rescale * rescale + (e * e).sum(axis=-1)
-    return m_new, s, sq
+    t = t * rescale + (e * z_nc).sum(axis=-1)
+    return m_new, s, sq, t
 
 
 def _finish(stats, target_logit_n):
-    m, s, sq = stats
+    """-> (log p_target, log sum p^2, entropy = lse - E_p[z], lse)."""
+    m, s, sq, t = stats
     lse = m + jnp.log(s)
-    return target_logit_n - lse, jnp.log(sq) - 2.0 * jnp.log(s), lse
+    return target_logit_n - lse, jnp.log(sq) - 2.0 * jnp.log(s), lse - t / s, lse
 
 
 # ---- from logits -----------------------------------------------------------
@@ -177,8 +185,8 @@ def _finish(stats, target_logit_n):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _stats_from_logits(logits_nv, targets_n, chunk):
-    (logps, lss), _ = _stats_from_logits_fwd(logits_nv, targets_n, chunk)
-    return logps, lss
+    out, _ = _stats_from_logits_fwd(logits_nv, targets_n, chunk)
+    return out
 
 
 def _stats_from_logits_fwd(logits_nv, targets_n, chunk):
@@ -191,13 +199,13 @@ def _stats_from_logits_fwd(logits_nv, targets_n, chunk):
 
     stats = _fold_vocab(step, _online_init(n, cd), vocab, chunk)
     target = jnp.take_along_axis(logits_nv, targets_n[:, None], axis=1)[:, 0].astype(cd)
-    logps, lss, lse = _finish(stats, target)
-    return (logps, lss), (logits_nv, targets_n, lse)
+    logps, lss, ent, lse = _finish(stats, target)
+    return (logps, lss, ent), (logits_nv, targets_n, lse)
 
 
 def _stats_from_logits_bwd(chunk, res, cts):
     logits_nv, targets_n, lse = res
-    g = cts[0].astype(lse.dtype)  # the log_sum_sq output carries no gradient
+    g = cts[0].astype(lse.dtype)  # log_sum_sq and the entropy carry no gradient
     n, vocab = logits_nv.shape
 
     def step(grad_nv, start, width):
@@ -233,8 +241,8 @@ def _target_logit(hidden_nd, out_vd, targets_n, cd):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _stats_from_hidden(hidden_nd, out_vd, targets_n, chunk):
-    (logps, lss), _ = _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk)
-    return logps, lss
+    out, _ = _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk)
+    return out
 
 
 def _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk):
@@ -247,8 +255,8 @@ def _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk):
         return _online_update(stats, _project(hidden_nd, w, cd))
 
     stats = _fold_vocab(step, _online_init(n, cd), vocab, chunk)
-    logps, lss, lse = _finish(stats, _target_logit(hidden_nd, out_vd, targets_n, cd))
-    return (logps, lss), (hidden_nd, out_vd, targets_n, lse)
+    logps, lss, ent, lse = _finish(stats, _target_logit(hidden_nd, out_vd, targets_n, cd))
+    return (logps, lss, ent), (hidden_nd, out_vd, targets_n, lse)
 
 
 def _stats_from_hidden_bwd(chunk, res, cts):
@@ -288,7 +296,7 @@ def _mask_out(values_bt, mask_bt):
 
 def token_stats(
     logits_btv, targets_bt, mask_bt, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_log_sum_sq: bool = False, validate: bool = True,
+    with_log_sum_sq: bool = False, with_entropy: bool = False, validate: bool = True,
 ) -> TokenStats:
     """Per-token target log-probs (and WPO statistics) from logits.
 
@@ -298,6 +306,7 @@ def token_stats(
       mask_bt: ``[..., T]`` completion mask, nonzero where the token counts.
       chunk_size: vocabulary columns per chunk of the online logsumexp.
       with_log_sum_sq: also return ``log(sum_v p_v^2)`` per token (for WPO).
+      with_entropy: also return each token's distribution's entropy.
       validate: when inputs are concrete, raise on rows without completion
         tokens and on out-of-range targets.
 
@@ -313,10 +322,17 @@ def token_stats(
         )
     _validate(targets_bt, mask_bt, vocab, check=validate)
     safe_targets = jnp.where(mask_bt != 0, targets_bt, 0).reshape(-1)
-    logps, lss = _stats_from_logits(logits_btv.reshape(-1, vocab), safe_targets, chunk_size)
-    logps = _mask_out(logps.reshape(targets_bt.shape), mask_bt)
-    lss = _mask_out(lss.reshape(targets_bt.shape), mask_bt) if with_log_sum_sq else None
-    return TokenStats(logps, lss)
+    logps, lss, ent = _stats_from_logits(logits_btv.reshape(-1, vocab), safe_targets, chunk_size)
+    return _token_stats(logps, lss, ent, targets_bt.shape, mask_bt, with_log_sum_sq,
+                        with_entropy)
+
+
+def _token_stats(logps, lss, ent, shape, mask_bt, with_log_sum_sq, with_entropy) -> TokenStats:
+    def out(x):
+        return _mask_out(x.reshape(shape), mask_bt)
+
+    return TokenStats(out(logps), out(lss) if with_log_sum_sq else None,
+                      lax.stop_gradient(out(ent)) if with_entropy else None)
 
 
 def token_logps(logits_btv, targets_bt, mask_bt, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -349,7 +365,8 @@ def sequence_logps(logits_btv, targets_bt, mask_bt, *, chunk_size: int = DEFAULT
 
 def token_stats_from_hidden(
     hidden_btd, out_vd, targets_bt, mask_bt, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    max_tokens: int | None = None, with_log_sum_sq: bool = False, validate: bool = True,
+    max_tokens: int | None = None, with_log_sum_sq: bool = False, with_entropy: bool = False,
+    validate: bool = True,
 ) -> TokenStats:
     """Per-token log-probs from final hidden states, never building ``[..., T, V]``.
 
@@ -371,6 +388,7 @@ def token_stats_from_hidden(
         a ValueError is raised otherwise; under jit the result becomes NaN so a
         NaN guard catches it instead of silently dropping tokens.
       with_log_sum_sq: also return ``log(sum_v p_v^2)`` per token (for WPO).
+      with_entropy: also return each token's distribution's entropy.
       validate: eager checks (see ``token_stats``).
 
     Returns:
@@ -392,26 +410,27 @@ def token_stats_from_hidden(
     n = hidden_nd.shape[0]
 
     if max_tokens is None:
-        logps, lss = _stats_from_hidden(hidden_nd, out_vd, safe_targets, chunk_size)
+        logps, lss, ent = _stats_from_hidden(hidden_nd, out_vd, safe_targets, chunk_size)
     else:
         if _is_concrete(mask_bt) and (eager := int((np.asarray(mask_bt) != 0).sum())) > max_tokens:
             raise ValueError(f"mask_bt has {eager} completion tokens but max_tokens={max_tokens}")
         count = flat_mask.sum()
         (idx,) = jnp.nonzero(flat_mask, size=max_tokens, fill_value=0)
         valid = jnp.arange(max_tokens) < count
-        sel_lp, sel_lss = _stats_from_hidden(
+        selected = _stats_from_hidden(
             jnp.take(hidden_nd, idx, axis=0), out_vd, jnp.take(safe_targets, idx), chunk_size
         )
-        zero = jnp.zeros((), sel_lp.dtype)
-        logps = jnp.zeros((n,), sel_lp.dtype).at[idx].add(jnp.where(valid, sel_lp, zero))
-        lss = jnp.zeros((n,), sel_lss.dtype).at[idx].add(jnp.where(valid, sel_lss, zero))
         overflow = count > max_tokens
-        logps = jnp.where(overflow, jnp.nan, logps)
-        lss = jnp.where(overflow, jnp.nan, lss)
 
-    logps = _mask_out(logps.reshape(targets_bt.shape), mask_bt)
-    lss = _mask_out(lss.reshape(targets_bt.shape), mask_bt) if with_log_sum_sq else None
-    return TokenStats(logps, lss)
+        def scatter(sel):
+            zero = jnp.zeros((), sel.dtype)
+            full = jnp.zeros((n,), sel.dtype).at[idx].add(jnp.where(valid, sel, zero))
+            return jnp.where(overflow, jnp.nan, full)
+
+        logps, lss, ent = (scatter(x) for x in selected)
+
+    return _token_stats(logps, lss, ent, targets_bt.shape, mask_bt, with_log_sum_sq,
+                        with_entropy)
 
 
 def token_logps_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt, *,

@@ -168,7 +168,8 @@ def token_logps(graphdef, params, other, batch: layouts.PreferenceBatch, cfg: St
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params), other)
     if hasattr(model, "set_adapters"):
         model.set_adapters(view == "policy", None)
-    return jax.lax.stop_gradient(layouts.token_logps(model, batch, chunk_size=cfg.chunk_size))
+    return jax.lax.stop_gradient(
+        layouts.token_logps(model, batch, chunk_size=cfg.chunk_size).logps_bt)
 
 
 def reference_logps(graphdef, ref_params, other, batch: layouts.Batch,
@@ -214,7 +215,8 @@ def _policy_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
     model = nnx.merge(graphdef, params, consts.other)
     if hasattr(model, "set_adapters"):
         model.set_adapters(True, dropout_key)
-    tok = layouts.token_logps(model, batch, chunk_size=cfg.chunk_size)
+    stats = layouts.token_logps(model, batch, chunk_size=cfg.chunk_size, with_entropy=True)
+    tok = stats.logps_bt
     b, k, l = tok.shape
 
     def flat(x):
@@ -224,7 +226,7 @@ def _policy_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
         cfg.policy_loss, flat(tok), flat(batch.old_token_logps), batch.advantages.reshape(b * k),
         flat(_rollout_mask(batch)), ref_per_token_logps=flat(batch.ref_token_logps),
         num_items_in_batch=totals["tokens"], num_sequences=totals["sequences"],
-        **dict(cfg.policy_hparams))
+        entropies=flat(stats.entropy_bt), **dict(cfg.policy_hparams))
     w_b = batch.weights.astype(jnp.float32)
     micro_weight = jnp.sum(w_b)
     loss_sum = loss * totals["weight"]

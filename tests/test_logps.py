@@ -322,3 +322,23 @@ def test_against_trl_golden(golden, precision, request):
     for s in (stats, logits_stats):
         weights = L.wpo_weights(s.logps_bt, s.log_sum_sq_probs_bt, mask)
         np.testing.assert_allclose(weights, g["wpo_pair_weights"], rtol=rtol)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+@pytest.mark.parametrize("max_tokens", [None, 7])
+def test_streamed_entropy_equals_the_full_softmax_entropy(scale, max_tokens):
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(size=(2, 6, 8)) * scale, jnp.float32)
+    out = jnp.asarray(rng.normal(size=(37, 8)), jnp.float32)  # 37: chunks of 16 and a tail
+    targets = jnp.asarray(rng.integers(0, 37, (2, 6)))
+    mask = jnp.asarray([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    stats = L.token_stats_from_hidden(hidden, out, targets, mask, chunk_size=16,
+                                          max_tokens=max_tokens, with_entropy=True)
+    logp = jax.nn.log_softmax(hidden @ out.T, axis=-1)
+    want = jnp.where(mask > 0, -(jnp.exp(logp) * logp).sum(-1), 0.0)
+    # lse - E[z]: float32 rounding of numbers of the logits' size
+    np.testing.assert_allclose(stats.entropy_bt, want, atol=1e-5 * max(1.0, scale * 8))
+    # no gradient flows through the entropy
+    g = jax.grad(lambda h: L.token_stats_from_hidden(
+        h, out, targets, mask, chunk_size=16, with_entropy=True).entropy_bt.sum())(hidden)
+    assert float(jnp.abs(g).max()) == 0.0

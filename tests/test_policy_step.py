@@ -79,7 +79,9 @@ def test_step_loss_is_policy_loss_of_the_models_token_logps(ro, loss_type):
     cfg = _cfg(loss_type, hp={"max_completion_length": 8} if loss_type == "dr_grpo" else {})
     _, m = _step(cfg, batch)
     graphdef, params, other = _model()
-    tok = layouts.token_logps(nnx.merge(graphdef, params, other), batch, chunk_size=40)
+    model = nnx.merge(graphdef, params, other)
+    stats = layouts.token_logps(model, batch, chunk_size=40, with_entropy=True)
+    tok = stats.logps_bt
     b, k, l = tok.shape
     mask = np.asarray(batch.loss_mask, np.float32)
     expected, em = losses.policy_loss(
@@ -90,7 +92,21 @@ def test_step_loss_is_policy_loss_of_the_models_token_logps(ro, loss_type):
     # the same float32 program but for the reduction's order: float32 rounding of a sum
     # of ~100 terms of size ~1
     np.testing.assert_allclose(m["loss"], float(expected), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(m["kl"], float(em["kl"]), rtol=1e-5)
+    # kl is a mean of k3 terms of size ~1 in (ref - logp) ~ -3..3: the jitted step's and
+    # this eager pass's float32 log-probs differ by ~3e-7, so compare to ~1e-6 absolute
+    np.testing.assert_allclose(m["kl"], float(em["kl"]), rtol=1e-5, atol=2e-6)
+    # entropy: -sum p log p of the full softmax at each counted position. The streamed
+    # value is lse - E_p[z], a difference of numbers of the logits' size (~10), so its
+    # float32 error is absolute (~1e-6 x 10), whatever the entropy's own size
+    b_, k_, l_ = batch.input_ids.shape
+    logits = model(jnp.asarray(batch.input_ids).reshape(b_ * k_, l_),
+                   attention_mask=jnp.asarray(batch.attention_mask).reshape(b_ * k_, l_),
+                   positions=jnp.asarray(batch.positions).reshape(b_ * k_, l_))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ent = -(jnp.exp(logp) * logp).sum(-1).reshape(b_, k_, l_)
+    np.testing.assert_allclose(stats.entropy_bt, np.where(mask > 0, ent, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m["entropy"], float((ent * mask).sum() / mask.sum()), rtol=1e-5,
+                               atol=1e-5)
     # the first slot of every group hit the token limit: masked, but counted as a row
     assert np.all(mask[:, 0] == 0) and np.all(mask[:, 1:].sum(-1) > 0)
 
