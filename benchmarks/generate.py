@@ -29,6 +29,13 @@ bisection, as shipped), and top-p 0.95 with each row sorted (the textbook rule t
 replaced, patched in for the comparison), with the median of `--repeats` calls.
 
   .venv/bin/python benchmarks/generate.py --sampling --batch-sizes=16,64 --max-new-tokens=48
+
+`--rollouts=8,16` times RL rollouts (G samples per prompt, temperature 0.8, the model's
+EOS, arithmetic chat prompts as the online rounds use): today's static sampler against
+`generate_groups` (each prompt prefilled once, finished rows dropped), side by side.
+
+  .venv/bin/python benchmarks/generate.py --rollouts=8,16 --prompts=8 --max-new-tokens=96 \
+      --vs-llamacpp
 """
 
 import argparse
@@ -151,9 +158,9 @@ def run_baseline(args, batch_sizes) -> dict:
 
 
 def run_llamacpp(python: str, gguf: str, prompt_ids, n: int, batch_sizes, threads: int,
-                 repeats: int) -> dict:
+                 repeats: int, **extra) -> dict:
     spec = dict(gguf=gguf, prompts=prompt_ids, n_new=n, batch_sizes=batch_sizes,
-                threads=threads, repeats=repeats)
+                threads=threads, repeats=repeats, **extra)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
@@ -380,6 +387,84 @@ def mio_only(args, batch_sizes):
     _common.dump_json(args.json, [dict(variant=v, batch=bs, **r) for (v, bs), r in mio.items()])
 
 
+def rollout_prompts(tok, n: int) -> list[list[int]]:
+    """`n` chat prompts of the online study's task (single-digit arithmetic, its system
+    prompt), as the rounds sample them."""
+    from mio_jax import evaluate, heldout
+
+    rows = heldout.reasoning_gym_examples(
+        "basic_arithmetic", n, seed=0,
+        task_config={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1})
+    return [models.sampling._encode(tok, evaluate.prompt_messages(ex, heldout.DEFAULT_SYSTEM))
+            for ex in rows]
+
+
+def rollouts(args, groups):
+    """Rollout tokens/s: G samples of each prompt at temperature 0.8, top-p 0.95, the
+    model's own EOS (answers end when the model ends them: the realistic length spread),
+    today's static sampler (the G copies of a prompt as G rows, the batch decoding until
+    its longest row ends) against generate_groups (the prompt prefilled once, finished rows
+    dropped), side by side on the same prompts, alternating, median of --repeats calls
+    after one compiling call each; with --vs-llamacpp, llama.cpp's batched decoding of
+    the same prompts from the same GGUF (prompt prefilled once and its KV cells copied to
+    the G sequences, finished sequences leaving the batch, its own sampler chain) in the
+    same run. Tokens/s counts the answer tokens each call produced (mio_jax computes in
+    float32 from the dequantized GGUF; llama.cpp on the Q4_1 blocks)."""
+    model, tok, name = load_model(args.model)
+    eos = sorted(set(model.cfg.eos_token_id) | ({tok.eos_token_id} - {None}))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    n = args.max_new_tokens
+    kw = dict(max_new_tokens=n, temperature=0.8, top_p=0.95, eos_ids=eos, pad_id=pad)
+    print(f"model: {name}; {_common.machine()}")
+    print(f"rollouts: {args.prompts} prompts x G samples, up to {n} new tokens, temperature 0.8, "
+          f"top-p 0.95, EOS on; median of {args.repeats} calls after a compiling one")
+    print(f"{'G':>3} {'sampler':<16} {'rows':>5} {'tokens':>7} {'len min/med/max':>16} "
+          f"{'s/call':>8} {'tok/s':>8} {'ratio':>6}")
+    out, llamacpp = [], {}
+    prompts = rollout_prompts(tok, args.prompts)
+    for g in groups:
+        rows = [p for p in prompts for _ in range(g)]
+        calls = {
+            "static (today)": lambda seed: models.generate_ids(model, rows, seed=seed, **kw),
+            "groups (new)": lambda seed: models.sampling.generate_groups(
+                model, prompts, num_samples=g, seed=seed, **kw),
+        }
+        for call in calls.values():
+            call(0)  # compile
+        times = {k: [] for k in calls}
+        tokens = {k: [] for k in calls}
+        lengths = {k: [] for k in calls}
+        for r in range(args.repeats):
+            for k, call in calls.items():
+                t0 = time.perf_counter()
+                res = call(r + 1)
+                times[k].append(time.perf_counter() - t0)
+                tokens[k].append(sum(len(x) for x in res))
+                lengths[k] += [len(x) for x in res]
+        if args.vs_llamacpp:
+            lc = run_llamacpp(ensure_llamacpp_env(args.llamacpp_env), models.smollm2_gguf_path(),
+                              prompts, n, [], args.threads, args.repeats, mode="rollouts",
+                              num_samples=g, eos=eos, temperature=0.8, top_p=0.95)
+            llamacpp[g] = lc
+            times["llama.cpp"] = lc["run"]["seconds"]
+            tokens["llama.cpp"] = [sum(x) for x in lc["run"]["lengths"]]
+            lengths["llama.cpp"] = [n_ for x in lc["run"]["lengths"] for n_ in x]
+        base = None
+        for k in times:
+            rate = statistics.median(t / s for t, s in zip(tokens[k], times[k]))
+            base = base or rate
+            ls = sorted(lengths[k])
+            print(f"{g:>3} {k:<16} {len(rows):>5} {statistics.median(tokens[k]):>7.0f} "
+                  f"{ls[0]:>5}/{ls[len(ls) // 2]:>4}/{ls[-1]:>4} "
+                  f"{statistics.median(times[k]):>8.2f} {rate:>8.1f} {rate / base:>6.2f}")
+            out.append({"G": g, "sampler": k, "rows": len(rows), "seconds": times[k],
+                        "tokens": tokens[k], "tokens_per_s_median": rate,
+                        "ratio_to_static": rate / base})
+    _common.dump_json(args.json, {"model": name, "machine": _common.machine(),
+                                  "max_new_tokens": n, "prompts": args.prompts, "runs": out,
+                                  "llamacpp": llamacpp})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2",
@@ -400,12 +485,18 @@ def main():
                         help="with --vs-llamacpp: a source tree of another mio_jax (e.g. "
                              "`git archive HEAD mio_jax | tar -x -C DIR`) timed the same way")
     parser.add_argument("--baseline-variants", default="float32")
+    parser.add_argument("--rollouts", default=None,
+                        help="G values (e.g. 8,16): rollout tokens/s, today's sampler against "
+                             "generate_groups")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts of --rollouts")
     parser.add_argument("--mio-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sizes = args.batch_sizes or ("1,16,64" if args.vs_llamacpp else "1,16")
     batch_sizes = [int(b) for b in sizes.split(",")]
-    if args.mio_only:
+    if args.rollouts:
+        rollouts(args, [int(g) for g in args.rollouts.split(",")])
+    elif args.mio_only:
         mio_only(args, batch_sizes)
     elif args.sampling:
         sampling_rules(args, batch_sizes)

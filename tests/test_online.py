@@ -330,7 +330,10 @@ def test_pod_of_two_processes_equals_one_process(tiny, questions, uninterrupted,
     _same_runs(str(work), uninterrupted[0])
 
 
-@pytest.mark.parametrize("reference", ["initial", "previous"])
+# "previous" is -m slow: a LoRA round's reference in the base view is the "initial" case,
+# and "previous" with full weights is test_round_zero_reference_previous_equals_initial's
+@pytest.mark.parametrize("reference", ["initial",
+                                       pytest.param("previous", marks=pytest.mark.slow)])
 def test_online_lora_trains_the_adapters_with_the_base_as_reference(reference, tiny, tiny_config,
                                                                     questions, tmp_path):
     over = _overrides(questions, **{"online.rounds": 2, "online.reference": reference,
