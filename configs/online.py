@@ -5,9 +5,9 @@
   python -m mio_jax.main --config=configs/online.py:mio,lora --workdir=/tmp/online_lora
   python -m mio_jax.main --config=configs/online.py:mio,runlocal --workdir=/tmp/online_smoke
 
-``arg`` is a method of ``configs/reproduce_small.py``'s METHODS (mio, dpo, rpo = DPO + NLL,
-js_multi, infonce), optionally followed by ",lora" (a rank-16 LoRA adapter on the frozen
-base, which is then the reference) and/or ",runlocal" (a one-minute smoke run). Every round
+``arg`` is a method of METHODS (mio, dpo, rpo = DPO + NLL, js_multi, infonce, and sft: NLL on
+each round's correct answers, no reference), optionally followed by ",lora" (a rank-16 LoRA
+adapter on the frozen base, which is then the reference) and/or ",runlocal" (a one-minute smoke run). Every round
 samples 8 answers to 64 single-digit arithmetic problems with the policy being trained (base
 pass rate about 13 %: 103 of 800 in docs/results/study_a), pairs the best answer of a prompt
 with its worst (K-way methods: the whole group) and trains 2 steps of 16 rows (about one
@@ -37,14 +37,19 @@ TASK_CONFIG = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1
 BETA = 0.1  # every method (see the module docstring)
 
 
+# reproduce_small's methods, and SFT on the correct answers (each round's chosen answers,
+# no reference): the control that tells a preference effect from imitation
+METHODS = {**small.METHODS, "sft": ("sft", BETA, "best_vs_worst", {})}
+
+
 def get_config(arg=None):
     """The online config of method ``arg`` ("mio" by default; see the module docstring)."""
     parts = [p.strip() for p in (arg or "mio").split(",") if p.strip()]
     method, options = parts[0], set(parts[1:])
-    if method not in small.METHODS or options - {"lora", "runlocal"}:
+    if method not in METHODS or options - {"lora", "runlocal"}:
         raise ValueError(f"configs/online.py: arg {arg!r}: expected METHOD[,lora][,runlocal] "
-                         f"with METHOD one of {sorted(small.METHODS)}")
-    loss, _, kway_mode, hparams = small.METHODS[method]
+                         f"with METHOD one of {sorted(METHODS)}")
+    loss, _, kway_mode, hparams = METHODS[method]
     c = default.get_config()
     c.data.eval_path = ""                # the rounds' own rows; the held-out eval is reasoning
     c.data.format = "auto"
@@ -60,7 +65,7 @@ def get_config(arg=None):
     c.loss.beta = BETA
     for key, value in hparams.items():
         c.loss[key] = value
-    c.reference.mode = "precomputed"     # once per round, under online.reference
+    c.reference.mode = "none" if loss == "sft" else "precomputed"  # once per round
     c.reference.batch_size = 8
 
     c.online.enabled = True

@@ -35,7 +35,8 @@ STAGES=${*:-runs report}
 declare -A BETA=([mio]=0.1 [dpo]=0.05 [rpo]=0.05 [js_multi]=0.1 [infonce]=0.05)
 STUDY_RECIPE=(--config.online.prompts_per_round=32 --config.online.samples_per_prompt=4
               --config.online.steps_per_round=4 --config.train.batch_size=2
-              --config.optim.learning_rate=2e-5 --config.online.reference=initial)
+              --config.optim.learning_rate=2e-5 --config.online.reference=initial
+              --config.online.sampler=static)
 mkdir -p "$OUT"
 if [[ " $STAGES " == *" runs "* ]]; then
   for m in $METHODS; do

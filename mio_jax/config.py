@@ -196,6 +196,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.top_k = 0
     c.online.max_new_tokens = 96
     c.online.sample_batch_size = 64      # sequences per generation call
+    # "groups": each prompt prefilled once for its K samples, finished rows leave the batch,
+    # every sample its own random stream (models.sampling.generate_groups); "static": the
+    # K copies of a prompt as K rows of one batch with one stream (docs/results/online ran it)
+    c.online.sampler = "groups"
     # What the round trains on: "best_worst" (the best- and worst-scored answers of a
     # prompt, one pair), "length_matched" (a correct answer and the incorrect one closest
     # to it in length), "all_pairs" (every correct x incorrect pair), "group" (one K-way

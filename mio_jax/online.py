@@ -177,7 +177,7 @@ def sample_round(config, model, tokenizer, examples: Sequence[tuple[dict, str]],
     keep_ids = online_config.grpo_enabled(config)  # rollouts train on the sampled tokens
     prompts = [evaluate_lib.prompt_messages(ex, o.system) for ex, _ in examples]
     texts, tokens, finish, ids, prompt_ids = [], [], [], [], []
-    if keep_ids:  # rollouts: each prompt prefilled once for its G samples (generate_groups)
+    if o.sampler == "groups":  # each prompt prefilled once for its K samples
         per_call, group = max(o.sample_batch_size // k, 1), k
         calls = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
         offsets = [i * k for i in range(0, len(prompts), per_call)]

@@ -13,6 +13,7 @@ from mio_jax.losses import policy as policy_lib
 PAIR_RULES = {"best_worst": ("best_worst", 1), "length_matched": ("length_matched", 1),
               "all_pairs": ("pairs", 0), "group": ("group", 0)}
 REFERENCES = ("initial", "previous")
+SAMPLERS = ("groups", "static")
 
 
 def enabled(config) -> bool:
@@ -126,6 +127,11 @@ def validate_online_config(cfg) -> None:
     if o.samples_per_prompt < 2 and not grpo_enabled(cfg):
         raise ConfigError(f"online.samples_per_prompt={o.samples_per_prompt} must be >= 2 "
                           "(a pair needs a correct and an incorrect answer to one prompt)")
+    if o.sampler not in SAMPLERS:
+        raise ConfigError(f"online.sampler={o.sampler!r}: expected one of {SAMPLERS}")
+    if grpo_enabled(cfg) and o.sampler != "groups":
+        raise ConfigError("grpo.enabled samples with online.sampler='groups' (each sample's "
+                          f"own random stream), got {o.sampler!r}")
     if o.eval_every_rounds < 0:
         raise ConfigError(f"online.eval_every_rounds={o.eval_every_rounds} must be >= 0")
     if o.pairs not in PAIR_RULES:

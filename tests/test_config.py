@@ -224,7 +224,7 @@ def test_resolved_hparams_give_the_same_losses_as_leaving_them_none(name):
 
 def _shipped():
     """(file, arg, num_devices, backend) for every training config in configs/."""
-    from configs import grpo, paper, reproduce_small, study_a
+    from configs import grpo, online, paper, reproduce_small, study_a
 
     devices = {"v5p-64": (32, "tpu"), "v4-64": (32, "tpu"), "v6e-32": (32, "tpu"),
                "h100x8": (8, "gpu"), "h100x1": (1, "gpu"), "h200x1": (1, "gpu"),
@@ -236,7 +236,7 @@ def _shipped():
     out += [("lora_default.py", a, 1, None)
             for a in (None, "runlocal", "nf4", "int8", "gguf", "gguf,runlocal")]
     out += [("reproduce_small.py", m, 1, None) for m in reproduce_small.METHODS]
-    out += [("online.py", f"{m}{opt}", 1, None) for m in reproduce_small.METHODS
+    out += [("online.py", f"{m}{opt}", 1, None) for m in online.METHODS
             for opt in ("", ",lora", ",runlocal", ",lora,runlocal")]
     out += [("study_a.py", m, 1, None) for m in study_a.METHODS]
     out += [("grpo.py", f"{r}{opt}", 1, None) for r in grpo.RECIPES
