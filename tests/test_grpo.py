@@ -145,6 +145,37 @@ def test_crash_mid_round_then_resume_equals_uninterrupted(run, tiny, tiny_config
     assert run_compare.metrics_rows(part) == run_compare.metrics_rows(work)
 
 
+def test_crash_while_scoring_then_resume_equals_uninterrupted(run, tiny, tiny_config, questions,
+                                                             tmp_path, monkeypatch):
+    """Killed after round 1's samples are written but before its rewards are: the resumed
+    round scores the stored samples and the run ends as the uninterrupted one."""
+    class Crash(Exception):
+        pass
+
+    score = online.score_rollouts
+    calls = []
+
+    def crash_in_round_1(samples, funcs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash()
+        return score(samples, funcs)
+
+    cfg = tiny_config(*tiny, **_overrides(questions))
+    part = str(tmp_path / "part")
+    monkeypatch.setattr(online, "score_rollouts", crash_in_round_1)
+    with pytest.raises(Crash):
+        online.train_and_evaluate(cfg, part)
+    monkeypatch.undo()
+    assert os.path.exists(_round(part, 1, "samples.jsonl"))
+    assert not os.path.exists(_round(part, 1, "rollouts.jsonl"))
+    resumed = online.train_and_evaluate(cfg, part)
+    work, whole = run
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+                 jax.device_get(whole["state"].params))
+    assert run_compare.metrics_rows(part) == run_compare.metrics_rows(work)
+
+
 def test_lora_grpo_trains_the_adapters_with_the_base_as_reference(tiny, tiny_config, questions,
                                                                   tmp_path):
     over = _overrides(questions, **{"online.rounds": 1, "model.lora.enabled": True,

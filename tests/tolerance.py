@@ -35,6 +35,16 @@ one machine's rounding:
   which happens by construction while the policy still equals the reference (the first
   step of a run with a frozen reference: every margin is zero up to rounding).
 
+- **Policy-gradient rows** (GRPO rounds) have no sequence log-probs: their quantities are
+  per-token means. A token's log-prob and its distribution's entropy (lse - E_p[z]) are
+  differences of numbers of the logits' size, at most ``TOKEN_SCALE`` for the models tested,
+  so each moves by ``logp_atol(TOKEN_SCALE, updates)``; the k3 KL term changes by at most
+  about as much per unit of its log-ratio; the loss is a mean of ratios exp(logp - old)
+  times advantages of at most ``ADVANTAGE_SCALE`` (group-normalised rewards of G <= 16
+  answers), each ratio's log moving by two such differences. A clip ratio counts tokens
+  whose ratio is beyond 1 +- epsilon: a token within rounding of the boundary may count on
+  either side, so it may move by one token's share, ``1 / completion_tokens``.
+
 A real regression moves these numbers by far more: one token more or less in a sequence moves
 its log-prob by about |logp| / L (~15 on the tiny runs, against an allowance of ~1e-3), a wrong
 mask or a wrong loss term moves the rewards and the loss by 1e-2 and more.
@@ -57,6 +67,10 @@ EXACT = {"completion_tokens", "num_groups", "num_tokens", "step"}
 EXACT_PREFIXES = ("reasoning/",)
 # step functions of rewards: exact where every margin is clear of zero
 THRESHOLDED = {"rewards/accuracies"}
+# policy-gradient rows: the size of a logit (and so of a token log-prob or an entropy's two
+# terms) for the models tested, and of a group-normalised advantage
+TOKEN_SCALE = 32.0
+ADVANTAGE_SCALE = 4.0
 # timing: never equal between two runs
 TIMING = {"tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_sec_per_device", "mfu"}
 
@@ -97,6 +111,15 @@ def metric_atol(key: str, row: dict, beta: float, updates: int) -> float | None:
         return None
     level = max(abs(row.get("logps/chosen", 0.0)), abs(row.get("logps/rejected", 0.0)))
     value = abs(row[key])
+    if "clip_ratio/region_mean" in row or "cispo_clip_ratio" in row or (
+            "entropy" in row and "logps/chosen" not in row):  # a policy-gradient step's row
+        token = logp_atol(TOKEN_SCALE, updates)
+        if key.startswith("clip_ratio/") or key == "cispo_clip_ratio":
+            return 1.0 / max(row.get("completion_tokens", 1.0), 1.0)
+        if key in ("entropy", "kl"):
+            return token
+        if key == "loss":
+            return 2.0 * ADVANTAGE_SCALE * token
     if key.startswith("logps/"):
         return logp_atol(level, updates)
     if key in ("rewards/chosen", "rewards/rejected"):
