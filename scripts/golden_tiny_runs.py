@@ -55,12 +55,28 @@ VARIANTS = {
         "online.verifier": "mio_jax.testing:parity_verifier", "online.max_new_tokens": 8,
         "online.temperature": 8.0, "online.pairs": "all_pairs", "online.sample_batch_size": 32,
         "online.eval_every_rounds": 0, "online.system": "", "data.max_length": 64,
-        "reference.mode": "precomputed", "data.eval_path": "", "checkpoint.every_steps": 2},
+        "reference.mode": "precomputed", "data.eval_path": "", "checkpoint.every_steps": 2,
+        # the sampler the golden run was recorded with (online.sampler's default since is
+        # "groups", whose samples draw other random streams)
+        "online.sampler": "static"},
 }
+# GRPO rounds (added with --update by the commit that introduced them): DAPO's loss with a
+# KL term, two rewards, the round-start and reference tables, 2-way data parallel
+VARIANTS["grpo_two_rounds"] = {
+    "online.enabled": True, "grpo.enabled": True, "online.rounds": 2,
+    "online.prompts_per_round": 6, "grpo.num_generations": 4, "online.tasks": "",
+    "online.verifier": "mio_jax.testing:parity_verifier", "online.max_new_tokens": 8,
+    "online.temperature": 8.0, "online.sample_batch_size": 32, "online.eval_every_rounds": 0,
+    "online.system": "", "data.max_length": 64, "reference.mode": "precomputed",
+    "data.eval_path": "", "checkpoint.every_steps": 2, "train.batch_size": 2,
+    "mesh.shape": (1, 2, 4), "grpo.loss_type": "dapo", "grpo.beta": 0.04,
+    "grpo.epsilon_high": 0.28, "grpo.reward_funcs": "accuracy,format",
+    "grpo.reward_weights": "1.0,0.5", "optim.learning_rate": 1e-3}
 ONLINE_QUESTIONS = 30  # "q: i+(i%7)=" -> i + i % 7, the rows of online.jsonl
 COMMON = {"train.steps": 4, "eval.every_steps": 0, "checkpoint.every_steps": 100}
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-              "logps/rejected", "grad_norm", "completion_tokens")
+              "logps/rejected", "grad_norm", "completion_tokens", "kl", "entropy",
+              "clip_ratio/region_mean")
 EVAL_KEYS = ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen",
              "logps/rejected")
 
