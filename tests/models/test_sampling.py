@@ -368,6 +368,16 @@ def test_grouped_sampling_ignores_batching_and_compaction(model, monkeypatch):
     assert sampling.generate_groups(model, prompts, chunk_steps=3, **{**kw, "seed": 12}) != once
 
 
+def test_shared_prompt_cache_equals_one_prefill_per_sample(model):
+    """G samples of a prompt from one prefill (its cache repeated to G rows) equal G copies
+    of the prompt prefilled row by row (num_samples=1): a sample's key is its index either
+    way, so seeded sampling draws the same tokens."""
+    kw = dict(max_new_tokens=20, temperature=1.2, top_p=0.9, eos_ids=EOS, seed=5)
+    shared = sampling.generate_groups(model, PROMPTS, num_samples=4, **kw)
+    copies = [p for p in PROMPTS for _ in range(4)]
+    assert shared == sampling.generate_groups(model, copies, num_samples=1, **kw)
+
+
 def test_generate_with_num_samples_returns_prompt_major_texts(model):
     tok = tiny_tokenizer()
     out = generate(model, tok, ["a b", "c"], max_new_tokens=6, num_samples=2, temperature=1.0,
