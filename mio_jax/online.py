@@ -407,7 +407,7 @@ class _Driver:
             scored, scale_rewards=g.scale_rewards,
             mask_truncated_completions=bool(g.mask_truncated_completions),
             drop_zero_std_groups=bool(g.drop_zero_std_groups),
-            min_length=int(self.config.data.max_length), advantage=g.advantage)
+            min_length=rollouts_lib.LENGTH_MULTIPLE, advantage=g.advantage)
         if reward_metrics is None:  # a resumed round: the metrics from the stored rewards
             reward_metrics = _reward_metrics_of(scored)
         rnd.rollouts, rnd.rows = ro, ro.groups

@@ -77,7 +77,8 @@ def build(samples: Sequence[dict], *, scale_rewards: str, mask_truncated_complet
       mask_truncated_completions: completions that hit the token limit get no loss.
       drop_zero_std_groups: DAPO's dynamic sampling: leave out groups whose rewards are all
         equal (advantage 0: no signal); they are counted in ``groups_dropped``.
-      min_length: the smallest padded length (``data.max_length``).
+      min_length: the smallest padded length (the round's L is its longest sequence
+        rounded up to ``LENGTH_MULTIPLE``: a few distinct compilations over a run).
       advantage: "group" (GRPO) or "rloo" (leave-one-out baseline).
 
     Returns:

@@ -86,7 +86,7 @@ def test_rewards_advantages_and_round_metrics_follow_from_the_samples(run):
         # the tables the round trained with: the round-start policy's and the reference's
         old = np.load(_round(work, r, "old_logps.npy"))
         ref = np.load(_round(work, r, "ref_logps.npy"))
-        assert old.shape == ref.shape == (M, G, 64)
+        assert old.shape == ref.shape == (M, G, 64)  # the round's longest, rounded up to 64
         if r == 0:  # round 0 starts from the initial model: the same log-probs
             np.testing.assert_array_equal(old, ref)
         else:
