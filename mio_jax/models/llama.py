@@ -406,8 +406,10 @@ def _remat(fn, policy: str):
 
 
 def build_mask(B: int, T: int, S: int, *, q_slots_bt, kv_valid_bs=None, attention_mask=None,
-               segment_ids=None, sliding_window=None):
-    """Boolean `[B, T, S]` attention mask: causal in slot order, AND every restriction given.
+               segment_ids=None, sliding_window=None, causal: bool = True):
+    """Boolean `[B, T, S]` attention mask: causal in slot order (unless `causal` is False:
+    a one-token step over a ring cache, whose valid keys are all in the past whatever their
+    slots), AND every restriction given.
 
     Args:
       q_slots_bt: int slot of each query in the key axis `[B, T]`.
@@ -418,7 +420,7 @@ def build_mask(B: int, T: int, S: int, *, q_slots_bt, kv_valid_bs=None, attentio
     """
     k_slots = jnp.arange(S)[None, None, :]
     q = q_slots_bt[:, :, None]
-    mask = k_slots <= q
+    mask = k_slots <= q if causal else jnp.ones((1, 1, S), bool)
     if sliding_window is not None:
         mask &= (q - k_slots) < sliding_window
     if kv_valid_bs is not None:
@@ -616,7 +618,7 @@ class Decoder(nnx.Module):
                 "index": jnp.zeros((), jnp.int32)}
 
     def decode(self, input_ids_bt, positions_bt, valid_bt, cache, weights=None,
-               last_only: bool = False):
+               last_only: bool = False, ring: bool = False):
         """Runs `T` new tokens against the cache (prefill when T > 1, one step when T == 1).
 
         Args:
@@ -627,6 +629,9 @@ class Decoder(nnx.Module):
           weights: `decode_weights()`, made once outside a decode loop (None: made here).
           last_only: project only the last position (logits `[B, 1, V]`): a prefill
             needs no more, and the output projection is a fifth of a small model's work.
+          ring: the cache is a ring (rows started at different steps, slots reused modulo
+            its length; `models.sampling.generate_groups`): a one-token step attends to
+            every valid slot, not to the slots before its own.
         Returns:
           (logits_btv float32, updated cache).
         """
@@ -637,8 +642,10 @@ class Decoder(nnx.Module):
         index = cache["index"]
         valid = jax.lax.dynamic_update_slice(cache["valid"], valid_bt.astype(bool), (0, index))
         slots = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+        if ring and (T != 1 or cfg.sliding_window is not None):
+            raise ValueError("a ring cache takes one token per step and no sliding window")
         mask = build_mask(B, T, S, q_slots_bt=slots, kv_valid_bs=valid,
-                          sliding_window=cfg.sliding_window)
+                          sliding_window=cfg.sliding_window, causal=not ring)
         cos, sin = rope_tables(cfg, positions_bt)
         layer = self._layer_fn(cos, sin, mask, index)
         x = jnp.take(w["embed"], input_ids_bt, axis=0).astype(cfg.dtype)

@@ -184,95 +184,113 @@ def _generate_padded(graphdef, state, ids_bp, valid_bp, max_new, key, temperatur
     return final[4], final[5]
 
 
-# ---- rollouts: G samples per prompt, the prompt's cache shared, finished rows dropped ----
+# ---- rollouts: G samples per prompt, the prompt's cache shared, the batch kept full ----
 
 def _row_keys(key, row_ids):
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
 
 
-def _pick_rows(step, logits_bv, keys_b, done, out, lengths, temperature, top_k, top_p,
-               eos_ids, pad_id):
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
-    tok = sample_logits(logits_bv, step_keys, temperature, top_k, top_p)
-    tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
-    return tok, done, out, lengths
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "group", "n_new"))
-def _prefill_groups(graphdef, state, ids_up, valid_up, keys_b, temperature, top_k, top_p,
-                    eos_ids, pad_id, *, group: int, n_new: int):
-    """`[U, P]` distinct prompts prefilled once; their caches and last logits repeated to
-    the `U * group` rows of their samples, and each row's first token drawn."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "group"), donate_argnums=(2,))
+def _insert_groups(graphdef, state, rows_state, ids_up, valid_up, rows_r, sample_r, gstep,
+                   key, temperature, top_k, top_p, eos_ids, pad_id, max_new, *, group: int):
+    """Starts `U` prompts' `group` samples each in the rows `rows_r` (`[U * group]`; an
+    index past the batch is a padding prompt's and is dropped): each prompt prefilled once,
+    its keys and values written into its rows' ring slots just before the step `gstep`
+    writes, its rows' first tokens drawn from its last logits."""
     model = nnx.merge(graphdef, state)
+    tok, pos, t, done, out, keys, cache = rows_state
     U, P = ids_up.shape
+    S = cache["valid"].shape[1]
     positions = default_positions(ids_up, valid_up)
-    cache = model.init_cache(U, P + n_new)
-    logits, cache = model.decode(ids_up, positions, valid_up, cache, model.decode_weights(),
+    small = model.init_cache(U, P)
+    logits, small = model.decode(ids_up, positions, valid_up, small, model.decode_weights(),
                                  last_only=True)
 
-    def rows(x):
-        return jnp.repeat(x, group, axis=0) if jnp.ndim(x) else x
+    def rep(x):
+        return jnp.repeat(x, group, axis=0)
 
-    cache = jax.tree.map(rows, cache)
-    B = U * group
-    out = jnp.full((B, n_new), pad_id, jnp.int32)
-    tok, done, out, lengths = _pick_rows(0, rows(logits[:, -1]), keys_b, jnp.zeros((B,), bool),
-                                         out, jnp.zeros((B,), jnp.int32), temperature, top_k,
-                                         top_p, eos_ids, pad_id)
-    return tok, rows(positions[:, -1]), done, out, lengths, cache
+    slots = (gstep - P + jnp.arange(P)) % S
+
+    def put(big, prompt):  # a fresh row: the prompt's entries at its ring slots, else zeros
+        fresh = jnp.zeros((rows_r.shape[0], *big.shape[1:]), big.dtype)
+        fresh = fresh.at[:, :, slots, :].set(rep(prompt).astype(big.dtype))
+        return big.at[rows_r].set(fresh, mode="drop")
+
+    valid = jnp.zeros((rows_r.shape[0], S), bool).at[:, slots].set(rep(small["valid"]))
+    cache = {"k": tuple(put(b, q) for b, q in zip(cache["k"], small["k"])),
+             "v": tuple(put(b, q) for b, q in zip(cache["v"], small["v"])),
+             "valid": cache["valid"].at[rows_r].set(valid, mode="drop"),
+             "index": cache["index"]}
+    new_keys = _row_keys(key, sample_r.astype(jnp.uint32))
+    first = sample_logits(rep(logits[:, -1]), jax.vmap(lambda k: jax.random.fold_in(k, 0))(
+        new_keys), temperature, top_k, top_p)
+    first_out = jnp.full((rows_r.shape[0], out.shape[1]), pad_id, jnp.int32).at[:, 0].set(first)
+    ends = jnp.any(first[:, None] == eos_ids[None, :], axis=-1) | (max_new <= 1)
+    return (tok.at[rows_r].set(first, mode="drop"),
+            pos.at[rows_r].set(rep(positions[:, -1]) + 1, mode="drop"),
+            t.at[rows_r].set(1, mode="drop"),
+            done.at[rows_r].set(ends, mode="drop"),
+            out.at[rows_r].set(first_out, mode="drop"),
+            keys.at[rows_r].set(new_keys, mode="drop"),
+            cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _decode_rows(graphdef, state, carry, keys_b, start, stop, temperature, top_k, top_p,
-                 eos_ids, pad_id):
-    """Decodes steps `start .. stop - 1` (or until every row is done) for the rows of
-    `carry`; each row draws from its own key."""
+def _decode_ring(graphdef, state, rows_state, gstep, steps, temperature, top_k, top_p,
+                 eos_ids, pad_id, max_new):
+    """Up to `steps` decode steps of every running row (or until none runs): each step
+    writes the ring slot `gstep % S` of every row, and a row draws its token `t` from its
+    own key folded with `t`. Returns the rows' state and the steps taken."""
     model = nnx.merge(graphdef, state)
     weights = model.decode_weights()
-    tok, pos, done, out, lengths, cache = carry
-    B = tok.shape[0]
+    S = rows_state[6]["valid"].shape[1]
+    columns = jnp.arange(rows_state[4].shape[1])[None, :]
 
     def body(c):
-        step, tok, pos, done, out, lengths, cache = c
-        pos = pos + 1
-        logits, cache = model.decode(tok[:, None], pos[:, None], jnp.ones((B, 1), bool), cache,
-                                     weights)
-        tok, done, out, lengths = _pick_rows(step, logits[:, 0], keys_b, done, out, lengths,
-                                             temperature, top_k, top_p, eos_ids, pad_id)
-        return step + 1, tok, pos, done, out, lengths, cache
+        n, g, (tok, pos, t, done, out, keys, cache) = c
+        live = ~done
+        cache = dict(cache, index=(g % S).astype(jnp.int32))
+        logits, cache = model.decode(tok[:, None], pos[:, None], live[:, None], cache, weights,
+                                     ring=True)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, t.astype(jnp.uint32))
+        new = sample_logits(logits[:, 0], step_keys, temperature, top_k, top_p)
+        out = jnp.where(live[:, None] & (columns == t[:, None]), new[:, None], out)
+        t = t + live
+        ends = jnp.any(new[:, None] == eos_ids[None, :], axis=-1) | (t >= max_new)
+        state = (jnp.where(live, new, tok), pos + live, t, done | (live & ends), out, keys,
+                 cache)
+        return n + 1, g + 1, state
 
     def cond(c):
-        return (c[0] < stop) & ~jnp.all(c[3])
+        return (c[0] < steps) & ~jnp.all(c[2][3])
 
-    final = jax.lax.while_loop(cond, body, (start, tok, pos, done, out, lengths, cache))
-    return final[1:]
+    n, _, rows_state = jax.lax.while_loop(cond, body, (jnp.int32(0), gstep, rows_state))
+    return rows_state, n
 
 
 def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_samples: int,
                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                    seed: int = 0, batch_size: int | None = None, chunk_steps: int = 16
+                    seed: int = 0, batch_size: int | None = None, chunk_steps: int = 8
                     ) -> list[list[int]]:
     """`num_samples` completions of every prompt (RL rollouts), flat and prompt-major:
     completion `i * num_samples + g` is sample g of prompt i.
 
-    Each prompt is prefilled once and its KV cache shared by its samples. Decoding runs in
-    chunks of `chunk_steps` tokens; after a chunk the rows that have finished leave the
-    batch, which shrinks to the smallest power of two that holds the rest, so rows that
-    stopped early no longer cost decode work. Every sample draws from its own key (the
-    seed folded with its index, then with the token's position), so a sample does not
-    depend on `batch_size`, `chunk_steps` or the other rows of its batch.
+    The batch keeps `batch_size` rows decoding: each prompt is prefilled once and its KV
+    cache copied to the G rows of its samples; after every `chunk_steps` tokens the rows
+    whose samples have ended take the next waiting prompts (a ring cache lets rows start at
+    different steps), and once no prompt waits, the batch shrinks to the smallest power of
+    two that holds the rows still running. Every sample draws from its own key (the seed
+    folded with its index, then with the token's position), so a sample does not depend on
+    `batch_size`, `chunk_steps` or the other rows of its batch.
 
     Args:
       model, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, seed: as in
         `generate_ids`.
       prompt_ids: the distinct prompts (each non-empty).
       num_samples: G, samples per prompt.
-      batch_size: sample rows per batch (a multiple of G; default all).
-      chunk_steps: tokens decoded between two compactions.
+      batch_size: rows decoding at once (a multiple of G; default: every sample).
+      chunk_steps: tokens decoded between two refills.
     Returns:
       the `len(prompt_ids) * num_samples` completions' ids (EOS kept as the last token).
     """
@@ -282,60 +300,74 @@ def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_
     for i, p in enumerate(prompt_ids):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-    G = int(num_samples)
-    rows_per_batch = batch_size or len(prompt_ids) * G
-    if rows_per_batch % G:
+    G, n = int(num_samples), len(prompt_ids)
+    B = min(batch_size or n * G, n * G)
+    if B % G:
         raise ValueError(f"batch_size={batch_size} is not a multiple of num_samples={G}")
     graphdef, state = nnx.split(model)
     n_new = _bucket(max_new_tokens, 8)
+    P = _length_bucket(max(len(p) for p in prompt_ids))
+    S = P + n_new  # a row's prompt and answer never wrap onto themselves
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     key = jax.random.key(seed)
     sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    results: list[list[int]] = [[] for _ in range(len(prompt_ids) * G)]
-    per = rows_per_batch // G
-    for first in range(0, len(prompt_ids), per):
-        chunk = [list(p) for p in prompt_ids[first:first + per]]
-        U = _bucket(len(chunk))
-        P = _length_bucket(max(len(p) for p in chunk))
-        ids = np.full((U, P), pad_id, np.int32)
-        valid = np.zeros((U, P), np.int32)
-        for r, p in enumerate(chunk + [chunk[0]] * (U - len(chunk))):
-            ids[r, P - len(p):] = p
-            valid[r, P - len(p):] = 1
-        row_ids = np.arange(first * G, (first + U) * G)  # global sample index of each row
-        keys = _row_keys(key, jnp.asarray(row_ids, jnp.uint32))
-        carry = _prefill_groups(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), keys,
-                                *sampling, eos, jnp.int32(pad_id), group=G, n_new=n_new)
-        real = row_ids < (first + len(chunk)) * G  # rows of padding prompts are dropped
-        step = 1
-        while True:
-            done = _to_host(carry[2])
-            live = ~done & real
-            if step >= max_new_tokens or not live.any():
-                break
-            if live.sum() <= len(row_ids) // 2:  # compact: only the live rows go on
-                keep = np.flatnonzero(live)
-                _collect(results, carry, row_ids, real & ~live)
-                size = _bucket(len(keep))
-                idx = np.concatenate([keep, np.full(size - len(keep), keep[0])])
-                carry = jax.tree.map(lambda x: x[idx] if jnp.ndim(x) else x, carry)
-                row_ids, real = row_ids[idx], np.arange(size) < len(keep)
-                keys = keys[idx]
-            stop = min(step + chunk_steps, max_new_tokens)
-            carry = _decode_rows(graphdef, state, carry, keys, jnp.int32(step), jnp.int32(stop),
-                                 *sampling, eos, jnp.int32(pad_id))
-            step = stop
-        _collect(results, carry, row_ids, real)
+    cache = model.init_cache(B, S)
+    rows_state = (jnp.full((B,), pad_id, jnp.int32), jnp.zeros((B,), jnp.int32),
+                  jnp.zeros((B,), jnp.int32), jnp.ones((B,), bool),
+                  jnp.full((B, n_new), pad_id, jnp.int32), _row_keys(key, jnp.zeros((B,),
+                                                                                     jnp.uint32)),
+                  cache)
+    sample_of_row = np.full(B, -1)  # the sample each row decodes (-1: free)
+    results: list[list[int]] = [[] for _ in range(n * G)]
+    waiting = list(range(n))
+    gstep = P  # any start works on a ring
+    while True:
+        free = np.flatnonzero(sample_of_row < 0)
+        take = min(len(free) // G, len(waiting))
+        if take:  # the next prompts into the free rows, G rows each
+            prompts, waiting = waiting[:take], waiting[take:]
+            U = _bucket(take)
+            ids = np.full((U, P), pad_id, np.int32)
+            valid = np.zeros((U, P), np.int32)
+            for r, i in enumerate(prompts + prompts[:1] * (U - take)):
+                ids[r, P - len(prompt_ids[i]):] = prompt_ids[i]
+                valid[r, P - len(prompt_ids[i]):] = 1
+            rows = np.full(U * G, len(sample_of_row))  # padding prompts' rows: dropped
+            rows[:take * G] = free[:take * G]
+            samples = np.zeros(U * G, np.int64)
+            samples[:take * G] = [i * G + g for i in prompts for g in range(G)]
+            sample_of_row[free[:take * G]] = samples[:take * G]
+            rows_state = _insert_groups(
+                graphdef, state, rows_state, jnp.asarray(ids), jnp.asarray(valid),
+                jnp.asarray(rows, jnp.int32), jnp.asarray(samples), jnp.int32(gstep), key,
+                *sampling, eos, jnp.int32(pad_id), jnp.int32(max_new_tokens), group=G)
+        live = (sample_of_row >= 0) & ~_to_host(rows_state[3])
+        _collect(results, rows_state, sample_of_row, (sample_of_row >= 0) & ~live)
+        sample_of_row[~live] = -1
+        if not live.any() and not waiting:
+            break
+        if not waiting and live.sum() <= len(sample_of_row) // 2:  # shrink to the live rows
+            keep = np.flatnonzero(live)
+            idx = np.concatenate([keep, np.full(_bucket(len(keep)) - len(keep), keep[0])])
+            rows_state = jax.tree.map(lambda x: x[idx] if jnp.ndim(x) else x, rows_state)
+            sample_of_row = np.where(np.arange(len(idx)) < len(keep), sample_of_row[idx], -1)
+            rows_state = rows_state[:3] + (rows_state[3] | jnp.asarray(sample_of_row < 0),
+                                           ) + rows_state[4:]
+        if live.any():
+            rows_state, taken = _decode_ring(graphdef, state, rows_state, jnp.int32(gstep),
+                                             jnp.int32(chunk_steps), *sampling, eos,
+                                             jnp.int32(pad_id), jnp.int32(max_new_tokens))
+            gstep += int(taken)
     return results
 
 
-def _collect(results, carry, row_ids, which) -> None:
-    """Writes the finished rows `which` of `carry` into `results` (by global index)."""
+def _collect(results, rows_state, sample_of_row, which) -> None:
+    """Writes the ended samples of the rows `which` into `results` (by sample index)."""
     if not which.any():
         return
-    out, lengths = _to_host(carry[3]), _to_host(carry[4])
+    out, t = _to_host(rows_state[4]), _to_host(rows_state[2])
     for r in np.flatnonzero(which):
-        results[int(row_ids[r])] = out[r, :lengths[r]].tolist()
+        results[int(sample_of_row[r])] = out[r, :t[r]].tolist()
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -350,17 +350,23 @@ def test_grouped_sampling_ignores_batching_and_compaction(model, monkeypatch):
     once = sampling.generate_groups(model, prompts, chunk_steps=64, **kw)  # one chunk: no compaction
     lengths = [len(x) for x in once]
     assert len(set(lengths)) >= 5 and max(lengths) > 4 * min(lengths)
-    rows, decode = [], sampling._decode_rows
+    rows, decode = [], sampling._decode_ring
 
-    def counted(graphdef, state, carry, *args):
-        rows.append(carry[0].shape[0])
-        return decode(graphdef, state, carry, *args)
+    def counted(graphdef, state, rows_state, *args):
+        rows.append(rows_state[0].shape[0])
+        return decode(graphdef, state, rows_state, *args)
 
-    monkeypatch.setattr(sampling, "_decode_rows", counted)
+    monkeypatch.setattr(sampling, "_decode_ring", counted)
     compacted = sampling.generate_groups(model, prompts, chunk_steps=3, **kw)
+    all_at_once, rows[:] = list(rows), []
+    refilled = sampling.generate_groups(model, prompts, chunk_steps=2, batch_size=8, **kw)
     monkeypatch.undo()
-    # 8 prompt slots x 4 = 32 rows, 24 of them real: the batch shrinks as rows finish
-    assert rows[0] <= 32 and min(rows) <= 8 and len(set(rows)) >= 2
+    # all 24 rows at once, then fewer as they end
+    assert all_at_once[0] == 24 and min(all_at_once) <= 8 and len(set(all_at_once)) >= 2
+    # 8 rows: full while prompts wait (their samples take the rows that ended; 6 prompts x
+    # 4 samples need at least 3 fills), then shrinking
+    assert rows[:3] == [8, 8, 8] and min(rows) < 8
+    assert refilled == once
     small_batches = sampling.generate_groups(model, prompts, chunk_steps=5, batch_size=12, **kw)
     assert compacted == once and small_batches == once
     # a prompt's samples are draws, not copies; the same seed draws the same samples
