@@ -129,9 +129,12 @@ def rollouts(llama_cpp, ctx, batch, prompts, g: int, n_new: int, eos, sampler_fo
 def rollout_main(llama_cpp, model, spec):
     g, n_new = int(spec["num_samples"]), int(spec["n_new"])
     prompts = spec["prompts"]
-    rows = len(prompts) * g
+    # prompts in waves of batch_rows / G (llama.cpp's batched example serves one wave)
+    per = max(int(spec.get("batch_rows") or len(prompts) * g) // g, 1)
+    waves = [prompts[i:i + per] for i in range(0, len(prompts), per)]
+    rows = len(waves[0]) * g
     per_row = -(-(max(len(p) for p in prompts) + n_new) // 256) * 256
-    total = sum(len(p) for p in prompts)
+    total = max(sum(len(p) for p in w) for w in waves)
     ctx = _context(llama_cpp, model, rows, per_row, total, int(spec["threads"]), unified=True)
     batch = llama_cpp.llama_batch_init(max(total, rows), 0, 1)
     eos = set(spec["eos"])
@@ -149,11 +152,19 @@ def rollout_main(llama_cpp, model, spec):
             return chain
         return make
 
-    rollouts(llama_cpp, ctx, batch, prompts, g, n_new, eos, sampler_for(0))  # warm-up
+    def call(seed):
+        out = []
+        for w, wave in enumerate(waves):
+            make = sampler_for(seed)
+            out += rollouts(llama_cpp, ctx, batch, wave, g, n_new, eos,
+                            lambda r, w=w: make(w * per * g + r))
+        return out
+
+    call(0)  # warm-up
     seconds, tokens = [], []
     for rep in range(int(spec["repeats"])):
         t0 = time.perf_counter()
-        out = rollouts(llama_cpp, ctx, batch, prompts, g, n_new, eos, sampler_for(rep + 1))
+        out = call(rep + 1)
         seconds.append(time.perf_counter() - t0)
         tokens.append([len(x) for x in out])
     llama_cpp.llama_batch_free(batch)

@@ -417,17 +417,20 @@ def rollouts(args, groups):
     kw = dict(max_new_tokens=n, temperature=0.8, top_p=0.95, eos_ids=eos, pad_id=pad)
     print(f"model: {name}; {_common.machine()}")
     print(f"rollouts: {args.prompts} prompts x G samples, up to {n} new tokens, temperature 0.8, "
-          f"top-p 0.95, EOS on; median of {args.repeats} calls after a compiling one")
+          f"top-p 0.95, EOS on, {args.rollout_batch or 'all'} rows at once; median of "
+          f"{args.repeats} calls after a compiling one")
     print(f"{'G':>3} {'sampler':<16} {'rows':>5} {'tokens':>7} {'len min/med/max':>16} "
           f"{'s/call':>8} {'tok/s':>8} {'ratio':>6}")
     out, llamacpp = [], {}
     prompts = rollout_prompts(tok, args.prompts)
     for g in groups:
         rows = [p for p in prompts for _ in range(g)]
+        per = args.rollout_batch or len(rows)  # rows decoding at once
         calls = {
-            "static (today)": lambda seed: models.generate_ids(model, rows, seed=seed, **kw),
+            "static (today)": lambda seed: models.generate_ids(model, rows, seed=seed,
+                                                               batch_size=per, **kw),
             "groups (new)": lambda seed: models.sampling.generate_groups(
-                model, prompts, num_samples=g, seed=seed, **kw),
+                model, prompts, num_samples=g, seed=seed, batch_size=per, **kw),
         }
         for call in calls.values():
             call(0)  # compile
@@ -444,7 +447,8 @@ def rollouts(args, groups):
         if args.vs_llamacpp:
             lc = run_llamacpp(ensure_llamacpp_env(args.llamacpp_env), models.smollm2_gguf_path(),
                               prompts, n, [], args.threads, args.repeats, mode="rollouts",
-                              num_samples=g, eos=eos, temperature=0.8, top_p=0.95)
+                              num_samples=g, eos=eos, temperature=0.8, top_p=0.95,
+                              batch_rows=per)
             llamacpp[g] = lc
             times["llama.cpp"] = lc["run"]["seconds"]
             tokens["llama.cpp"] = [sum(x) for x in lc["run"]["lengths"]]
@@ -489,6 +493,9 @@ def main():
                         help="G values (e.g. 8,16): rollout tokens/s, today's sampler against "
                              "generate_groups")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of --rollouts")
+    parser.add_argument("--rollout-batch", type=int, default=0,
+                        help="rows decoding at once in --rollouts (0: every sample at once); "
+                             "more samples than that wait in a queue")
     parser.add_argument("--mio-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

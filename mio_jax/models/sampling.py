@@ -190,33 +190,35 @@ def _row_keys(key, row_ids):
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "group"), donate_argnums=(2,))
-def _insert_groups(graphdef, state, rows_state, ids_up, valid_up, rows_r, sample_r, gstep,
-                   key, temperature, top_k, top_p, eos_ids, pad_id, max_new, *, group: int):
-    """Starts `U` prompts' `group` samples each in the rows `rows_r` (`[U * group]`; an
-    index past the batch is a padding prompt's and is dropped): each prompt prefilled once,
-    its keys and values written into its rows' ring slots just before the step `gstep`
-    writes, its rows' first tokens drawn from its last logits."""
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _insert_samples(graphdef, state, rows_state, ids_up, valid_up, rows_r, prompt_r, sample_r,
+                    gstep, key, temperature, top_k, top_p, eos_ids, pad_id, max_new):
+    """Starts samples in the rows `rows_r` (`[R]`; an index past the batch is padding and is
+    dropped), sample `sample_r[j]` of prompt `prompt_r[j]` of the `U` prompts `ids_up`:
+    each prompt prefilled once, its keys and values written into its rows' ring slots just
+    before the step `gstep` writes, each row's first token drawn from its prompt's last
+    logits with the sample's own key."""
     model = nnx.merge(graphdef, state)
     tok, pos, t, done, out, keys, cache = rows_state
-    U, P = ids_up.shape
+    P = ids_up.shape[1]
+    R = rows_r.shape[0]
     S = cache["valid"].shape[1]
     positions = default_positions(ids_up, valid_up)
-    small = model.init_cache(U, P)
+    small = model.init_cache(ids_up.shape[0], P)
     logits, small = model.decode(ids_up, positions, valid_up, small, model.decode_weights(),
                                  last_only=True)
 
-    def rep(x):
-        return jnp.repeat(x, group, axis=0)
+    def rep(x):  # each row's prompt's value
+        return jnp.take(x, prompt_r, axis=0)
 
     slots = (gstep - P + jnp.arange(P)) % S
 
     def put(big, prompt):  # a fresh row: the prompt's entries at its ring slots, else zeros
-        fresh = jnp.zeros((rows_r.shape[0], *big.shape[1:]), big.dtype)
+        fresh = jnp.zeros((R, *big.shape[1:]), big.dtype)
         fresh = fresh.at[:, :, slots, :].set(rep(prompt).astype(big.dtype))
         return big.at[rows_r].set(fresh, mode="drop")
 
-    valid = jnp.zeros((rows_r.shape[0], S), bool).at[:, slots].set(rep(small["valid"]))
+    valid = jnp.zeros((R, S), bool).at[:, slots].set(rep(small["valid"]))
     cache = {"k": tuple(put(b, q) for b, q in zip(cache["k"], small["k"])),
              "v": tuple(put(b, q) for b, q in zip(cache["v"], small["v"])),
              "valid": cache["valid"].at[rows_r].set(valid, mode="drop"),
@@ -224,7 +226,7 @@ def _insert_groups(graphdef, state, rows_state, ids_up, valid_up, rows_r, sample
     new_keys = _row_keys(key, sample_r.astype(jnp.uint32))
     first = sample_logits(rep(logits[:, -1]), jax.vmap(lambda k: jax.random.fold_in(k, 0))(
         new_keys), temperature, top_k, top_p)
-    first_out = jnp.full((rows_r.shape[0], out.shape[1]), pad_id, jnp.int32).at[:, 0].set(first)
+    first_out = jnp.full((R, out.shape[1]), pad_id, jnp.int32).at[:, 0].set(first)
     ends = jnp.any(first[:, None] == eos_ids[None, :], axis=-1) | (max_new <= 1)
     return (tok.at[rows_r].set(first, mode="drop"),
             pos.at[rows_r].set(rep(positions[:, -1]) + 1, mode="drop"),
@@ -276,11 +278,11 @@ def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_
     """`num_samples` completions of every prompt (RL rollouts), flat and prompt-major:
     completion `i * num_samples + g` is sample g of prompt i.
 
-    The batch keeps `batch_size` rows decoding: each prompt is prefilled once and its KV
-    cache copied to the G rows of its samples; after every `chunk_steps` tokens the rows
-    whose samples have ended take the next waiting prompts (a ring cache lets rows start at
-    different steps), and once no prompt waits, the batch shrinks to the smallest power of
-    two that holds the rows still running. Every sample draws from its own key (the seed
+    The batch keeps `batch_size` rows decoding: after every `chunk_steps` tokens the rows
+    whose samples have ended take the next waiting samples (a ring cache lets rows start at
+    different steps); the samples started together that share a prompt share one prefill,
+    its KV cache copied to their rows. Once no sample waits, the batch shrinks to the
+    smallest power of two that holds the rows still running. Every sample draws from its own key (the seed
     folded with its index, then with the token's position), so a sample does not depend on
     `batch_size`, `chunk_steps` or the other rows of its batch.
 
@@ -319,28 +321,33 @@ def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_
                   cache)
     sample_of_row = np.full(B, -1)  # the sample each row decodes (-1: free)
     results: list[list[int]] = [[] for _ in range(n * G)]
-    waiting = list(range(n))
+    waiting = list(range(n * G))  # samples not started, prompt-major
     gstep = P  # any start works on a ring
     while True:
         free = np.flatnonzero(sample_of_row < 0)
-        take = min(len(free) // G, len(waiting))
-        if take:  # the next prompts into the free rows, G rows each
-            prompts, waiting = waiting[:take], waiting[take:]
-            U = _bucket(take)
+        take = min(len(free), len(waiting))
+        if take:  # the next waiting samples into the free rows, each prompt prefilled once
+            started, waiting = waiting[:take], waiting[take:]
+            prompts = sorted({s // G for s in started})
+            U, R = _bucket(len(prompts)), _bucket(take)
             ids = np.full((U, P), pad_id, np.int32)
             valid = np.zeros((U, P), np.int32)
-            for r, i in enumerate(prompts + prompts[:1] * (U - take)):
+            for r, i in enumerate(prompts + prompts[:1] * (U - len(prompts))):
                 ids[r, P - len(prompt_ids[i]):] = prompt_ids[i]
                 valid[r, P - len(prompt_ids[i]):] = 1
-            rows = np.full(U * G, len(sample_of_row))  # padding prompts' rows: dropped
-            rows[:take * G] = free[:take * G]
-            samples = np.zeros(U * G, np.int64)
-            samples[:take * G] = [i * G + g for i in prompts for g in range(G)]
-            sample_of_row[free[:take * G]] = samples[:take * G]
-            rows_state = _insert_groups(
+            rows = np.full(R, len(sample_of_row))  # padding: past the batch, dropped
+            rows[:take] = free[:take]
+            slot_of = {i: u for u, i in enumerate(prompts)}
+            prompt_r = np.zeros(R, np.int32)
+            prompt_r[:take] = [slot_of[s // G] for s in started]
+            samples = np.zeros(R, np.int64)
+            samples[:take] = started
+            sample_of_row[free[:take]] = started
+            rows_state = _insert_samples(
                 graphdef, state, rows_state, jnp.asarray(ids), jnp.asarray(valid),
-                jnp.asarray(rows, jnp.int32), jnp.asarray(samples), jnp.int32(gstep), key,
-                *sampling, eos, jnp.int32(pad_id), jnp.int32(max_new_tokens), group=G)
+                jnp.asarray(rows, jnp.int32), jnp.asarray(prompt_r), jnp.asarray(samples),
+                jnp.int32(gstep), key, *sampling, eos, jnp.int32(pad_id),
+                jnp.int32(max_new_tokens))
         live = (sample_of_row >= 0) & ~_to_host(rows_state[3])
         _collect(results, rows_state, sample_of_row, (sample_of_row >= 0) & ~live)
         sample_of_row[~live] = -1
