@@ -34,7 +34,7 @@ def _overrides(questions, **extra):
             "data.max_length": 64, "data.shared_prompt": False, "data.packing": False,
             "reference.mode": "precomputed", "data.eval_path": "", "eval.at_start": False,
             "eval.every_steps": 0, "eval.reasoning_tasks": "", "train.batch_size": B,
-            "grpo.loss_type": "grpo", "grpo.beta": 0.04,
+            "grpo.loss_type": "dapo", "grpo.beta": 0.04,
             "grpo.reward_funcs": "accuracy,mio_jax.testing:length_reward",
             "grpo.reward_weights": "1.0,0.01", "checkpoint.every_steps": 2,
             "checkpoint.export_hf": False, "optim.learning_rate": 1e-3,
@@ -103,14 +103,20 @@ def test_step_metrics_are_trls(run):
             assert np.isfinite(m[key]), key
         assert m["kl"] >= 0 and 0 <= m["clip_ratio/region_mean"] <= 1
     # the first step of round 0 is on-policy at the reference: no clip, no KL, and every
-    # ratio is 1, so the grpo loss is minus the mean advantage of the step's completions
+    # ratio is 1, so dapo's loss is minus the token-weighted mean advantage of the step's
+    # completions, -sum_i A_i |o_i| / sum_i |o_i| (a per-completion mean would be 0 for
+    # whole groups, whatever the advantages)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert rows[0]["clip_ratio/region_mean"] == 0.0
     seed = json.load(open(os.path.join(work, "config.json")))["seed"]
-    flat = [s["reward"] for p in _jsonl(_round(work, 0, "rollouts.jsonl")) for s in p["samples"]]
+    scored = _jsonl(_round(work, 0, "rollouts.jsonl"))
+    flat = [s["reward"] for p in scored for s in p["samples"]]
     adv = np.asarray(losses.group_advantages(np.asarray(flat), G, "group")).reshape(M, G)
+    lengths = np.asarray([[len(s["ids"]) for s in p["samples"]] for p in scored])
     first = rollouts.batch_ids(M, B, seed, 0, 0)
-    np.testing.assert_allclose(rows[0]["loss"], -adv[first].mean(), rtol=1e-5, atol=1e-6)
+    want = -(adv[first] * lengths[first]).sum() / lengths[first].sum()
+    assert abs(want) > 1e-3  # a check that can fail
+    np.testing.assert_allclose(rows[0]["loss"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_crash_mid_round_then_resume_equals_uninterrupted(run, tiny, tiny_config, questions,
