@@ -233,7 +233,7 @@ def score_rollouts(samples: Sequence[dict], funcs: Sequence[rewards_lib.Reward]
                                reward=None if np.isnan(total[n]) else float(total[n])))
             n += 1
         out.append(dict(p, samples=scored))
-    return out, rewards_lib.metrics(table, funcs)
+    return out, rewards_lib.metrics(table, [f.name for f in funcs])
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -437,7 +437,8 @@ class _Driver:
             if not needed:
                 continue
             path = rnd.path(f"{name}_logps.npy")
-            if _exists(path):
+            stored = _exists(path)  # process 0's answer, for every process
+            if stored:
                 table = np.load(paths.local_copy(path))
             elif name == "ref" and previous and rnd.old_logps is not None:
                 table = rnd.old_logps  # the round-start policy is both
@@ -449,7 +450,7 @@ class _Driver:
                 table = reference_pass.rollout_token_table(
                     self.run, rnd.rollouts, params=params, view=view,
                     batch_size=self.config.train.batch_size)
-            if not _exists(path) and jax.process_index() == 0:
+            if not stored and jax.process_index() == 0:
                 buf = io.BytesIO()
                 np.save(buf, table)
                 paths.write_bytes(path, buf.getvalue())
@@ -551,8 +552,7 @@ def _reward_metrics_of(scored: Sequence[dict]) -> dict[str, float]:
     names = list(scored[0]["samples"][0]["rewards"]) if scored and scored[0]["samples"] else []
     table = np.asarray([[np.nan if s["rewards"][n] is None else s["rewards"][n] for n in names]
                         for p in scored for s in p["samples"]], np.float64)
-    funcs = [rewards_lib.Reward(n, None, 1.0) for n in names]
-    return rewards_lib.metrics(table.reshape(-1, len(names)), funcs)
+    return rewards_lib.metrics(table.reshape(-1, len(names)), names)
 
 
 def train_online(run, training, initial_params) -> dict[str, Any]:

@@ -28,7 +28,6 @@ Metrics use TRL's keys: `rewards/<name>/mean` and `rewards/<name>/std`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -114,14 +113,7 @@ def _resolve(name: str, max_completion_length: int, soft_punish_cache: int) -> R
         verifiers.get(name.partition(":")[2])  # raises for an unknown verifier
         return _Verifier(name.partition(":")[2])
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {name!r}: cannot import {attr!r} from {module!r}: {e}") from e
-        if not callable(fn):
-            raise ValueError(f"reward {name!r} is not callable")
-        return fn
+        return verifiers.import_callable(name, "reward")
     raise ValueError(f"unknown reward {name!r}; built in: {', '.join(BUILTIN_NAMES)}")
 
 
@@ -178,12 +170,13 @@ def combine(table: np.ndarray, rewards: Sequence[Reward]) -> np.ndarray:
     return np.where(np.isnan(table).all(axis=1), np.nan, total)
 
 
-def metrics(table: np.ndarray, rewards: Sequence[Reward]) -> dict[str, float]:
-    """`rewards/<name>/mean` and `/std` per function over the completions it scored
-    (standard deviation with Bessel's correction, as TRL's)."""
+def metrics(table: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """`rewards/<name>/mean` and `/std` of each function (column ``j`` of ``table`` is
+    ``names[j]``'s) over the completions it scored (standard deviation with Bessel's
+    correction, as TRL's)."""
     out = {}
-    for j, reward in enumerate(rewards):
+    for j, name in enumerate(names):
         col = table[:, j][~np.isnan(table[:, j])]
-        out[f"rewards/{reward.name}/mean"] = float(col.mean()) if col.size else float("nan")
-        out[f"rewards/{reward.name}/std"] = float(col.std(ddof=1)) if col.size > 1 else float("nan")
+        out[f"rewards/{name}/mean"] = float(col.mean()) if col.size else float("nan")
+        out[f"rewards/{name}/std"] = float(col.std(ddof=1)) if col.size > 1 else float("nan")
     return out

@@ -147,6 +147,23 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def import_callable(spec: str, kind: str) -> Callable:
+    """The callable named ``spec`` ("module:function"); ``kind`` names what it is for in the
+    error ("verifier", "reward").
+
+    Raises:
+      ValueError: the module or attribute cannot be imported, or it is not callable.
+    """
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{kind} {spec!r}: cannot import {attr!r} from module {module!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"{kind} {spec!r} is not callable")
+    return fn
+
+
 def get(name: str) -> Verifier:
     """The verifier called `name`, or the callable `module:function`.
 
@@ -156,14 +173,7 @@ def get(name: str) -> Verifier:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"verifier {name!r}: cannot import {attr!r} from module {module!r}: {e}") from e
-        if not callable(fn):
-            raise ValueError(f"verifier {name!r} is not callable")
-        return fn
+        return import_callable(name, "verifier")
     raise ValueError(f"unknown verifier {name!r}; registered: {names()}, or give 'module:function'")
 
 

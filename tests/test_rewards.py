@@ -42,7 +42,7 @@ def test_accuracy_uses_each_examples_verifier_and_format_reads_the_marker():
                           weights="1,0.5,2")
     assert table.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 0, 1]]
     np.testing.assert_allclose(rewards.combine(table, funcs), [3.5, 3.5, 0, 3])
-    m = rewards.metrics(table, funcs)
+    m = rewards.metrics(table, [f.name for f in funcs])
     assert m["rewards/format/mean"] == 0.5
     np.testing.assert_allclose(m["rewards/accuracy/std"], np.std([1, 1, 0, 1], ddof=1))
 
@@ -56,7 +56,8 @@ def test_a_custom_trl_style_reward_and_missing_values():
     np.testing.assert_allclose(total, [1.5, 0.0, 1.0])  # format scored the empty answer 0
     funcs, table = _score("mio_jax.testing:length_reward", completions, [{}] * 3)
     assert np.isnan(rewards.combine(table, funcs)[1])  # no function scored it: NaN
-    assert rewards.metrics(table, funcs)["rewards/mio_jax.testing:length_reward/mean"] == 2.5
+    assert rewards.metrics(table, [f.name for f in funcs])[
+        "rewards/mio_jax.testing:length_reward/mean"] == 2.5
 
 
 @pytest.mark.parametrize("names,weights,match", [

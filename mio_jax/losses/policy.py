@@ -236,13 +236,12 @@ def group_advantages(rewards: Any, num_generations: int, scale_rewards: str = "g
     order). A NaN reward (a completion no reward function could score) is left out of its
     group's statistics and gets advantage 0.
     """
+    std = reward_std(rewards, num_generations, scale_rewards)  # (checks scale_rewards)
     grouped = _grouped(rewards, num_generations)
     mean = jnp.repeat(jnp.nanmean(grouped, axis=1), num_generations)
     advantages = grouped.reshape(-1) - mean
     if scale_rewards != "none":
-        advantages = advantages / (reward_std(rewards, num_generations, scale_rewards) + STD_EPS)
-    else:
-        reward_std(rewards, num_generations, scale_rewards)  # validates the name
+        advantages = advantages / (std + STD_EPS)
     return jnp.nan_to_num(advantages, nan=0.0)
 
 
