@@ -49,7 +49,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/grpo.py: arg {arg!r}: expected RECIPE[,lora][,runlocal] "
                          f"with RECIPE one of {sorted(RECIPES)}")
     c = online.get_config(",".join(["mio", *sorted(options)]))
-    c.data.shared_prompt = False         # rollout groups train in the unshared layout
+    c.data.shared_prompt = True          # a group's prompt runs once, its answers in one row
     c.data.bucketing = False
     c.grpo.enabled = True
     c.grpo.num_generations = 8

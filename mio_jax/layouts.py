@@ -5,7 +5,7 @@ Three layouts hold the same groups (B groups of K completions; index 0 chosen / 
 * ``PreferenceBatch`` ``[B, K, L]``: every sequence in its own padded row (any K).
 * ``PackedBatch`` ``[R, L]``: sequences packed padding-free into rows, one segment each.
 * ``SharedPromptBatch`` ``[B, T]``: each pair in ONE row ``[prompt | chosen | rejected]``,
-  the prompt computed once (pairs only).
+  the prompt computed once.
 
 The data pipeline builds them (``mio_jax.data``), with global shapes taken from its plan,
 so every process of a run holds batches of the same global shape. The train step
@@ -93,6 +93,9 @@ class PackedBatch:
         padding.
       slot_index: [R, L] int32; the token's slot k in [0, K), -1 at padding.
       weights, valid, example_id, ref_logps: the group fields ([B], [B, K]).
+      advantages, old_token_logps, ref_token_logps: a rollout batch's fields as in
+        ``PreferenceBatch``, the per-token tables ``[B, K, L]`` indexed by a token's
+        position in its sequence (``token_table``).
     """
 
     input_ids: Any
@@ -107,10 +110,17 @@ class PackedBatch:
     valid: Any
     example_id: Any
     ref_logps: Any = None
+    advantages: Any = None
+    old_token_logps: Any = None
+    ref_token_logps: Any = None
 
     def model_inputs(self) -> dict:
         return {"attention_mask": self.attention_mask, "positions": self.positions,
                 "segment_ids": self.segment_ids}
+
+    def token_groups(self):
+        """[R, L] the token's group (-1 at padding)."""
+        return self.group_index
 
     def sequence_ids(self):
         """Flat sequence id ``b * K + k`` of every token; ``B * K`` where none."""
@@ -119,36 +129,35 @@ class PackedBatch:
         return jnp.where(ok, self.group_index * k + self.slot_index, b * k)
 
 
-# SharedPromptBatch.shared_code values (per token).
+# SharedPromptBatch.shared_code values (per token): the segment of completion k has code
+# CHOSEN + k (so REJECTED for k = 1 of a pair).
 PAD, PROMPT, LAST_PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3, 4
-# _VISIBLE[q, k]: may a query of code q attend a key of code k (causality is added by
-# the model; in a row the slots come in the order prompt < chosen < rejected).
-_VISIBLE = np.zeros((5, 5), bool)
-_VISIBLE[PROMPT, [PROMPT, LAST_PROMPT]] = True
-_VISIBLE[LAST_PROMPT, [PROMPT, LAST_PROMPT]] = True
-_VISIBLE[CHOSEN, [PROMPT, LAST_PROMPT, CHOSEN]] = True
-_VISIBLE[REJECTED, [PROMPT, REJECTED]] = True
 
 
 @struct.dataclass
 class SharedPromptBatch:
-    """B pairs, each in one row of T tokens:
-    ``[prompt x_0..x_{P-1} | chosen | x_{P-1} | rejected]`` (built by
-    ``mio_jax.data.shared_prompt.to_shared_prompt``).
+    """B groups of K completions of one prompt, each group in one row of T tokens:
+    ``[prompt x_0..x_{P-1} | completion 0 | x_{P-1} | completion 1 | x_{P-1} | ...]``
+    (built by ``mio_jax.data.shared_prompt.to_shared_prompt``; pairs are K = 2, chosen
+    then rejected; a rollout group is K = G samples).
 
-    The last prompt token is written twice: the copy heads the rejected segment and
-    predicts the first rejected token. The chosen segment sees the prompt; the rejected
-    segment sees the prompt without its last token (the copy stands in for it), and
-    positions restart at P-1 for it, so each token sees exactly what it sees unshared.
+    The last prompt token is written once more at the head of every completion segment
+    after the first: the copy predicts that completion's first token. Completion 0 sees the
+    prompt; completion k > 0 sees the prompt without its last token (its copy stands in for
+    it), and positions restart at P-1 for it, so each token sees exactly what it sees
+    unshared, at the same position.
 
     Attributes:
       input_ids, targets, loss_mask, positions, attention_mask: [B, T] int32 (padding at
         the end of each row: pad_id, mask 0, position 0).
-      shared_code: [B, T] int32; 0 pad, 1 prompt, 2 last prompt token, 3 chosen,
-        4 rejected segment (the attention mask is built from it on device).
-      slot_index: [B, T] int32; 0 / 1 where the token's target counts for chosen /
-        rejected, -1 elsewhere.
-      weights, valid, example_id, ref_logps: the group fields ([B], [B, 2]).
+      shared_code: [B, T] int32; 0 pad, 1 prompt, 2 last prompt token, 3 + k the segment of
+        completion k (the attention mask is built from it on device).
+      slot_index: [B, T] int32; k where the token's target counts for completion k, -1
+        elsewhere.
+      weights, valid, example_id, ref_logps: the group fields ([B], [B, K]).
+      advantages, old_token_logps, ref_token_logps: a rollout batch's fields as in
+        ``PreferenceBatch``, the per-token tables ``[B, K, T]`` indexed by a token's
+        position in its unshared sequence (``token_table``).
     """
 
     input_ids: Any
@@ -162,29 +171,40 @@ class SharedPromptBatch:
     valid: Any
     example_id: Any
     ref_logps: Any = None
+    advantages: Any = None
+    old_token_logps: Any = None
+    ref_token_logps: Any = None
 
     def model_inputs(self) -> dict:
         return {"attention_mask": shared_attention_mask(self.shared_code),
                 "positions": self.positions}
 
+    def token_groups(self):
+        """[B, T] the token's group: its row."""
+        return jnp.broadcast_to(jnp.arange(self.slot_index.shape[0])[:, None],
+                                self.slot_index.shape)
+
     def sequence_ids(self):
-        """Flat sequence id ``b * 2 + k`` of every token; ``B * 2`` where none."""
+        """Flat sequence id ``b * K + k`` of every token; ``B * K`` where none."""
         b, k = self.valid.shape
-        group = jnp.broadcast_to(jnp.arange(self.slot_index.shape[0])[:, None],
-                                 self.slot_index.shape)
-        return jnp.where(self.slot_index >= 0, group * k + self.slot_index, b * k)
+        return jnp.where(self.slot_index >= 0, self.token_groups() * k + self.slot_index, b * k)
 
 
 Batch = PreferenceBatch | PackedBatch | SharedPromptBatch
 
 
 def shared_attention_mask(shared_code_bt) -> jax.Array:
-    """Boolean ``[B, T, T]`` mask (True = query t may see key s) of the shared layout.
+    """Boolean ``[B, T, T]`` mask (True = query t may see key s) of the shared layout: every
+    real token sees the prompt; the last prompt token is seen by the prompt and by
+    completion 0; a completion's tokens see their own segment.
 
     Causality is not included (the model adds it).
     """
     code = jnp.asarray(shared_code_bt)
-    return jnp.asarray(_VISIBLE)[code[:, :, None], code[:, None, :]]
+    q, k = code[:, :, None], code[:, None, :]
+    return (((k == PROMPT) & (q != PAD))
+            | ((k == LAST_PROMPT) & ((q == PROMPT) | (q == LAST_PROMPT) | (q == CHOSEN)))
+            | ((k >= CHOSEN) & (q == k)))
 
 
 class SequenceLogps(NamedTuple):
@@ -270,19 +290,45 @@ def _unshared_hidden(model, batch: PreferenceBatch) -> jax.Array:
 
 def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE,
                 with_entropy: bool = False) -> logps_lib.TokenStats:
-    """``[B, K, L]`` log-prob of each target token under ``model`` (0 where ``loss_mask``
-    is 0), and with ``with_entropy`` each position's entropy (no gradient): what
-    policy-gradient losses read. Unshared layout only.
-
-    Raises:
-      ValueError: for a packed or shared-prompt batch.
+    """Per-token log-prob of each target token under ``model`` (0 where ``loss_mask`` is 0),
+    and with ``with_entropy`` each position's entropy (no gradient): what policy-gradient
+    losses read. ``[B, K, L]`` for the unshared layout; a row layout's values are placed
+    by ``token_table`` at the same ``[b, k, position]`` as unshared, in a ``[B, K, X]``
+    table (X the row length).
     """
-    if not isinstance(batch, PreferenceBatch):
-        raise ValueError("per-token log-probs (policy-gradient losses) need the unshared "
-                         f"[B, K, L] layout, got {type(batch).__name__}")
-    return logps_lib.token_stats_from_hidden(
-        _unshared_hidden(model, batch), model.output_matrix(), batch.targets, batch.loss_mask,
-        chunk_size=chunk_size, with_entropy=with_entropy, validate=False)
+    if isinstance(batch, PreferenceBatch):
+        return logps_lib.token_stats_from_hidden(
+            _unshared_hidden(model, batch), model.output_matrix(), batch.targets,
+            batch.loss_mask, chunk_size=chunk_size, with_entropy=with_entropy, validate=False)
+    hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
+    stats = logps_lib.token_stats_from_hidden(
+        hidden, model.output_matrix(), batch.targets, batch.loss_mask, chunk_size=chunk_size,
+        with_entropy=with_entropy, validate=False)
+    return logps_lib.TokenStats(
+        token_table(stats.logps_bt, batch), None,
+        None if stats.entropy_bt is None else token_table(stats.entropy_bt, batch))
+
+
+def token_table(values, batch: Batch):
+    """``[B, K, X]`` per-completion table of per-token ``values``, zero where no completion
+    token counts (``loss_mask`` 0).
+
+    Unshared: ``values`` is ``[B, K, L]`` already (masked). Row layouts: ``values [R, X]``
+    of the rows; the token that predicts a completion's target goes to ``[b, k, position]``,
+    its slot in the unshared layout (a shared row's completion k > 0 restarts its positions
+    at the prompt's last token, so positions are the unshared ones there too).
+    """
+    mask = batch.loss_mask != 0
+    if isinstance(batch, PreferenceBatch):
+        return jnp.where(mask, values, 0)
+    b, k = batch.valid.shape
+    x = batch.input_ids.shape[-1]
+    ok = mask & (batch.slot_index >= 0)
+    flat = jnp.where(ok, (batch.token_groups() * k + batch.slot_index) * x + batch.positions,
+                     b * k * x)
+    out = jnp.zeros((b * k * x + 1,), values.dtype).at[flat.reshape(-1)].add(
+        jnp.where(ok, values, 0).reshape(-1))
+    return out[: b * k * x].reshape(b, k, x)
 
 
 def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,

@@ -407,7 +407,8 @@ class _Driver:
             scored, scale_rewards=g.scale_rewards,
             mask_truncated_completions=bool(g.mask_truncated_completions),
             drop_zero_std_groups=bool(g.drop_zero_std_groups),
-            min_length=rollouts_lib.LENGTH_MULTIPLE, advantage=g.advantage)
+            min_length=rollouts_lib.LENGTH_MULTIPLE, advantage=g.advantage,
+            shared_prompt=bool(self.config.data.shared_prompt))
         if reward_metrics is None:  # a resumed round: the metrics from the stored rewards
             reward_metrics = _reward_metrics_of(scored)
         rnd.rollouts, rnd.rows = ro, ro.groups
@@ -538,9 +539,12 @@ class _RolloutBatches:
         seq = [sum(ro.groups[i].seq_lengths) if i >= 0 else 0 for i in ids]
         completion = [sum(int(c) * len(x) for c, x in zip(ro.counted[i], ro.groups[i].completion_ids))
                       if i >= 0 else 0 for i in ids]
-        info = plan_lib.BatchInfo(tokens=int(sum(seq)), seq_len=ro.length,
-                                  completion_tokens=np.asarray(completion),
-                                  mask_shape=(bs, ro.num_generations, ro.length))
+        # FLOPs are credited as unshared work, whatever the layout (plan_lib.BatchInfo)
+        info = plan_lib.BatchInfo(
+            tokens=int(sum(seq)),
+            seq_len=rollouts_lib.padded_length(ro.groups, rollouts_lib.LENGTH_MULTIPLE),
+            completion_tokens=np.asarray(completion),
+            mask_shape=(bs, *np.shape(host.loss_mask)[1:]))
         return host, info
 
     def get_state(self) -> dict:

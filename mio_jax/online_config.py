@@ -101,9 +101,9 @@ def validate_grpo_config(cfg) -> None:
         parse_rewards(cfg)
     except ValueError as e:
         raise ConfigError(f"grpo.reward_funcs / grpo.reward_weights: {e}") from e
-    if cfg.data.packing or cfg.data.shared_prompt:
-        raise ConfigError("grpo.enabled: rollout groups train in the unshared layout; set "
-                          "data.packing=False and data.shared_prompt=False")
+    if cfg.data.packing:
+        raise ConfigError("grpo.enabled: rollout groups train in the unshared layout or, with "
+                          "data.shared_prompt=True, one row per group; set data.packing=False")
     if prompts_per_round(cfg) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} groups is more than a "
                           f"round's {prompts_per_round(cfg)} prompts")

@@ -4,7 +4,12 @@ as the batches a policy-gradient round trains on.
 A group keeps the tokens the sampler produced (the prompt's ids and each completion's ids,
 end-of-sequence token included), so the log-probs a round trains with score exactly what
 was sampled: no decode / re-encode round trip. Groups are batched in the unshared
-``[B, G, L]`` layout (``layouts.PreferenceBatch`` with ``advantages``); a completion
+``[B, G, L]`` layout (``layouts.PreferenceBatch`` with ``advantages``) or, with
+``shared_prompt``, one row per group ``[B, T]`` holding the prompt once and the G
+completions one after another (``layouts.SharedPromptBatch``: the prompt's tokens go
+through the model once instead of G times, and completions of different lengths leave no
+padding between them). The per-token tables (old policy, reference) are ``[N, G, X]``,
+indexed as ``layouts.token_table`` places a token: X is L unshared, T shared. A completion
 masked as truncated keeps its slot (it counts in the group's statistics and in the
 per-completion mean, as in TRL) with no token in ``loss_mask``.
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from mio_jax import layouts
 from mio_jax.data import batching
+from mio_jax.data import shared_prompt as shared_prompt_lib
 from mio_jax.data.tokenize import TokenizedGroup
 from mio_jax.losses import policy as policy_lib
 
@@ -38,23 +44,30 @@ class Rollouts:
       advantages: [N, G] float32.
       counted: [N, G] bool, completions whose tokens count in the loss (False for a
         truncated completion under ``mask_truncated_completions``).
-      length: L, the padded length of every batch of the round.
+      length: the padded length of every batch of the round: L (unshared), T (shared).
+      shared_prompt: batches in the shared-prompt layout.
     """
 
     groups: list
     advantages: np.ndarray
     counted: np.ndarray
     length: int
+    shared_prompt: bool = False
 
     @property
     def num_generations(self) -> int:
         return self.advantages.shape[1]
 
 
-def padded_length(groups: Sequence[TokenizedGroup], min_length: int) -> int:
-    """The round's L: at least ``min_length``, enough for its longest sequence, rounded up
-    to ``LENGTH_MULTIPLE``."""
-    longest = max((max(g.seq_lengths) for g in groups), default=1)
+def padded_length(groups: Sequence[TokenizedGroup], min_length: int,
+                  shared_prompt: bool = False) -> int:
+    """The round's L (T with ``shared_prompt``: its longest group row): at least
+    ``min_length``, enough for its longest sequence, rounded up to ``LENGTH_MULTIPLE``."""
+    if shared_prompt:
+        longest = max((shared_prompt_lib.shared_row_length(g.seq_lengths, len(g.prompt_ids))
+                       for g in groups), default=1)
+    else:
+        longest = max((max(g.seq_lengths) for g in groups), default=1)
     need = max(int(min_length), longest)
     return -(-need // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
 
@@ -66,8 +79,8 @@ def group_rewards(samples: Sequence[dict]) -> np.ndarray:
 
 
 def build(samples: Sequence[dict], *, scale_rewards: str, mask_truncated_completions: bool,
-          drop_zero_std_groups: bool, min_length: int, advantage: str = "group"
-          ) -> tuple[Rollouts, dict]:
+          drop_zero_std_groups: bool, min_length: int, advantage: str = "group",
+          shared_prompt: bool = False) -> tuple[Rollouts, dict]:
     """The round's rollouts from its scored samples, and the round's rollout metrics.
 
     Args:
@@ -80,6 +93,7 @@ def build(samples: Sequence[dict], *, scale_rewards: str, mask_truncated_complet
       min_length: the smallest padded length (the round's L is its longest sequence
         rounded up to ``LENGTH_MULTIPLE``: a few distinct compilations over a run).
       advantage: "group" (GRPO) or "rloo" (leave-one-out baseline).
+      shared_prompt: batch the groups in the shared-prompt layout.
 
     Returns:
       ``(rollouts, metrics)``: TRL's ``reward``, ``reward_std``, ``frac_reward_zero_std``,
@@ -115,7 +129,8 @@ def build(samples: Sequence[dict], *, scale_rewards: str, mask_truncated_complet
               for i in keep]
     counted = np.asarray([[not (mask_truncated_completions and s["finish"] == "length")
                            for s in samples[i]["samples"]] for i in keep], bool).reshape(-1, g)
-    return Rollouts(groups, adv[keep], counted, padded_length(groups, min_length)), metrics
+    return Rollouts(groups, adv[keep], counted,
+                    padded_length(groups, min_length, shared_prompt), shared_prompt), metrics
 
 
 def steps_per_iteration(n_groups: int, batch_size: int) -> int:
@@ -140,18 +155,17 @@ def in_order_ids(n_groups: int, batch_size: int, b: int) -> np.ndarray:
 
 def local_batch(rollouts: Rollouts, ids: np.ndarray, *, pad_id: int, process_index: int,
                 process_count: int, old_logps: np.ndarray | None = None,
-                ref_logps: np.ndarray | None = None) -> layouts.PreferenceBatch:
+                ref_logps: np.ndarray | None = None) -> layouts.Batch:
     """This process's share (contiguous rows) of the global batch of groups ``ids``, with
     advantages and, when given, the per-token old-policy and reference log-probs
-    (``[N, G, L]`` tables of the round)."""
+    (``[N, G, X]`` tables of the round), in the round's layout."""
     if len(ids) % process_count:
         raise ValueError(f"a batch of {len(ids)} groups does not split over {process_count} "
                          "processes")
     per = len(ids) // process_count
     mine = ids[process_index * per:(process_index + 1) * per]
     groups = [rollouts.groups[i] if i >= 0 else None for i in mine]
-    host = batching.collate(groups, mine, K=rollouts.num_generations, L=rollouts.length,
-                            pad_id=pad_id)
+    g, x = rollouts.num_generations, rollouts.length
     real = mine >= 0
     take = np.where(real, mine, 0)
 
@@ -160,12 +174,21 @@ def local_batch(rollouts: Rollouts, ids: np.ndarray, *, pad_id: int, process_ind
         out[real] = table[take[real]]
         return out
 
-    counted = rows(rollouts.counted.astype(np.float32), rollouts.counted.shape[1:])
-    host = host.replace(loss_mask=(host.loss_mask * counted[..., None]).astype(np.int32),
-                        advantages=rows(rollouts.advantages, rollouts.advantages.shape[1:]))
-    tail = (rollouts.num_generations, rollouts.length)
+    longest = max((max(grp.seq_lengths) for grp in groups if grp is not None), default=1)
+    host = batching.collate(groups, mine, K=g, L=x if not rollouts.shared_prompt else longest,
+                            pad_id=pad_id)
+    host = host.replace(advantages=rows(rollouts.advantages, (g,)))
+    counted = rows(rollouts.counted.astype(np.float32), (g,))
+    if rollouts.shared_prompt:
+        # convert before masking truncated completions (the layout reads each slot's span)
+        host = shared_prompt_lib.to_shared_prompt(host, length=x, pad_id=pad_id)
+        slot = np.maximum(host.slot_index, 0)
+        keep = np.take_along_axis(counted, slot, axis=1) * (host.slot_index >= 0)
+        host = host.replace(loss_mask=(host.loss_mask * keep).astype(np.int32))
+    else:
+        host = host.replace(loss_mask=(host.loss_mask * counted[..., None]).astype(np.int32))
     if old_logps is not None:
-        host = host.replace(old_token_logps=rows(old_logps, tail))
+        host = host.replace(old_token_logps=rows(old_logps, (g, x)))
     if ref_logps is not None:
-        host = host.replace(ref_token_logps=rows(ref_logps, tail))
+        host = host.replace(ref_token_logps=rows(ref_logps, (g, x)))
     return host

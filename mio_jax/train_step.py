@@ -159,9 +159,9 @@ def policy_logps(graphdef, params, other, batch: layouts.Batch,
                                   ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
 
 
-def token_logps(graphdef, params, other, batch: layouts.PreferenceBatch, cfg: StepConfig, *,
+def token_logps(graphdef, params, other, batch: layouts.Batch, cfg: StepConfig, *,
                 view: str = "policy") -> jax.Array:
-    """Per-token log-probs ``[B, K, L]`` of a rollout batch under ``params`` seen as
+    """Per-token log-probs ``[B, K, L]`` (``layouts.token_table``) of a rollout batch under ``params`` seen as
     ``view`` (no gradient): an online round's old-policy and reference tables."""
     if view not in VIEWS:
         raise ValueError(f"view={view!r}: expected one of {VIEWS}")
@@ -188,15 +188,16 @@ def _counts(batch: layouts.Batch, w_b) -> dict:
             "num_groups": jnp.sum(w_b > 0).astype(jnp.float32)}
 
 
-def _real_slots(batch: layouts.PreferenceBatch):
+def _real_slots(batch: layouts.Batch):
     """[B, K] bool: the completions of real groups (padding groups and empty slots out)."""
     return (batch.weights > 0)[:, None] & batch.valid.astype(bool)
 
 
-def _rollout_mask(batch: layouts.PreferenceBatch):
-    """[B, K, L] float32: the completion tokens that count (a truncated completion masked
-    under ``mask_truncated_completions`` has none)."""
-    return ((batch.loss_mask != 0) & _real_slots(batch)[..., None]).astype(jnp.float32)
+def _rollout_mask(batch: layouts.Batch):
+    """[B, K, L] float32 (``layouts.token_table``): the completion tokens that count (a
+    truncated completion masked under ``mask_truncated_completions`` has none)."""
+    mask = layouts.token_table((batch.loss_mask != 0).astype(jnp.float32), batch)
+    return mask * _real_slots(batch)[..., None].astype(jnp.float32)
 
 
 def rollout_totals(batch: layouts.Batch) -> dict:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import run_compare
+import tolerance
 
 from mio_jax import losses, online, rollouts, testing, train
 
@@ -203,10 +204,44 @@ def test_grpo_config_errors_name_the_key(tiny, tiny_config, questions, tmp_path)
     for key, value, match in (("grpo.loss_type", "ppo", "grpo.loss_type"),
                               ("grpo.reward_funcs", "nope", "grpo.reward_funcs"),
                               ("grpo.scale_rewards", "std", "grpo.scale_rewards"),
-                              ("data.shared_prompt", True, "data.shared_prompt")):
+                              ("data.packing", True, "data.packing")):
         with pytest.raises(ConfigError, match=match):
             train.train_and_evaluate(tiny_config(*tiny, **_overrides(questions, **{key: value})),
                                      str(tmp_path / "bad"))
+
+
+def test_shared_prompt_round_equals_the_unshared_round(run, tiny, tiny_config, questions,
+                                                       tmp_path):
+    """The first round with every group in one shared-prompt row: the same samples and
+    rewards, tables in the row layout's coordinates holding the same log-probs, and the
+    same step metrics up to float32 summation order. (Both runs take R rounds, for the
+    same learning-rate schedule; the second round's samples may differ: a hot sampler can
+    turn a rounding-level change of the weights into another token.)"""
+    work = str(tmp_path / "shared")
+    out = online.train_and_evaluate(
+        tiny_config(*tiny, **_overrides(questions, **{"data.shared_prompt": True})), work)
+    single, _ = run
+    assert out["step"] == R * STEPS
+    for name in ("samples.jsonl", "rollouts.jsonl"):
+        assert _jsonl(_round(work, 0, name)) == _jsonl(_round(single, 0, name)), name
+    for name in ("old_logps.npy", "ref_logps.npy"):
+        a, b = np.load(_round(work, 0, name)), np.load(_round(single, 0, name))
+        n = min(a.shape[-1], b.shape[-1])
+        assert a.shape[:2] == b.shape[:2] and not a[..., n:].any() and not b[..., n:].any()
+        # token log-probs of the tiny model (|logp| <= TOKEN_SCALE) under another
+        # summation order: one forward's rounding
+        np.testing.assert_allclose(a[..., :n], b[..., :n], rtol=0,
+                                   atol=tolerance.logp_atol(tolerance.TOKEN_SCALE, 1))
+        assert np.abs(b).max() > 1.0  # real log-probs (some tokens are near-certain: ~0)
+    rows = [r for r in run_compare.metrics_rows(single) if r["step"] <= STEPS]
+    got = [r for r in run_compare.metrics_rows(work) if r["step"] <= STEPS]
+    assert [(r["split"], r["step"]) for r in got] == [(r["split"], r["step"]) for r in rows]
+    beta, _ = run_compare.run_settings(single)
+    for x, y in zip(got, rows):
+        if x["split"] == "train":  # tokens through the model: each prompt once per group
+            assert x.pop("num_tokens") < y.pop("num_tokens")
+        tolerance.assert_rows_close(x, y, beta=beta, updates=y["step"] - (y["split"] == "train"),
+                                    what=f"{y['split']} step {y['step']}")
 
 
 @pytest.mark.slow  # two JAX processes sharing the cores (about a minute on 2 cores)

@@ -162,3 +162,80 @@ def test_batches_cover_each_iteration_once_and_depend_only_on_the_step():
         assert sorted(ids[ids >= 0].tolist()) == list(range(n))
     np.testing.assert_array_equal(rollouts.batch_ids(n, bs, 7, 1, 3), rollouts.batch_ids(n, bs, 7, 1, 3))
     assert rollouts.batch_ids(n, bs, 7, 1, 0).tolist() != rollouts.batch_ids(n, bs, 7, 2, 0).tolist()
+
+
+@pytest.fixture(scope="module")
+def ro_shared():
+    out, _ = rollouts.build(_samples(6), scale_rewards="group", mask_truncated_completions=True,
+                            drop_zero_std_groups=False, min_length=16, shared_prompt=True)
+    return out
+
+
+def _as_shared_tables(tables, x):
+    """The same per-token values in a table of another width (tokens sit at their unshared
+    positions in both, all below the shorter width)."""
+    out = {}
+    for name, t in tables.items():
+        w = np.zeros((*t.shape[:2], x), np.float32)
+        n = min(x, t.shape[2])
+        w[..., :n] = t[..., :n]
+        out[name] = w
+    return out
+
+
+def test_shared_prompt_rollout_rows_hold_each_prompt_once(ro, ro_shared):
+    assert ro_shared.shared_prompt and ro_shared.length % rollouts.LENGTH_MULTIPLE == 0
+    batch = _batch(ro_shared, [0, 1, 2, -1])
+    assert isinstance(batch, layouts.SharedPromptBatch) and batch.input_ids.shape == (4, ro_shared.length)
+    unshared = _batch(ro, [0, 1, 2, -1])
+    for b in range(3):
+        grp = ro.groups[b]
+        p = len(grp.prompt_ids)
+        # the prompt once, then each completion (the later ones behind a copy of the
+        # prompt's last token): P + sum_k (C_k + 1) - 1 tokens
+        n = p + sum(len(c) + 1 for c in grp.completion_ids) - 1
+        assert int(batch.attention_mask[b].sum()) == n
+        np.testing.assert_array_equal(batch.input_ids[b, :p], grp.prompt_ids)
+        # the same counted completion tokens as unshared (truncated slot 0 masked in both)
+        assert int(batch.loss_mask[b].sum()) == int(unshared.loss_mask[b].sum())
+        assert not np.any((batch.slot_index[b] == 0) & (batch.loss_mask[b] != 0))
+    assert batch.loss_mask[3].sum() == 0 and batch.weights.tolist() == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_shared_prompt_step_equals_unshared_step(ro, ro_shared, loss_type):
+    tables = _tables(ro)
+    cfg = _cfg(loss_type)
+    a_state, a = _step(cfg, _batch(ro, [0, 1, 2, 3], **tables))
+    shared = _batch(ro_shared, [0, 1, 2, 3], **_as_shared_tables(tables, ro_shared.length))
+    b_state, b = _step(cfg, shared)
+    assert b["num_tokens"] < a["num_tokens"]  # the prompts ran once per group
+    # the same float32 program up to the order of the attention's and the reductions' sums:
+    # per-token log-probs of the tiny model (logits of a few units) agree to ~1e-6, and
+    # every quantity below is a mean of such terms times advantages of at most ~2
+    for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "completion_tokens"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=2e-6, err_msg=key)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 a_state.params, b_state.params)
+
+
+def test_row_layouts_place_token_logps_at_their_unshared_positions(ro):
+    from mio_jax.data import batching
+    graphdef, params, other = _model()
+    model = nnx.merge(graphdef, params, other)
+    unshared = _batch(ro, [0, 1, 2, 3])
+    want = np.asarray(layouts.token_logps(model, unshared, chunk_size=40, with_entropy=True)
+                      .logps_bt)
+    groups = [ro.groups[i] for i in range(4)]
+    packed = batching.pack(groups, np.arange(4), K=G, R=8, L=32, pad_id=0)
+    packed = packed.replace(loss_mask=packed.loss_mask * np.asarray(
+        ro.counted[:4][np.maximum(packed.group_index, 0), np.maximum(packed.slot_index, 0)]
+        & (packed.group_index >= 0), np.int32))
+    for batch in (packed, _batch(rollouts.Rollouts(groups, ro.advantages[:4], ro.counted[:4],
+                                                   64, True), [0, 1, 2, 3])):
+        got = np.asarray(layouts.token_logps(model, batch, chunk_size=40).logps_bt)
+        n = min(got.shape[-1], want.shape[-1])
+        assert np.all(got[..., n:] == 0) and np.all(want[..., n:] == 0)
+        np.testing.assert_allclose(got[..., :n], want[..., :n], rtol=1e-5, atol=2e-6)
+        assert np.count_nonzero(got) == np.count_nonzero(want) > 40

@@ -1,37 +1,37 @@
-"""Shared-prompt layout: prompt, chosen and rejected in one row, the prompt run once.
+"""Shared-prompt layout: a prompt and its K completions in one row, the prompt run once.
 
-An unshared pair batch ``[B, 2, L]`` runs the prompt twice (once per completion).
-This layout writes each pair as ONE row ``[B, T]``::
+An unshared batch ``[B, K, L]`` runs each group's prompt K times (once per completion).
+This layout writes each group as ONE row ``[B, T]``::
 
-    [ prompt x_0 .. x_{P-1} | chosen x^c_P .. x^c_{n0-1} | x_{P-1} | rejected x^r_P .. x^r_{n1-1} ]
+    [ prompt x_0 .. x_{P-1} | completion 0 | x_{P-1} | completion 1 | x_{P-1} | ... ]
 
-i.e. the whole chosen sequence followed by the rejected sequence from its last
-prompt token on. The last prompt token is written twice because it predicts the
-first completion token, whose target differs per branch: the copy at the head
-of the rejected segment carries the rejected target. A ``[B, T, T]`` boolean
-attention mask (built on device from ``shared_code`` by
-``mio_jax.layouts.shared_attention_mask``) lets
+i.e. the whole first sequence (for a pair: chosen) followed by every other sequence from
+its last prompt token on. The last prompt token is written again at the head of each later
+segment because it predicts that completion's first token, whose target differs per
+completion. A ``[B, T, T]`` boolean attention mask (built on device from ``shared_code``
+by ``mio_jax.layouts.shared_attention_mask``) lets
 
 * prompt tokens see the prompt (causally),
-* chosen tokens see the prompt and earlier chosen tokens,
-* the rejected segment (the copied token and rejected tokens) see the prompt
-  WITHOUT its last token (the copy stands in for it) and earlier rejected tokens.
+* completion 0's tokens see the prompt and earlier tokens of completion 0,
+* a later segment (the copied token and completion k's tokens) see the prompt WITHOUT its
+  last token (the copy stands in for it) and earlier tokens of its own segment.
 
-Positions restart after the prompt for the rejected segment (the copy sits at
-``P-1``), so every token sees exactly the keys, at exactly the positions, it
-sees in the unshared layout: per-sequence log-probs are equal up to float
-summation order (tests/data/test_shared_prompt.py checks them).
+Positions restart at ``P-1`` for every later segment, so every token sees exactly the keys,
+at exactly the positions, it sees in the unshared layout: per-sequence log-probs are equal
+up to float summation order (tests/data/test_shared_prompt.py checks them).
 
-Row length ``T = n0 + n1 - P + 1`` instead of ``2 L``: with half of each
-sequence prompt, ~25 % fewer tokens go through the MLPs and projections.
+Row length ``T = n_0 + sum_{k>0} (n_k - P + 1)`` instead of ``K L``: a pair with half of
+each sequence prompt sends ~25 % fewer tokens through the MLPs and projections; a rollout
+group of G = 8 completions with a long prompt, far more. The written-out attention still
+computes the full ``T x T`` scores of a row (masked), against ``K L^2`` unshared.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mio_jax.layouts import (CHOSEN, LAST_PROMPT, PROMPT, REJECTED, TOKEN_FIELDS,
-                             PreferenceBatch, SharedPromptBatch)
+from mio_jax.layouts import (CHOSEN, LAST_PROMPT, PROMPT, TOKEN_FIELDS, PreferenceBatch,
+                             SharedPromptBatch)
 
 
 def _prompt_length(mask_l: np.ndarray, where: str) -> int:
@@ -44,10 +44,12 @@ def _prompt_length(mask_l: np.ndarray, where: str) -> int:
 
 
 def shared_row_length(seq_lengths, prompt_len: int) -> int:
-    """Tokens of one pair's shared row, ``n0 + n1 - P + 1``, from its two sequence lengths
-    ``n0, n1`` (prompt included) and the prompt's ``P`` tokens."""
-    n0, n1 = seq_lengths
-    return int(n0) + int(n1) - max(int(prompt_len), 1) + 1
+    """Tokens of one group's shared row, ``n_0 + sum_{k>0} (n_k - P + 1)``, from its
+    sequence lengths ``n_k`` (prompt included; 0 for an empty slot) and the prompt's ``P``
+    tokens."""
+    first, *rest = (int(n) for n in seq_lengths)
+    p = max(int(prompt_len), 1)
+    return first + sum(n - p + 1 for n in rest if n > 0)
 
 
 def row_length(longest: int, multiple: int = 1) -> int:
@@ -70,11 +72,14 @@ def _longest_row(batch: PreferenceBatch) -> int:
 
 def to_shared_prompt(batch: PreferenceBatch, *, length: int | None = None, multiple: int = 1,
                      pad_id: int = 0) -> SharedPromptBatch:
-    """Converts an unshared pair batch ``[B, 2, L]`` to the shared-prompt layout ``[B, T]``.
+    """Converts an unshared batch ``[B, K, L]`` to the shared-prompt layout ``[B, T]``.
 
     Args:
-      batch: a host (numpy) ``PreferenceBatch`` of pairs: right-padded sequences, index 0
-        chosen, 1 rejected, sharing the same prompt tokens (same ``P``).
+      batch: a host (numpy) ``PreferenceBatch``: right-padded sequences sharing the same
+        prompt tokens (same ``P``) within a group, slot 0 present in every real group (a
+        pair's chosen; a later slot may be empty: no token). Its ``advantages`` pass
+        through; per-token tables (``old_token_logps``, ``ref_token_logps``) must be absent
+        (they are indexed by the target layout's row length: set them after).
       length: row length ``T``. The data pipeline passes the length its plan gives the
         GLOBAL batch, so every process builds the same shape; default: this batch's
         longest row rounded up to ``multiple``.
@@ -85,13 +90,16 @@ def to_shared_prompt(batch: PreferenceBatch, *, length: int | None = None, multi
       ``SharedPromptBatch`` (numpy; group fields passed through).
 
     Raises:
-      ValueError: naming the row when K != 2, the two prompts differ, a mask is not one
-        contiguous span, or ``length`` is shorter than the longest row.
+      ValueError: naming the row when K < 2, the prompts differ, a mask is not one
+        contiguous span, slot 0 is empty, or ``length`` is shorter than the longest row.
     """
     ids = np.asarray(batch.input_ids)
-    if ids.ndim != 3 or ids.shape[1] != 2:
-        raise ValueError(f"input_ids must be [B, 2, L] pairs, got shape {ids.shape}")
-    B = ids.shape[0]
+    if ids.ndim != 3 or ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, K, L] groups with K >= 2, got shape {ids.shape}")
+    if batch.old_token_logps is not None or batch.ref_token_logps is not None:
+        raise ValueError("to_shared_prompt: per-token tables are indexed by the row length; "
+                         "convert first, then set old_token_logps / ref_token_logps")
+    B, K = ids.shape[:2]
     need = _longest_row(batch)
     T = length if length is not None else row_length(need, multiple)
     if T < need:
@@ -105,25 +113,28 @@ def to_shared_prompt(batch: PreferenceBatch, *, length: int | None = None, multi
         mask = src["loss_mask"][b] != 0
         if not mask.any():
             continue  # padding group: an all-pad row
-        p0 = _prompt_length(mask[0], f"loss_mask[{b}, 0]")
-        p1 = _prompt_length(mask[1], f"loss_mask[{b}, 1]")
-        if p0 != p1 or not np.array_equal(src["input_ids"][b, 0, :p0], src["input_ids"][b, 1, :p0]):
-            raise ValueError(f"row {b}: chosen and rejected do not share one prompt "
-                             f"(prompt lengths {p0} and {p1} or different prompt tokens)")
-        n0, n1 = (int((src["attention_mask"][b, k] != 0).sum()) for k in (0, 1))
+        p = _prompt_length(mask[0], f"loss_mask[{b}, 0]")
         t = 0
-        for slot, lo, hi in ((0, 0, n0), (1, p0 - 1, n1)):  # (slot, first source index, end)
-            n = hi - lo
+        for slot in range(K):
+            n = int((src["attention_mask"][b, slot] != 0).sum())
+            if slot and n == 0:
+                continue  # an empty slot (a missing negative)
+            where = f"loss_mask[{b}, {slot}]"
+            if slot and (_prompt_length(mask[slot], where) != p or not np.array_equal(
+                    src["input_ids"][b, 0, :p], src["input_ids"][b, slot, :p])):
+                raise ValueError(f"row {b}: slot {slot} does not share slot 0's prompt "
+                                 f"({p} tokens)")
+            lo = 0 if slot == 0 else p - 1
+            m = n - lo
             for f in TOKEN_FIELDS:
-                out[f][b, t:t + n] = src[f][b, slot, lo:hi]
-            counts = src["loss_mask"][b, slot, lo:hi] != 0
-            out["slot_index"][b, t:t + n] = np.where(counts, slot, -1)
+                out[f][b, t:t + m] = src[f][b, slot, lo:n]
+            counts = src["loss_mask"][b, slot, lo:n] != 0
+            out["slot_index"][b, t:t + m] = np.where(counts, slot, -1)
+            out["shared_code"][b, t:t + m] = CHOSEN + slot
             if slot == 0:
-                out["shared_code"][b, t:t + p0 - 1] = PROMPT
-                out["shared_code"][b, t + p0 - 1] = LAST_PROMPT
-                out["shared_code"][b, t + p0:t + n] = CHOSEN
-            else:
-                out["shared_code"][b, t:t + n] = REJECTED
-            t += n
+                out["shared_code"][b, :p - 1] = PROMPT
+                out["shared_code"][b, p - 1] = LAST_PROMPT
+            t += m
     return SharedPromptBatch(**out, weights=batch.weights, valid=batch.valid,
-                             example_id=batch.example_id, ref_logps=batch.ref_logps)
+                             example_id=batch.example_id, ref_logps=batch.ref_logps,
+                             advantages=batch.advantages)

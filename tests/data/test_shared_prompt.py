@@ -164,3 +164,35 @@ def test_pipeline_rows_have_the_global_batch_length_on_every_process(tmp_path):
                 np.concatenate([getattr(a, field), getattr(b, field)]), getattr(full, field),
                 err_msg=field)
     assert all(t % 4 == 0 for t in lengths)
+
+
+def test_a_group_of_three_completions_in_closed_form():
+    g = TokenizedGroup(row_id="a", prompt_ids=np.array([10, 11, 12], np.int32),
+                       completion_ids=(np.array([20, 21], np.int32), np.array([30], np.int32),
+                                       np.array([40, 41, 42], np.int32)))
+    s = shared_prompt.to_shared_prompt(_batch([g], L=8, K=3))
+    np.testing.assert_array_equal(s.input_ids[0], [10, 11, 12, 20, 21, 12, 30, 12, 40, 41, 42])
+    np.testing.assert_array_equal(s.positions[0], [0, 1, 2, 3, 4, 2, 3, 2, 3, 4, 5])
+    np.testing.assert_array_equal(s.slot_index[0], [-1, -1, 0, 0, -1, 1, -1, 2, 2, 2, -1])
+    np.testing.assert_array_equal(s.shared_code[0], [1, 1, 2, 3, 3, 4, 4, 5, 5, 5, 5])
+    assert shared_prompt.shared_row_length([5, 4, 6], 3) == 11
+    seen = np.asarray(layouts.shared_attention_mask(s.shared_code))[0] & np.tril(np.ones((11, 11), bool))
+    # completion 2's tokens see the prompt without its last token, and their own segment
+    np.testing.assert_array_equal(seen[9], [1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(seen[6], [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+
+
+def test_logps_of_groups_of_four_equal_unshared():
+    vocab = 96
+    graphdef, params, other = _model(vocab, seed=4)
+    rng = np.random.default_rng(9)
+    groups = [TokenizedGroup(row_id=f"g{i}", prompt_ids=rng.integers(5, vocab, 1 + i).astype(np.int32),
+                             completion_ids=tuple(rng.integers(5, vocab, int(rng.integers(1, 9)))
+                                                  .astype(np.int32) for _ in range(4)))
+              for i in range(5)] + [None]
+    unshared = _batch(groups, L=16, K=4)
+    shared = shared_prompt.to_shared_prompt(unshared, multiple=8)
+    want = np.asarray(_logps(graphdef, params, other, unshared, _cfg()))
+    got = np.asarray(_logps(graphdef, params, other, shared, _cfg()))
+    assert np.all(want[:5] < -1.0) and want.shape == (6, 4)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-5)
