@@ -48,8 +48,14 @@ def test_tiny_run_equals_the_committed_golden_run(variant, tmp_path):
     got = SCRIPT.run_variant(variant, str(tmp_path))
     want = WANT[variant]
     beta, lr, steps = _settings(variant)
-    # the same initial weights and data, bit for bit
-    assert got["initial_weights"] == want["initial_weights"]
+    # the same initial weights (up to the initialiser's rounding, tolerance.init_stat_atols)
+    # and the same data
+    assert got["initial_weights"].keys() == want["initial_weights"].keys()
+    initial_sizes = _sizes(os.path.join(str(tmp_path), "tiny", "tiny_model"))
+    for key, (s, sq) in want["initial_weights"].items():
+        tol_s, tol_sq = tolerance.init_stat_atols(initial_sizes[key], sq)
+        assert abs(got["initial_weights"][key][0] - s) <= tol_s, f"initial {key} sum +- {tol_s:.3g}"
+        assert abs(got["initial_weights"][key][1] - sq) <= tol_sq, f"initial {key} sum sq +- {tol_sq:.3g}"
     # Any difference below is float32 rounding in another summation order: another CPU's
     # vector code, and today's attention backward (it recomputes its probabilities) against
     # the autodiff of the code that wrote the goldens. Tolerances from the numbers compared

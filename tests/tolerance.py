@@ -59,6 +59,7 @@ U32 = 2.0 ** -24                  # float32 unit roundoff
 ULPS_PER_UPDATE = 8               # log-probs: units of U32 * |logp| per update (forward = 1)
 NORM_ULPS_PER_UPDATE = 32         # relative, per update, of gradient/parameter/update norms
 WEIGHT_MOVE_FRACTION = 1.0 / 64   # of the largest possible Adam move, lr * updates
+INIT_ULPS = 4                     # an initialised weight: units of U32 * |w|
 
 # metrics that come from the data alone: equal in any two runs of the same data
 EXACT = {"completion_tokens", "num_groups", "num_tokens", "step"}
@@ -95,6 +96,19 @@ def weight_atol(learning_rate: float, updates: int) -> float:
     """Allowed difference of one weight after ``updates`` Adam updates at ``learning_rate``
     (the peak of the schedule)."""
     return WEIGHT_MOVE_FRACTION * learning_rate * max(updates, 1)
+
+
+def init_stat_atols(n: int, sum_sq: float):
+    """Allowed differences of a freshly initialised tensor's (sum, sum of squares) of ``n``
+    weights. An initialiser computes each weight with a few float32 operations (a uniform
+    draw, an inverse error function, a scale), which another compilation (vector width,
+    fused multiply-adds, optimisation level) rounds differently: each weight moves by at
+    most ``INIT_ULPS`` units of roundoff of itself. So the sum moves by at most
+    ``INIT_ULPS * U32 * sum |w| <= INIT_ULPS * U32 * sqrt(n * sum_sq)`` and the sum of
+    squares by ``2 * INIT_ULPS * U32 * sum_sq``. Another seed or initialiser moves the sum
+    by about ``sqrt(sum_sq)``, orders of magnitude more."""
+    bound = INIT_ULPS * U32
+    return bound * math.sqrt(n * max(sum_sq, 0.0)), 2.0 * bound * max(sum_sq, 0.0)
 
 
 def tensor_stat_atols(n: int, sum_sq: float, learning_rate: float, updates: int):
