@@ -366,9 +366,7 @@ def test_grouped_sampling_ignores_batching_and_compaction(model, monkeypatch):
     # 8 rows: full while samples wait (24 samples in 8 rows: the rows that ended take the
     # next ones, at least 3 fills)
     assert rows[:3] == [8, 8, 8]
-    assert refilled == once
-    small_batches = sampling.generate_groups(model, prompts, chunk_steps=5, batch_size=12, **kw)
-    assert compacted == once and small_batches == once
+    assert refilled == once and compacted == once
     # a prompt's samples are draws, not copies; the same seed draws the same samples
     assert len({tuple(x) for x in once[:4]}) > 1
     assert sampling.generate_groups(model, prompts, chunk_steps=3, **{**kw, "seed": 12}) != once
