@@ -101,6 +101,31 @@ def synthetic_pairs(pairs: int, seq_len: int, prompt_frac: float, vocab: int, se
     return data.collate(groups, np.arange(pairs), K=2, L=seq_len)
 
 
+def synthetic_rollouts(prompts: int, g: int, seq_len: int, prompt_frac: float, vocab: int,
+                       seed: int = 0):
+    """GRPO rollout batches of ``prompts`` groups of ``g`` answers: (unshared ``[B, G, L]``,
+    shared-prompt ``[B, T]``), each with an old-policy table and advantages. A prompt has
+    ``prompt_frac * seq_len`` tokens; answer lengths are drawn over 1/4 .. 1 of the rest."""
+    from mio_jax import rollouts
+
+    rng = np.random.default_rng(seed)
+    p = max(int(seq_len * prompt_frac), 1)
+    c = seq_len - p
+    samples = [{"prompt_ids": rng.integers(5, vocab, p).tolist(),
+                "samples": [{"ids": rng.integers(5, vocab, int(rng.integers(max(c // 4, 1), c + 1))
+                                                 ).tolist(),
+                             "reward": float(rng.integers(0, 2)), "finish": "eos"}
+                            for _ in range(g)]} for _ in range(prompts)]
+    built = [rollouts.build(samples, scale_rewards="group", mask_truncated_completions=False,
+                            drop_zero_std_groups=False, min_length=16, shared_prompt=shared)[0]
+             for shared in (False, True)]
+    # one table for both: a token sits at its unshared position in either layout
+    old = -rng.uniform(0.5, 3, (prompts, g, max(ro.length for ro in built))).astype(np.float32)
+    return tuple(rollouts.local_batch(ro, np.arange(prompts), pad_id=0, process_index=0,
+                                      process_count=1, old_logps=old[..., :ro.length])
+                 for ro in built)
+
+
 def completion_fraction(batch, margin: float = 1.05) -> float:
     """``StepConfig.max_tokens_fraction`` sized to this batch's layout: its completion
     tokens over its ``loss_mask`` slots, times ``margin`` (capped at 1). Each layout

@@ -18,6 +18,9 @@ the measured 8192^3 matmul peak of the same run is printed beside it.
 
   python benchmarks/train_step.py --model=smollm2 --pairs=2 --seq_len=128 \\
       --reference=frozen,precomputed --layout=unshared,shared --proj=full,completion
+  # GRPO rollout groups (DAPO's loss, old-policy table): 4 prompts x 8 answers
+  python benchmarks/train_step.py --rollouts=8 --pairs=4 --seq_len=192 --prompt_frac=0.33 \
+      --layout=unshared,shared --reference=none
   # GPU (bf16 compute, fp32 master weights), a Llama-3.2-1B-shaped random model:
   python benchmarks/train_step.py --model=llama1b --dtype=bfloat16 --param_dtype=float32 \\
       --pairs=8 --seq_len=1024 --reference=frozen,precomputed --attention=cudnn
@@ -43,6 +46,9 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     _common.add_model_args(p, model="smollm2", pairs=2, seq_len=128)
     p.add_argument("--prompt_frac", type=float, default=0.5)
+    p.add_argument("--rollouts", type=int, default=0, help="G > 0: time a GRPO step (DAPO's "
+                   "loss) on --pairs prompts with G answers each, answer lengths spread over "
+                   "1/4 .. 1 of the completion budget, instead of a preference step")
     p.add_argument("--loss", default="mio")
     p.add_argument("--reference", default="frozen", help="comma list: frozen,precomputed,none")
     p.add_argument("--layout", default="unshared", help="comma list: unshared,shared")
@@ -84,8 +90,12 @@ def main(argv=None):
                                                     scan_layers=lp == "scan")
                  for r in remats for at in attns for lp in loops}
     fm = metrics.flop_model(mcfg)
-    unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
-    shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
+    if a.rollouts:
+        unshared, shared = _common.synthetic_rollouts(a.pairs, a.rollouts, a.seq_len,
+                                                      a.prompt_frac, mcfg.vocab_size)
+    else:
+        unshared = _common.synthetic_pairs(a.pairs, a.seq_len, a.prompt_frac, mcfg.vocab_size)
+        shared = shared_prompt.to_shared_prompt(unshared, multiple=16)
     batches = {"unshared": unshared, "shared": shared}
     tokens = float(np.sum(unshared.attention_mask != 0))
     completion = float(np.sum(unshared.loss_mask != 0))
@@ -102,7 +112,8 @@ def main(argv=None):
                                      lengths=False)
     # Precomputed reference log-probs, written-out attention (runs on every backend).
     ref_gd = _common.graphdef_for(mcfg, attention="xla")
-    ref_logps = jax.jit(lambda rp, o, b: train_step.reference_logps(ref_gd, rp, o, b, base_cfg))(
+    ref_logps = None if a.rollouts else jax.jit(
+        lambda rp, o, b: train_step.reference_logps(ref_gd, rp, o, b, base_cfg))(
         ref_params, other, unshared)
 
     variants = []
@@ -112,9 +123,11 @@ def main(argv=None):
         cfg = train_step.StepConfig(
             loss_name=a.loss, beta=0.1, chunk_size=chunk, reference=ref, lengths=False,
             max_tokens_fraction=(None if proj == "full"
-                                 else _common.completion_fraction(batches[lay])))
+                                 else _common.completion_fraction(batches[lay])),
+            **({"policy_loss": "dapo", "policy_hparams": (("beta", 0.0), ("epsilon", 0.2))}
+               if a.rollouts else {}))
         batch = batches[lay]
-        if ref == "precomputed":
+        if ref == "precomputed" and not a.rollouts:
             batch = batch.replace(ref_logps=ref_logps)
         batch = jax.device_put(batch)
         consts = train_step.StepConsts(other, ref_params if ref == "frozen" else None)
