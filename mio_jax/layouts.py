@@ -4,8 +4,8 @@ Three layouts hold the same groups (B groups of K completions; index 0 chosen / 
 
 * ``PreferenceBatch`` ``[B, K, L]``: every sequence in its own padded row (any K).
 * ``PackedBatch`` ``[R, L]``: sequences packed padding-free into rows, one segment each.
-* ``SharedPromptBatch`` ``[B, T]``: each pair in ONE row ``[prompt | chosen | rejected]``,
-  the prompt computed once.
+* ``SharedPromptBatch`` ``[B, T]``: each group in ONE row ``[prompt | completion 0 |
+  completion 1 | ...]`` (a pair: chosen, rejected), the prompt computed once.
 
 The data pipeline builds them (``mio_jax.data``), with global shapes taken from its plan,
 so every process of a run holds batches of the same global shape. The train step

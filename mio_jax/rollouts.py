@@ -188,7 +188,25 @@ def local_batch(rollouts: Rollouts, ids: np.ndarray, *, pad_id: int, process_ind
     else:
         host = host.replace(loss_mask=(host.loss_mask * counted[..., None]).astype(np.int32))
     if old_logps is not None:
-        host = host.replace(old_token_logps=rows(old_logps, (g, x)))
+        host = host.replace(old_token_logps=rows(fit_width(old_logps, x), (g, x)))
     if ref_logps is not None:
-        host = host.replace(ref_token_logps=rows(ref_logps, (g, x)))
+        host = host.replace(ref_token_logps=rows(fit_width(ref_logps, x), (g, x)))
     return host
+
+
+def fit_width(table: np.ndarray, x: int) -> np.ndarray:
+    """A per-token table ``[N, G, W]`` at width ``x``. A token sits at its position in its
+    unshared sequence in every layout, so a table computed in one layout serves another
+    (a round resumed with ``data.shared_prompt`` switched): zeros are added, or columns
+    dropped that hold no token.
+
+    Raises:
+      ValueError: a dropped column holds a value (the table is not the round's).
+    """
+    w = table.shape[-1]
+    if w >= x:
+        if np.any(table[..., x:]):
+            raise ValueError(f"a per-token table of width {w} has values past this round's "
+                             f"{x} positions: not this round's table")
+        return table[..., :x]
+    return np.concatenate([table, np.zeros((*table.shape[:-1], x - w), table.dtype)], axis=-1)

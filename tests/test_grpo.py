@@ -4,6 +4,7 @@ reference."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -142,6 +143,7 @@ def test_crash_mid_round_then_resume_equals_uninterrupted(run, tiny, tiny_config
         online.train_and_evaluate(cfg, part)
     monkeypatch.undo()
     assert not os.path.exists(_round(part, 1, "done.json"))
+    shutil.copytree(part, tmp_path / "switched")
     resumed = online.train_and_evaluate(cfg, part)
     work, whole = run
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
@@ -150,6 +152,14 @@ def test_crash_mid_round_then_resume_equals_uninterrupted(run, tiny, tiny_config
         assert _jsonl(_round(part, r, "rollouts.jsonl")) == _jsonl(_round(work, r, "rollouts.jsonl"))
     # the same process and programs: the same numbers, not just close ones
     assert run_compare.metrics_rows(part) == run_compare.metrics_rows(work)
+    # the round's stored tables serve another layout (a token sits at its unshared position
+    # in every layout): resumed in the shared layout, the run ends as the uninterrupted one
+    # up to float32 summation order
+    switched = tiny_config(*tiny, **_overrides(questions, **{"data.shared_prompt": True}))
+    online.train_and_evaluate(switched, str(tmp_path / "switched"))
+    _assert_same_but_layout(run_compare.metrics_rows(str(tmp_path / "switched")),
+                            run_compare.metrics_rows(work), run_compare.run_settings(work)[0],
+                            since_step=4)
 
 
 def test_crash_while_scoring_then_resume_equals_uninterrupted(run, tiny, tiny_config, questions,
@@ -210,6 +220,19 @@ def test_grpo_config_errors_name_the_key(tiny, tiny_config, questions, tmp_path)
                                      str(tmp_path / "bad"))
 
 
+def _assert_same_but_layout(shared_rows, rows, beta, since_step=0):
+    """Metrics rows of a run whose steps after ``since_step`` trained in the shared-prompt
+    layout equal an unshared run's within tests/tolerance.py, but for the tokens through
+    the model (each prompt once per group)."""
+    assert [(r["split"], r["step"]) for r in shared_rows] == [(r["split"], r["step"]) for r in rows]
+    for x, y in zip(shared_rows, rows):
+        x, y = dict(x), dict(y)
+        if x["split"] == "train" and x["step"] > since_step:
+            assert x.pop("num_tokens") < y.pop("num_tokens")
+        tolerance.assert_rows_close(x, y, beta=beta, updates=y["step"] - (y["split"] == "train"),
+                                    what=f"{y['split']} step {y['step']}")
+
+
 def test_shared_prompt_round_equals_the_unshared_round(run, tiny, tiny_config, questions,
                                                        tmp_path):
     """The first round with every group in one shared-prompt row: the same samples and
@@ -235,13 +258,7 @@ def test_shared_prompt_round_equals_the_unshared_round(run, tiny, tiny_config, q
         assert np.abs(b).max() > 1.0  # real log-probs (some tokens are near-certain: ~0)
     rows = [r for r in run_compare.metrics_rows(single) if r["step"] <= STEPS]
     got = [r for r in run_compare.metrics_rows(work) if r["step"] <= STEPS]
-    assert [(r["split"], r["step"]) for r in got] == [(r["split"], r["step"]) for r in rows]
-    beta, _ = run_compare.run_settings(single)
-    for x, y in zip(got, rows):
-        if x["split"] == "train":  # tokens through the model: each prompt once per group
-            assert x.pop("num_tokens") < y.pop("num_tokens")
-        tolerance.assert_rows_close(x, y, beta=beta, updates=y["step"] - (y["split"] == "train"),
-                                    what=f"{y['split']} step {y['step']}")
+    _assert_same_but_layout(got, rows, run_compare.run_settings(single)[0])
 
 
 @pytest.mark.slow  # two JAX processes sharing the cores (about a minute on 2 cores)

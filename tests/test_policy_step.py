@@ -239,3 +239,13 @@ def test_row_layouts_place_token_logps_at_their_unshared_positions(ro):
         assert np.all(got[..., n:] == 0) and np.all(want[..., n:] == 0)
         np.testing.assert_allclose(got[..., :n], want[..., :n], rtol=1e-5, atol=2e-6)
         assert np.count_nonzero(got) == np.count_nonzero(want) > 40
+
+
+def test_a_table_of_another_layouts_width_fits_where_it_holds_no_token():
+    t = np.zeros((2, 3, 8), np.float32)
+    t[..., :5] = -1.0
+    np.testing.assert_array_equal(rollouts.fit_width(t, 64)[..., :8], t)
+    assert rollouts.fit_width(t, 64).shape == (2, 3, 64) and not rollouts.fit_width(t, 64)[..., 8:].any()
+    np.testing.assert_array_equal(rollouts.fit_width(t, 5), t[..., :5])
+    with pytest.raises(ValueError, match="values past this round's 4 positions"):
+        rollouts.fit_width(t, 4)
