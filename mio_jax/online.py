@@ -440,7 +440,12 @@ class _Driver:
             path = rnd.path(f"{name}_logps.npy")
             stored = _exists(path)  # process 0's answer, for every process
             if stored:
-                table = np.load(paths.local_copy(path))
+                # stored by this round, perhaps in the other layout (a switched resume)
+                try:
+                    table = rollouts_lib.fit_width(np.load(paths.local_copy(path)),
+                                                   rnd.rollouts.length)
+                except ValueError as e:
+                    raise RuntimeError(f"{path}: {e}") from e
             elif name == "ref" and previous and rnd.old_logps is not None:
                 table = rnd.old_logps  # the round-start policy is both
             else:
@@ -526,6 +531,9 @@ class _RolloutBatches:
 
     def __init__(self, config, rnd: _Round):
         self.config, self.rnd, self.j = config, rnd, 0
+        # FLOPs are credited as unshared work, whatever the layout (plan_lib.BatchInfo)
+        self.seq_len = rollouts_lib.padded_length(rnd.rollouts.groups,
+                                                  rollouts_lib.LENGTH_MULTIPLE)
 
     def next_with_info(self):
         ro, bs = self.rnd.rollouts, int(self.config.train.batch_size)
@@ -539,12 +547,9 @@ class _RolloutBatches:
         seq = [sum(ro.groups[i].seq_lengths) if i >= 0 else 0 for i in ids]
         completion = [sum(int(c) * len(x) for c, x in zip(ro.counted[i], ro.groups[i].completion_ids))
                       if i >= 0 else 0 for i in ids]
-        # FLOPs are credited as unshared work, whatever the layout (plan_lib.BatchInfo)
-        info = plan_lib.BatchInfo(
-            tokens=int(sum(seq)),
-            seq_len=rollouts_lib.padded_length(ro.groups, rollouts_lib.LENGTH_MULTIPLE),
-            completion_tokens=np.asarray(completion),
-            mask_shape=(bs, *np.shape(host.loss_mask)[1:]))
+        info = plan_lib.BatchInfo(tokens=int(sum(seq)), seq_len=self.seq_len,
+                                  completion_tokens=np.asarray(completion),
+                                  mask_shape=(bs, *np.shape(host.loss_mask)[1:]))
         return host, info
 
     def get_state(self) -> dict:

@@ -158,7 +158,7 @@ def local_batch(rollouts: Rollouts, ids: np.ndarray, *, pad_id: int, process_ind
                 ref_logps: np.ndarray | None = None) -> layouts.Batch:
     """This process's share (contiguous rows) of the global batch of groups ``ids``, with
     advantages and, when given, the per-token old-policy and reference log-probs
-    (``[N, G, X]`` tables of the round), in the round's layout."""
+    (``[N, G, X]`` tables of the round, X = ``rollouts.length``), in the round's layout."""
     if len(ids) % process_count:
         raise ValueError(f"a batch of {len(ids)} groups does not split over {process_count} "
                          "processes")
@@ -188,9 +188,9 @@ def local_batch(rollouts: Rollouts, ids: np.ndarray, *, pad_id: int, process_ind
     else:
         host = host.replace(loss_mask=(host.loss_mask * counted[..., None]).astype(np.int32))
     if old_logps is not None:
-        host = host.replace(old_token_logps=rows(fit_width(old_logps, x), (g, x)))
+        host = host.replace(old_token_logps=rows(old_logps, (g, x)))
     if ref_logps is not None:
-        host = host.replace(ref_token_logps=rows(fit_width(ref_logps, x), (g, x)))
+        host = host.replace(ref_token_logps=rows(ref_logps, (g, x)))
     return host
 
 

@@ -161,8 +161,9 @@ def policy_logps(graphdef, params, other, batch: layouts.Batch,
 
 def token_logps(graphdef, params, other, batch: layouts.Batch, cfg: StepConfig, *,
                 view: str = "policy") -> jax.Array:
-    """Per-token log-probs ``[B, K, L]`` (``layouts.token_table``) of a rollout batch under ``params`` seen as
-    ``view`` (no gradient): an online round's old-policy and reference tables."""
+    """Per-token log-probs ``[B, K, L]`` (``layouts.token_table``) of a rollout batch under
+    ``params`` seen as ``view`` (no gradient): an online round's old-policy and reference
+    tables."""
     if view not in VIEWS:
         raise ValueError(f"view={view!r}: expected one of {VIEWS}")
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params), other)

@@ -282,9 +282,9 @@ def generate_groups(model: Decoder, prompt_ids: Sequence[Sequence[int]], *, num_
     whose samples have ended take the next waiting samples (a ring cache lets rows start at
     different steps); the samples started together that share a prompt share one prefill,
     its KV cache copied to their rows. Once no sample waits, the batch shrinks to the
-    smallest power of two that holds the rows still running. Every sample draws from its own key (the seed
-    folded with its index, then with the token's position), so a sample does not depend on
-    `batch_size`, `chunk_steps` or the other rows of its batch.
+    smallest power of two that holds the rows still running. Every sample draws from its
+    own key (the seed folded with its index, then with the token's position), so a sample
+    does not depend on `batch_size`, `chunk_steps` or the other rows of its batch.
 
     Args:
       model, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, seed: as in
