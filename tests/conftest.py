@@ -6,14 +6,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 # The suite compiles hundreds of small programs and runs each a few times: on a cold cache
-# XLA:CPU's LLVM optimisation passes are most of its time. It compiles them unoptimised
-# (LLVM -O0; the same HLO and the same operations, the matmuls in the same runtime
-# library), about 40 % faster per test. MIO_JAX_TEST_FULL_OPT=1 compiles as a user's run
-# does (XLA's default level); .ci/run runs the rounding tests that way, under the default
-# instruction set and under AVX2.
-if (os.environ.get("MIO_JAX_TEST_FULL_OPT", "0") != "1"
-        and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]):
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA:CPU's code generation is most of its time. The suite compiles them unoptimised (LLVM
+# -O0) and with XLA:CPU's older fusion emitter (LLVM IR written directly, not through the
+# MLIR fusion emitters): the same HLO and the same operations, the matmuls in the same
+# runtime library, and less than half the compile time per test. MIO_JAX_TEST_FULL_OPT=1
+# compiles as a user's run does (XLA's defaults); .ci/run runs the rounding tests that way,
+# under the default instruction set and under AVX2.
+if os.environ.get("MIO_JAX_TEST_FULL_OPT", "0") != "1":
+    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+        if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+            os.environ["XLA_FLAGS"] += " " + flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

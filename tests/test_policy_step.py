@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tolerance
 from mio_jax import layouts, losses, models, optim, rollouts, testing, train_step
 
 VOCAB = testing.VOCAB
@@ -47,7 +48,10 @@ def _cfg(loss_type="grpo", **kw):
                                  **kw)
 
 
-def _step(cfg, batch, lr=1e-2):
+LR = 1e-2
+
+
+def _step(cfg, batch, lr=LR):
     graphdef, params, other = _model()
     tx, sched = optim.make_optimizer(learning_rate=lr, total_steps=10, warmup_steps=0,
                                      schedule="constant", max_grad_norm=0.0)
@@ -65,11 +69,19 @@ def ro():
     return out
 
 
-def _tables(ro, shift=0.1, seed=1):
+def _tables(ro, spread=0.3, seed=1):
+    """Old-policy and reference tables near the model's own token log-probs (within
+    +-`spread`, so some ratios fall outside 1 +- epsilon and are clipped), as in a round: a
+    table far from the policy (the random tiny model's log-probs are near -30) makes
+    exp(ref - logp) and exp(logp - old) of size e^30 whose products cancel, and leaves a
+    gradient at rounding level that no float32 comparison can hold."""
     rng = np.random.default_rng(seed)
-    n, g, l = len(ro.groups), ro.num_generations, ro.length
-    return {"old_logps": -rng.uniform(0.5, 3, (n, g, l)).astype(np.float32),
-            "ref_logps": -rng.uniform(0.5, 3, (n, g, l)).astype(np.float32)}
+    graphdef, params, other = _model()
+    batch = _batch(ro, np.arange(len(ro.groups)))
+    logps = np.asarray(layouts.token_logps(nnx.merge(graphdef, params, other), batch,
+                                           chunk_size=40).logps_bt)
+    return {name: (logps + rng.uniform(-spread, spread, logps.shape)).astype(np.float32)
+            for name in ("old_logps", "ref_logps")}
 
 
 # grpo (per-completion means) and dapo (token sums over the step's count); the other
@@ -113,6 +125,7 @@ def test_step_loss_is_policy_loss_of_the_models_token_logps(ro, loss_type):
     assert np.all(mask[:, 0] == 0) and np.all(mask[:, 1:].sum(-1) > 0)
 
 
+@pytest.mark.rounding
 def test_padding_groups_and_micro_batches_change_nothing(ro):
     tables = _tables(ro)
     cfg = _cfg("grpo")
@@ -121,9 +134,15 @@ def test_padding_groups_and_micro_batches_change_nothing(ro):
     b_state, b = _step(_cfg("grpo", grad_accum_steps=2),
                        _batch(ro, [0, -1, 1, -1, 2, -1, 3, -1], **tables))
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 a_state.params, b_state.params)
+    _same_update(a, b, a_state, b_state)
+
+
+def _same_update(a, b, a_state, b_state):
+    """One Adam step from the same weights whose gradients differ only in rounding: the
+    gradient norm within tests/tolerance.py's allowance for one update, and every weight
+    within its allowance (a weight whose gradient is near Adam's eps may move differently)."""
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=tolerance.norm_rtol(1))
+    tolerance.assert_params_close(a_state.params, b_state.params, learning_rate=LR, updates=1)
 
 
 def test_on_policy_step_at_zero_advantage_and_beta_is_a_zero_gradient(ro):
@@ -202,6 +221,7 @@ def test_shared_prompt_rollout_rows_hold_each_prompt_once(ro, ro_shared):
     assert batch.loss_mask[3].sum() == 0 and batch.weights.tolist() == [1, 1, 1, 0]
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_shared_prompt_step_equals_unshared_step(ro, ro_shared, loss_type):
     tables = _tables(ro)
@@ -215,9 +235,7 @@ def test_shared_prompt_step_equals_unshared_step(ro, ro_shared, loss_type):
     # every quantity below is a mean of such terms times advantages of at most ~2
     for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "completion_tokens"):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=2e-6, err_msg=key)
-    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 a_state.params, b_state.params)
+    _same_update(a, b, a_state, b_state)
 
 
 def test_row_layouts_place_token_logps_at_their_unshared_positions(ro):
