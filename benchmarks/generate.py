@@ -403,13 +403,18 @@ def rollouts(args, groups):
     """Rollout tokens/s: G samples of each prompt at temperature 0.8, top-p 0.95, the
     model's own EOS (answers end when the model ends them: the realistic length spread),
     today's static sampler (the G copies of a prompt as G rows, the batch decoding until
-    its longest row ends) against generate_groups (the prompt prefilled once, finished rows
-    dropped), side by side on the same prompts, alternating, median of --repeats calls
-    after one compiling call each; with --vs-llamacpp, llama.cpp's batched decoding of
+    its longest row ends, every row's top-p cut by bisection), the static sampler with the
+    candidate cut (`sampling.CANDIDATES`), and generate_groups (the prompt prefilled once,
+    finished rows refilled or dropped), one after the other on the same prompts, median of
+    --repeats calls after one compiling call each; with --vs-llamacpp, llama.cpp's batched decoding of
     the same prompts from the same GGUF (prompt prefilled once and its KV cells copied to
     the G sequences, finished sequences leaving the batch, its own sampler chain) in the
     same run. Tokens/s counts the answer tokens each call produced (mio_jax computes in
     float32 from the dequantized GGUF; llama.cpp on the Q4_1 blocks)."""
+    import jax
+
+    from mio_jax.models import sampling
+
     model, tok, name = load_model(args.model)
     eos = sorted(set(model.cfg.eos_token_id) | ({tok.eos_token_id} - {None}))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -426,24 +431,29 @@ def rollouts(args, groups):
     for g in groups:
         rows = [p for p in prompts for _ in range(g)]
         per = args.rollout_batch or len(rows)  # rows decoding at once
-        calls = {
-            "static (today)": lambda seed: models.generate_ids(model, rows, seed=seed,
-                                                               batch_size=per, **kw),
-            "groups (new)": lambda seed: models.sampling.generate_groups(
-                model, prompts, num_samples=g, seed=seed, batch_size=per, **kw),
+        static = lambda seed: models.generate_ids(model, rows, seed=seed,  # noqa: E731
+                                                  batch_size=per, **kw)
+        calls = {  # (the sampler's cut: CANDIDATES = 0 is the bisection of every row)
+            "static (today)": (0, static),
+            "static": (sampling.CANDIDATES, static),
+            "groups (new)": (sampling.CANDIDATES, lambda seed: sampling.generate_groups(
+                model, prompts, num_samples=g, seed=seed, batch_size=per, **kw)),
         }
-        for call in calls.values():
-            call(0)  # compile
         times = {k: [] for k in calls}
         tokens = {k: [] for k in calls}
         lengths = {k: [] for k in calls}
-        for r in range(args.repeats):
-            for k, call in calls.items():
+        shipped = sampling.CANDIDATES
+        for k, (candidates, call) in calls.items():  # one after the other: each traces anew
+            sampling.CANDIDATES = candidates
+            jax.clear_caches()
+            call(0)  # compile
+            for r in range(args.repeats):
                 t0 = time.perf_counter()
                 res = call(r + 1)
                 times[k].append(time.perf_counter() - t0)
                 tokens[k].append(sum(len(x) for x in res))
                 lengths[k] += [len(x) for x in res]
+        sampling.CANDIDATES = shipped
         if args.vs_llamacpp:
             lc = run_llamacpp(ensure_llamacpp_env(args.llamacpp_env), models.smollm2_gguf_path(),
                               prompts, n, [], args.threads, args.repeats, mode="rollouts",

@@ -198,8 +198,10 @@ def _primitives(jaxpr) -> set[str]:
 
 def test_no_rule_sorts_the_vocabulary():
     """Greedy is an argmax, plain temperature sampling a draw of the scaled row, and top-k /
-    top-p cut the row by bisection (a loop of passes over it): no branch sorts (a full sort
-    of every row was most of a decode step at a 49k vocabulary on a CPU)."""
+    top-p cut the row among its largest entries (a top_k) or by bisection (a loop of passes
+    over it): nothing sorts a row, in the program or in what XLA compiles from it (a full
+    sort of every row was most of a decode step at a 49k vocabulary on a CPU; XLA:CPU
+    turns a top_k whose values are sliced into one)."""
     jaxpr = jax.make_jaxpr(sample_logits)(jnp.zeros((2, 50)), jax.random.key(0), 1.0, 0, 1.0)
     assert "sort" not in _primitives(jaxpr.jaxpr)
     (top,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
@@ -209,6 +211,33 @@ def test_no_rule_sorts_the_vocabulary():
     plain, truncated = (b.jaxpr for b in inner.params["branches"])
     loops = {"while", "scan"}
     assert not loops & _primitives(plain) and loops & _primitives(truncated)
+    assert "top_k" in _primitives(truncated)
+    hlo = jax.jit(sample_logits).lower(jnp.zeros((4, 49152)), jax.random.key(0), 0.8, 0,
+                                       0.95).compile().as_text()
+    assert " sort(" not in hlo
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (50, 1.0), (20, 0.9), (0, 0.5)])
+def test_the_candidate_cut_draws_what_the_whole_row_draws(top_k, top_p):
+    """Rows peaked enough for their cut to lie among their largest entries draw, token for
+    token, what the bisection cut of the whole row draws with the same keys (one key per
+    row, or one for the batch); a flat row is left to the bisection unless a top-k
+    cut (of fewer than CANDIDATES entries) bounds its nucleus."""
+    whole = jax.jit(lambda x, k: sampling._draw(sampling._top_k_and_nucleus(x, top_k, top_p),
+                                                k))
+    fast = jax.jit(lambda x, k: sampling._draw_truncated(x, k, top_k, top_p))
+    cut = jax.jit(lambda x: sampling._candidate_cut(x, top_k, top_p)[3])
+    taken = 0
+    for seed, scale in ((0, 4.0), (1, 8.0), (2, 8.0)):
+        x = jax.random.normal(jax.random.key(seed), (16, 49152)) * scale
+        ok = np.asarray(cut(x))
+        taken += ok.all()
+        for key in (sampling._row_keys(jax.random.key(10 + seed), jnp.arange(16, dtype=jnp.uint32)),
+                    jax.random.key(20 + seed)):
+            np.testing.assert_array_equal(np.asarray(fast(x, key)), np.asarray(whole(x, key)))
+    assert taken >= 2  # the candidate path ran
+    flat = jax.random.normal(jax.random.key(3), (2, 49152)) * 0.1
+    assert np.asarray(cut(flat)).tolist() == [top_k > 0] * 2
 
 
 def test_cache_is_in_the_compute_dtype(tmp_path):
