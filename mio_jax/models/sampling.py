@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 from mio_jax.models.llama import Decoder, default_positions
 
@@ -138,16 +139,36 @@ def _candidate_cut(scaled_bv, top_k, top_p, count=CANDIDATES):
     return values, indices, (ck >= kth) & (ck >= nucleus), ok
 
 
+def _bits_at(key, shape, indices):
+    """`jax.random.bits(key, shape, uint32)` (or, for `[B]` keys, each row's draw of
+    `shape[1:]`) at `indices` (`[B, c]`) only. With JAX's partitionable threefry (its
+    default) the bits of flat index n are the threefry hash of the counter n, so the `c`
+    entries are hashed alone; otherwise the whole row is drawn and gathered."""
+    if not (jax.config.jax_threefry_partitionable
+            and str(jax.random.key_impl(key)) == "threefry2x32"):
+        if jnp.ndim(key) == 1:
+            bits = jax.vmap(lambda k: jax.random.bits(k, shape[1:], jnp.uint32))(key)
+        else:
+            bits = jax.random.bits(key, shape, jnp.uint32)
+        return jnp.take_along_axis(bits, indices, axis=-1)
+    data = jax.random.key_data(key)
+    if jnp.ndim(key) == 1:  # row b's counter is its column
+        counter, k1, k2 = indices, data[:, :1], data[:, 1:]
+    else:                   # the batch's counter runs over the flattened [B, V]
+        counter = indices + jnp.arange(shape[0])[:, None] * shape[1]
+        k1, k2 = data[0], data[1]
+    lo = counter.astype(jnp.uint32)
+    hi, k1, k2 = (jnp.broadcast_to(x, lo.shape).astype(jnp.uint32)
+                  for x in (jnp.zeros((), jnp.uint32), k1, k2))
+    a, b = threefry2x32_p.bind(k1, k2, hi, lo)
+    return a ^ b
+
+
 def _gumbel_at(key, shape, indices):
     """The Gumbel noise `jax.random.categorical(key, logits)` adds to the `[B, V]` logits,
-    at `indices` (`[B, c]`) only: its uniform draw's bits for the whole row, but the two
-    logarithms for the `c` entries alone (the same float32 operations as
-    `jax.random.gumbel`'s on the same bits)."""
-    if jnp.ndim(key) == 1:  # one key per row
-        bits = jax.vmap(lambda k: jax.random.bits(k, shape[1:], jnp.uint32))(key)
-    else:
-        bits = jax.random.bits(key, shape, jnp.uint32)
-    bits = jnp.take_along_axis(bits, indices, axis=-1)
+    at `indices` (`[B, c]`) only: the same bits (`_bits_at`) and the same float32
+    operations as `jax.random.gumbel`'s, for the `c` entries alone."""
+    bits = _bits_at(key, shape, indices)
     tiny = jnp.finfo(jnp.float32).tiny
     one = jnp.float32(1.0)
     floats = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000),
