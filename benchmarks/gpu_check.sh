@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the train step, prepared to run in one go on a single H100/H200
-# (every part: about 12 minutes): cuDNN attention == written-out attention, then the train-step
+# (every part: about 12 minutes, and up to 5 for the rollouts): cuDNN attention == written-out attention, then the train-step
 # benchmark in bfloat16 compute (float32 master weights and Adam) for a
 # Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random weights; speed does not
 # depend on their values). Logs and JSON go to $OUT (default: docs/benchmarks/YYYY-MM-DD/gpu,
@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_check.sh            # every part
 #   bash benchmarks/gpu_check.sh attention llama1b_8x1024   # some parts
 # Parts: attention llama1b llama1b_4x1024 llama1b_8x1024 profile headline8 chunks8 sweep8
-# layers8 notriton8 smollm2 (each writes a .log, most also a .json).
+# layers8 notriton8 smollm2 rollouts (each writes a .log, most also a .json).
 #
 # Where mio_jax's dependencies are not installed (a bare accelerator image), put their
 # wheels in .whl/ first; they are installed into /tmp/site without touching the system.
@@ -89,6 +89,11 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
 part smollm2 smollm2 120 $B --model=smollm2_shape --pairs=8 --seq_len=1024 $common \
   --reference=precomputed --layout=unshared,shared --proj=full,completion \
   --attention=cudnn --json="$OUT/smollm2.json"
+# RL rollouts of the embedded SmolLM2-135M-Instruct (float32 from its GGUF): today's static
+# sampler (bisection cut), the static sampler with the candidate cut, and generate_groups,
+# G = 8 and 16 answers of 16 prompts (docs/benchmarks/README.md section 8b on the CPU).
+part rollouts rollouts 300 benchmarks/generate.py --rollouts=8,16 --prompts=16 \
+  --max-new-tokens=96 --repeats=2 --json="$OUT/rollouts.json"
 if [ -n "$FAILED" ]; then
   echo "failed parts:$FAILED (logs in $OUT)"
   exit 1
