@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of the train step, prepared to run in one go on a single H100/H200
-# (every part: about 12 minutes, and up to 5 for the rollouts): cuDNN attention == written-out attention, then the train-step
-# benchmark in bfloat16 compute (float32 master weights and Adam) for a
-# Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random weights; speed does not
-# depend on their values). Logs and JSON go to $OUT (default: docs/benchmarks/YYYY-MM-DD/gpu,
+# (every part: about 12 minutes, and up to 5 for the rollouts): cuDNN attention ==
+# written-out attention, then the train-step benchmark in bfloat16 compute (float32 master
+# weights and Adam) for a Llama-3.2-1B-shaped model and the SmolLM2-135M shape (random
+# weights; speed does not depend on their values), then RL rollouts of the embedded model.
+# Logs and JSON go to $OUT (default: docs/benchmarks/YYYY-MM-DD/gpu,
 # today's dated folder; see docs/benchmarks/README.md).
 #
 #   bash benchmarks/gpu_check.sh            # every part
