@@ -187,8 +187,9 @@ def _draw(scaled_bv, key):
 def _draw_truncated(scaled_bv, key, top_k, top_p):
     """The draw of each row cut by top-k / top-p. When every row's cut lies among its
     `CANDIDATES` largest entries, the draw runs on those alone (the same noise, the same
-    winner, lowest index first among equals, as the full row's draw); otherwise the row is
-    cut by bisection (`_top_k_and_nucleus`) and drawn whole."""
+    winner, lowest index first among equals, as the full row's draw, but for the rounding
+    case `_candidate_cut` names); otherwise the row is cut by bisection
+    (`_top_k_and_nucleus`) and drawn whole."""
     def whole_rows():
         return _draw(_top_k_and_nucleus(scaled_bv, top_k, top_p), key)
 
