@@ -245,7 +245,8 @@ def sequence_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_C
     """Per-sequence log-probs ``[B, K]`` of a typed batch under ``model``.
 
     Args:
-      model: an nnx decoder (``hidden_states`` and ``output_matrix``).
+      model: an nnx decoder (``hidden_states``, ``output_matrix`` and the final-logit
+        soft-cap of its ``cfg``).
       batch: one of the three layouts.
       chunk_size: vocabulary chunk of the projection.
       completion_fraction: project only completion positions, gathered into a static
@@ -299,11 +300,13 @@ def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUN
     if isinstance(batch, PreferenceBatch):
         return logps_lib.token_stats_from_hidden(
             _unshared_hidden(model, batch), model.output_matrix(), batch.targets,
-            batch.loss_mask, chunk_size=chunk_size, with_entropy=with_entropy, validate=False)
+            batch.loss_mask, chunk_size=chunk_size, with_entropy=with_entropy, validate=False,
+            softcap=model.cfg.final_logit_softcapping)
     hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
     stats = logps_lib.token_stats_from_hidden(
         hidden, model.output_matrix(), batch.targets, batch.loss_mask, chunk_size=chunk_size,
-        with_entropy=with_entropy, validate=False)
+        with_entropy=with_entropy, validate=False,
+            softcap=model.cfg.final_logit_softcapping)
     return logps_lib.TokenStats(
         token_table(stats.logps_bt, batch), None,
         None if stats.entropy_bt is None else token_table(stats.entropy_bt, batch))
@@ -339,11 +342,13 @@ def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
     if ld_alpha is None and not use_weighting:
         seq = logps_lib.sequence_logps_from_hidden(
             hidden, model.output_matrix(), batch.targets, mask, chunk_size=chunk_size,
-            max_tokens=block, validate=False)
+            max_tokens=block, validate=False,
+            softcap=model.cfg.final_logit_softcapping)
         return SequenceLogps(seq, lengths)
     stats = logps_lib.token_stats_from_hidden(
         hidden, model.output_matrix(), batch.targets, mask, chunk_size=chunk_size,
-        with_log_sum_sq=use_weighting, validate=False)
+        with_log_sum_sq=use_weighting, validate=False,
+            softcap=model.cfg.final_logit_softcapping)
     seq = (logps_lib.ld_sequence_logps(stats.logps_bt, mask, ld_alpha) if ld_alpha is not None
            else stats.logps_bt.sum(axis=-1))
     wpo = (logps_lib.wpo_weights(stats.logps_bt, stats.log_sum_sq_probs_bt, mask)
@@ -357,7 +362,8 @@ def _row_logps(model, batch: PackedBatch | SharedPromptBatch, chunk_size,
     hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
     tok = logps_lib.token_logps_from_hidden(
         hidden, model.output_matrix(), batch.targets, batch.loss_mask, chunk_size=chunk_size,
-        max_tokens=block, validate=False)
+        max_tokens=block, validate=False,
+            softcap=model.cfg.final_logit_softcapping)
     counts = (batch.loss_mask != 0).astype(jnp.float32)
     return SequenceLogps(sequence_sums(tok, batch), sequence_sums(counts, batch))
 

@@ -225,41 +225,48 @@ _stats_from_logits.defvjp(_stats_from_logits_fwd, _stats_from_logits_bwd)
 # ---- from hidden states ----------------------------------------------------
 
 
-def _project(hidden_nd, w_cd, cd):
+def _cap(z, softcap):
+    """Soft-capped logits `softcap * tanh(z / softcap)` (None: `z`)."""
+    return z if softcap is None else jnp.tanh(z / softcap) * softcap
+
+
+def _project(hidden_nd, w_cd, cd, softcap=None):
     # Inputs stay in their own (common) dtype, accumulation is in float32 or wider.
     common = jnp.result_type(hidden_nd.dtype, w_cd.dtype)
-    return jnp.matmul(hidden_nd.astype(common), w_cd.astype(common).T, preferred_element_type=cd)
+    z = jnp.matmul(hidden_nd.astype(common), w_cd.astype(common).T, preferred_element_type=cd)
+    return _cap(z, softcap)
 
 
-def _target_logit(hidden_nd, out_vd, targets_n, cd):
+def _target_logit(hidden_nd, out_vd, targets_n, cd, softcap=None):
     rows_nd = jnp.take(out_vd, targets_n, axis=0)
     common = jnp.result_type(hidden_nd.dtype, out_vd.dtype)
-    return jnp.einsum(
+    return _cap(jnp.einsum(
         "nd,nd->n", hidden_nd.astype(common), rows_nd.astype(common), preferred_element_type=cd
-    )
+    ), softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _stats_from_hidden(hidden_nd, out_vd, targets_n, chunk):
-    out, _ = _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _stats_from_hidden(hidden_nd, out_vd, targets_n, chunk, softcap):
+    out, _ = _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk, softcap)
     return out
 
 
-def _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk):
+def _stats_from_hidden_fwd(hidden_nd, out_vd, targets_n, chunk, softcap):
     n = hidden_nd.shape[0]
     vocab = out_vd.shape[0]
     cd = _compute_dtype(hidden_nd.dtype, out_vd.dtype)
 
     def step(stats, start, width):
         w = lax.dynamic_slice_in_dim(out_vd, start, width, axis=0)
-        return _online_update(stats, _project(hidden_nd, w, cd))
+        return _online_update(stats, _project(hidden_nd, w, cd, softcap))
 
     stats = _fold_vocab(step, _online_init(n, cd), vocab, chunk)
-    logps, lss, ent, lse = _finish(stats, _target_logit(hidden_nd, out_vd, targets_n, cd))
+    target = _target_logit(hidden_nd, out_vd, targets_n, cd, softcap)
+    logps, lss, ent, lse = _finish(stats, target)
     return (logps, lss, ent), (hidden_nd, out_vd, targets_n, lse)
 
 
-def _stats_from_hidden_bwd(chunk, res, cts):
+def _stats_from_hidden_bwd(chunk, softcap, res, cts):
     hidden_nd, out_vd, targets_n, lse = res
     cd = lse.dtype
     g = cts[0].astype(cd)
@@ -270,8 +277,13 @@ def _stats_from_hidden_bwd(chunk, res, cts):
     def step(carry, start, width):
         grad_h, grad_w = carry
         w = lax.dynamic_slice_in_dim(out_vd, start, width, axis=0).astype(common)
-        # d log p_target / d z_v = 1[v = target] - p_v; the indicator is added below.
-        d_nc = (-g[:, None] * jnp.exp(_project(h, w, cd) - lse[:, None])).astype(common)
+        # d log p_target / d z_v = 1[v = target] - p_v; the indicator is added below. With
+        # a soft-cap, the logit is c tanh(u / c) of the projection u: times 1 - tanh^2.
+        u = _project(h, w, cd)
+        d_nc = -g[:, None] * jnp.exp(_cap(u, softcap) - lse[:, None])
+        if softcap is not None:
+            d_nc = d_nc * (1.0 - jnp.square(jnp.tanh(u / softcap)))
+        d_nc = d_nc.astype(common)
         grad_h = grad_h + jnp.matmul(d_nc, w, preferred_element_type=cd)
         grad_w_chunk = jnp.matmul(d_nc.T, h, preferred_element_type=cd)
         grad_w = lax.dynamic_update_slice_in_dim(grad_w, grad_w_chunk, start, axis=0)
@@ -279,8 +291,12 @@ def _stats_from_hidden_bwd(chunk, res, cts):
 
     init = (jnp.zeros(hidden_nd.shape, cd), jnp.zeros(out_vd.shape, cd))
     grad_h, grad_w = _fold_vocab(step, init, vocab, chunk)
-    grad_h = grad_h + g[:, None] * jnp.take(out_vd, targets_n, axis=0).astype(cd)
-    grad_w = grad_w.at[targets_n].add(g[:, None] * h.astype(cd))
+    g_target = g
+    if softcap is not None:
+        g_target = g * (1.0 - jnp.square(jnp.tanh(_target_logit(h, out_vd, targets_n, cd)
+                                                  / softcap)))
+    grad_h = grad_h + g_target[:, None] * jnp.take(out_vd, targets_n, axis=0).astype(cd)
+    grad_w = grad_w.at[targets_n].add(g_target[:, None] * h.astype(cd))
     return grad_h.astype(hidden_nd.dtype), grad_w.astype(out_vd.dtype), None
 
 
@@ -366,7 +382,7 @@ def sequence_logps(logits_btv, targets_bt, mask_bt, *, chunk_size: int = DEFAULT
 def token_stats_from_hidden(
     hidden_btd, out_vd, targets_bt, mask_bt, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_tokens: int | None = None, with_log_sum_sq: bool = False, with_entropy: bool = False,
-    validate: bool = True,
+    validate: bool = True, softcap: float | None = None,
 ) -> TokenStats:
     """Per-token log-probs from final hidden states, never building ``[..., T, V]``.
 
@@ -390,6 +406,8 @@ def token_stats_from_hidden(
       with_log_sum_sq: also return ``log(sum_v p_v^2)`` per token (for WPO).
       with_entropy: also return each token's distribution's entropy.
       validate: eager checks (see ``token_stats``).
+      softcap: the model's final-logit soft-cap (Gemma 2): every logit is
+        ``softcap * tanh(z / softcap)`` of its projection ``z``; None: none.
 
     Returns:
       ``TokenStats`` with ``logps_bt [..., T]`` in float32 (float64 for float64
@@ -409,8 +427,9 @@ def token_stats_from_hidden(
     safe_targets = jnp.where(flat_mask, targets_bt.reshape(-1), 0)
     n = hidden_nd.shape[0]
 
+    softcap = None if not softcap else float(softcap)
     if max_tokens is None:
-        logps, lss, ent = _stats_from_hidden(hidden_nd, out_vd, safe_targets, chunk_size)
+        logps, lss, ent = _stats_from_hidden(hidden_nd, out_vd, safe_targets, chunk_size, softcap)
     else:
         if _is_concrete(mask_bt) and (eager := int((np.asarray(mask_bt) != 0).sum())) > max_tokens:
             raise ValueError(f"mask_bt has {eager} completion tokens but max_tokens={max_tokens}")
@@ -418,8 +437,8 @@ def token_stats_from_hidden(
         (idx,) = jnp.nonzero(flat_mask, size=max_tokens, fill_value=0)
         valid = jnp.arange(max_tokens) < count
         selected = _stats_from_hidden(
-            jnp.take(hidden_nd, idx, axis=0), out_vd, jnp.take(safe_targets, idx), chunk_size
-        )
+            jnp.take(hidden_nd, idx, axis=0), out_vd, jnp.take(safe_targets, idx), chunk_size,
+            softcap)
         overflow = count > max_tokens
 
         def scatter(sel):
@@ -435,19 +454,21 @@ def token_stats_from_hidden(
 
 def token_logps_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt, *,
                             chunk_size: int = DEFAULT_CHUNK_SIZE,
-                            max_tokens: int | None = None, validate: bool = True):
+                            max_tokens: int | None = None, validate: bool = True,
+                            softcap: float | None = None):
     """Per-token log-probs ``[..., T]`` from hidden states, zero where masked.
 
     Args and Returns: as ``token_stats_from_hidden`` (its ``logps_bt``).
     """
     return token_stats_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt,
                                    chunk_size=chunk_size, max_tokens=max_tokens,
-                                   validate=validate).logps_bt
+                                   validate=validate, softcap=softcap).logps_bt
 
 
 def sequence_logps_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt, *,
                                chunk_size: int = DEFAULT_CHUNK_SIZE,
-                               max_tokens: int | None = None, validate: bool = True):
+                               max_tokens: int | None = None, validate: bool = True,
+                               softcap: float | None = None):
     """Per-sequence SUM of completion-token log-probs from hidden states.
 
     Args: ``hidden_btd [..., T, D]`` (after the final norm), ``out_vd [V, D]``
@@ -459,7 +480,7 @@ def sequence_logps_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt, *,
     """
     return token_logps_from_hidden(hidden_btd, out_vd, targets_bt, mask_bt,
                                    chunk_size=chunk_size, max_tokens=max_tokens,
-                                   validate=validate).sum(axis=-1)
+                                   validate=validate, softcap=softcap).sum(axis=-1)
 
 
 # ---- WPO weights and LD-DPO (TRL 1.16 DPOTrainer semantics) ------------------

@@ -1,5 +1,5 @@
 """Writes tests/models/golden_logits.json: torch transformers logits and greedy ids for tiny
-random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 / SmolLM-style checkpoints.
+random Llama / Llama 3 / Mistral / Qwen2 / Qwen3 / SmolLM-style / Gemma 1, 2, 3 checkpoints.
 
 Weights are drawn per tensor from numpy with a seed derived from the tensor name
 (`tensor_value` below, duplicated in tests/models/test_llama.py), so the tests rebuild the
@@ -7,6 +7,8 @@ same checkpoints without torch and without committing weight files.
 
 Run (needs torch + transformers 5; no network):
   /work/trl_env/bin/python scripts/golden_model_logits.py
+  /work/trl_env/bin/python scripts/golden_model_logits.py --cases gemma2,gemma3
+      (only these cases, the others kept as stored)
 Check an exported folder loads in transformers with no missing/unexpected keys:
   /work/trl_env/bin/python scripts/golden_model_logits.py --check-export DIR --case NAME
 """
@@ -43,19 +45,41 @@ CASES = {
     "qwen3": (transformers.Qwen3Config, dict(COMMON, head_dim=16, rope_theta=1e6)),
     "smollm": (transformers.LlamaConfig, dict(COMMON, num_attention_heads=4, num_key_value_heads=1,
                                               tie_word_embeddings=True, rope_theta=1e5)),
+    # Gemma: head_dim and the query scale set apart from hidden/heads, so a wrong one shows;
+    # windows of 3 and caps small enough to bite on 7 + 8 tokens.
+    "gemma": (transformers.GemmaConfig, dict(COMMON, head_dim=16, rope_theta=1e4)),
+    "gemma2": (transformers.Gemma2Config, dict(
+        COMMON, head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=12, sliding_window=3,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rope_theta=1e4,
+        tie_word_embeddings=False)),  # (the lm_head row; greedy runs that do not repeat)
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        COMMON, head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=False,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
 }
 
 
-def tensor_value(name, shape, seed=SEED):
+# Gemma stores its norms as offsets from 1 and scales the (tied) embeddings by sqrt(hidden):
+# norms drawn around 0 and embeddings with std hidden**-0.5 keep its activations and logits
+# at the Llama cases' scale (unit embeddings would give logits of +-60, every cap saturated
+# and greedy runs that repeat the last token).
+GEMMA_WEIGHTS = {"norm_center": 0.0, "embed_std": COMMON["hidden_size"] ** -0.5}
+WEIGHTS = {"gemma": GEMMA_WEIGHTS, "gemma2": GEMMA_WEIGHTS, "gemma3": GEMMA_WEIGHTS}
+
+
+def tensor_value(name, shape, seed=SEED, norm_center=1.0, embed_std=1.0):
     """Deterministic float32 weights for one HF tensor name (also used by the tests)."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     noise = rng.standard_normal(shape).astype(np.float32)
     if name.endswith("norm.weight"):
-        return (1.0 + 0.1 * noise).astype(np.float32)
+        return (norm_center + 0.1 * noise).astype(np.float32)
     if name.endswith(".bias"):
         return (0.1 * noise).astype(np.float32)
     if name.endswith("embed_tokens.weight"):
-        return noise
+        return noise if embed_std == 1.0 else (embed_std * noise).astype(np.float32)
     return (noise / np.sqrt(shape[-1])).astype(np.float32)
 
 
@@ -70,7 +94,8 @@ def build(case):
     with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
         for name in sorted(f.keys()):
             tensors[name] = list(f.get_slice(name).get_shape())
-    state = {n: torch.from_numpy(tensor_value(n, tuple(s))) for n, s in tensors.items()}
+    state = {n: torch.from_numpy(tensor_value(n, tuple(s), **WEIGHTS.get(case, {})))
+             for n, s in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert all(m == "lm_head.weight" for m in missing), missing  # tied to embed_tokens
@@ -97,6 +122,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--check-export")
     parser.add_argument("--case")
+    parser.add_argument("--cases", help="comma-separated cases to (re)compute; the others "
+                        "are kept from the stored file")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.check_export:
@@ -112,8 +139,13 @@ def main():
                           "max_abs_logit_diff_vs_golden": diff,
                           "greedy_equal": gen == golden["greedy_ids"]}))
         return
-    cases = {}
-    for case in CASES:
+    cases, todo = {}, list(CASES)
+    if args.cases:
+        todo = args.cases.split(",")
+        with open(OUT) as f:
+            stored = json.load(f)
+        cases = {c: v for c, v in stored["cases"].items() if c not in todo}
+    for case in todo:
         model, hf_config, tensors = build(case)
         sel, gen = run(model)
         cases[case] = {
@@ -121,11 +153,12 @@ def main():
             "tensors": tensors,
             "logits": np.round(sel.astype(np.float64), 6).tolist(),
             "greedy_ids": gen,
+            "weights": WEIGHTS.get(case, {}),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         print(case, "logit range", float(sel.min()), float(sel.max()), "greedy", gen)
-    out = {"generator": "scripts/golden_model_logits.py",
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-           "seed": SEED, "input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+    cases = {c: cases[c] for c in CASES}
+    out = {"generator": "scripts/golden_model_logits.py", "seed": SEED, "input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
            "logit_positions": LOGIT_POSITIONS, "max_new_tokens": MAX_NEW_TOKENS, "cases": cases}
     with open(OUT, "w") as f:
         json.dump(out, f, separators=(",", ":"))

@@ -13,6 +13,9 @@ from the names and shapes stored here, without torch.
 
 Run from the repository root (needs torch + transformers 5 + peft; no network):
   /work/trl_env/bin/python scripts/golden_peft.py [--venv_python .venv/bin/python]
+  /work/trl_env/bin/python scripts/golden_peft.py --cases gemma,gemma2,gemma3
+      (only these tiny cases; the others and SmolLM2 kept as stored, each case keeps the
+      versions it was made with)
 Check that an adapter folder written by mio_jax (`peft_io.write_adapter`) loads in peft
 with no missing or unexpected keys and gives the golden logits:
   /work/trl_env/bin/python scripts/golden_peft.py --check-export DIR --case NAME
@@ -53,6 +56,9 @@ LORA_CASES = {  # per tiny family: what this case varies from BASE_LORA
     "qwen3": {},
     # a regex (PEFT full-matches it against module paths): rows differ in their layers
     "smollm": dict(target_modules=r"model\.layers\.0\.self_attn\.(o|v)_proj|.*\.1\.mlp\.\w+_proj"),
+    "gemma": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gemma2": {},
+    "gemma3": dict(use_rslora=True),
 }
 SMOLLM2_LORA = dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR)
 SMOLLM2_FACTOR = 0.2  # 30 layers: smaller adapters keep the logits in a sensible range
@@ -126,7 +132,9 @@ def tiny_case(case):
     return {"config": hf_config, "tensors": tensors, "lora": kwargs, "factor": LORA_FACTOR,
             "adapter_config": config, "adapter_tensors": adapter_tensors,
             "logits": rounded(on), "logits_disabled": rounded(off),
-            "logits_merged": rounded(merged)}
+            "logits_merged": rounded(merged),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__}}
 
 
 def smollm2_folder(venv_python, dst):
@@ -205,19 +213,27 @@ def main():
     parser.add_argument("--check-export")
     parser.add_argument("--case")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--cases", help="comma-separated tiny cases to (re)compute")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.check_export:
         check_export(args.check_export, args.case, args.venv_python)
         return
-    cases = {case: tiny_case(case) for case in CASES}
-    out = {"generator": "scripts/golden_peft.py",
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "peft": peft.__version__},
-           "seed": SEED, "lora_seed": LORA_SEED, "input_ids": INPUT_IDS,
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__}
+    if args.cases:
+        with open(OUT) as f:
+            stored = json.load(f)
+        todo = args.cases.split(",")
+        cases = {c: stored["cases"][c] if c not in todo else tiny_case(c) for c in CASES}
+        smollm2 = stored["smollm2"]
+    else:
+        cases = {case: tiny_case(case) for case in CASES}
+        smollm2 = None if args.skip_smollm2 else dict(smollm2_case(args.venv_python),
+                                                      versions=versions)
+    out = {"generator": "scripts/golden_peft.py", "seed": SEED, "lora_seed": LORA_SEED, "input_ids": INPUT_IDS,
            "attention_mask": ATTENTION_MASK, "logit_positions": LOGIT_POSITIONS,
-           "slice": list(SLICE), "cases": cases,
-           "smollm2": None if args.skip_smollm2 else smollm2_case(args.venv_python)}
+           "slice": list(SLICE), "cases": cases, "smollm2": smollm2}
     with open(OUT, "w") as f:
         json.dump(out, f, separators=(",", ":"))
         f.write("\n")

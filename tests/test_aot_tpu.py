@@ -17,9 +17,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from mio_jax import aot, layouts, models, optim, sharding, testing, train_step
 
+import sys
 devices = aot.topology_devices("v5p:2x2x1")
 mesh = sharding.make_mesh((1, 2, 2), devices=devices)
-cfg = testing.tiny_model_config(dtype="bfloat16", param_dtype="float32")
+family = sys.argv[1]  # llama | gemma (Gemma 3: sliding + global layers, soft-caps)
+make = testing.tiny_gemma_config if family == "gemma" else testing.tiny_model_config
+cfg = make(dtype="bfloat16", param_dtype="float32")
 abstract = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)))
 graphdef, p_state, o_state = nnx.split(abstract, nnx.Param, ...)
 specs = sharding.state_partition_specs(p_state, None, mesh)
@@ -50,13 +53,14 @@ print("RESULT " + json.dumps({
 """
 
 
-def test_tiny_train_step_compiles_for_a_tpu_v5p_topology():
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_tiny_train_step_compiles_for_a_tpu_v5p_topology(family):
     try:
         env = aot.tpu_env()
     except FileNotFoundError as e:
         pytest.skip(f"libtpu cannot be used here: {e}")
-    out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", PROGRAM, family], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(next(line[7:] for line in out.stdout.splitlines()
                              if line.startswith("RESULT ")))

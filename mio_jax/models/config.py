@@ -10,19 +10,30 @@ from mio_jax.errors import ConfigError
 from mio_jax.layouts import check_completion_fraction
 from mio_jax.models import lora as lora_lib
 
-# model_type -> (attention projections carry q/k/v bias, o_proj bias, per-head q/k RMSNorm)
+# model_type -> family: which of the family rules below `from_hf` applies.
 _FAMILIES = {
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
 }
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# The MLP's gate activation: SiLU (SwiGLU, the Llama family) or GELU's tanh form (GeGLU,
+# Gemma; HF's "gelu_pytorch_tanh", which Gemma 1's legacy "gelu" also means).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -33,11 +44,22 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder.
+    """Shape and numerics of a decoder of the Llama or Gemma families.
 
     Fields mirror Hugging Face names where one exists. `dtype` is the compute dtype,
     `param_dtype` the storage dtype of the parameters; `scan_layers`, `remat_policy` and
     `attention` change how the layer stack is traced and run, not what it computes.
+
+    The Gemma fields: `hidden_act` "gelu_pytorch_tanh" (GeGLU); `norm_weight_offset`
+    (RMSNorm scales by `1 + w`, the product taken in float32); `sandwich_norms` (Gemma 2
+    and 3: a norm after the attention and after the MLP as well as before them, rows
+    `attn_post_norm` / `mlp_post_norm`); `scale_embeddings` (embeddings times
+    `sqrt(hidden_size)`); `query_pre_attn_scalar` (scores scaled by its inverse square
+    root instead of `head_dim`'s); `attn_logit_softcapping` and `final_logit_softcapping`
+    (`cap * tanh(x / cap)` on the attention scores and the output logits); `layer_types`
+    (HF's per-layer "sliding_attention" / "full_attention"; None: every layer slides when
+    `sliding_window` is set, as in Mistral); `rope_local_theta` (Gemma 3: the sliding
+    layers' RoPE base, without the global layers' scaling; None: one table for all).
     """
 
     model_type: str
@@ -61,6 +83,15 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    hidden_act: str = "silu"
+    norm_weight_offset: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -73,12 +104,46 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"num_hidden_layers={self.num_hidden_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types: unsupported {bad}; supported: {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types names sliding_attention layers but "
+                                 "sliding_window is not set")
+        if self.attention == "cudnn" and self.attn_logit_softcapping:
+            raise ValueError("attention='cudnn' has no attention-logit soft-capping "
+                             f"(attn_logit_softcapping={self.attn_logit_softcapping}, as "
+                             "in Gemma 2); use attention='xla'")
         check_compute_settings(dtype=self.dtype, param_dtype=self.param_dtype,
                                attention=self.attention, remat_policy=self.remat_policy)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its attention is limited to the last `sliding_window` keys."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """The layers differ in their mask or RoPE tables (Gemma 2/3's local/global mix):
+        each layer call then picks its own from the two built per forward."""
+        return len(set(self.sliding_layers())) > 1
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on the attention scores: `query_pre_attn_scalar ** -0.5` or
+        `head_dim ** -0.5`."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
@@ -105,12 +170,31 @@ class ModelConfig:
                     "num_attention_heads"):
             if key not in hf:
                 raise ValueError(f"config.json lacks required key {key!r}")
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act {act!r} (only silu/SwiGLU)")
+        family = _FAMILIES[model_type]
+        gemma = model_type in GEMMA_TYPES
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or (
+            "gelu_pytorch_tanh" if gemma else "silu")
+        if gemma and act == "gelu":  # Gemma 1's legacy name for the tanh form (as HF reads it)
+            act = "gelu_pytorch_tanh"
+        act = "silu" if act == "swish" else act
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            raise ValueError(f"unsupported hidden_act/hidden_activation {act!r} for "
+                             f"model_type {model_type!r}")
         heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         rope = dict(hf.get("rope_parameters") or {})
+        local_theta = None
+        if family == "gemma3":
+            # transformers 5: one dict per layer type; 4: rope_theta, rope_scaling and
+            # rope_local_base_freq at the top level.
+            local = rope.pop("sliding_attention", None)
+            rope = dict(rope.pop("full_attention", None) or rope)
+            local_theta = float((local or {}).get(
+                "rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+            if local and local.get("rope_type", "default") != "default":
+                raise ValueError("gemma3_text: sliding_attention rope_parameters of type "
+                                 f"{local.get('rope_type')!r} are not supported (default only)")
+            rope.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         scaling = hf.get("rope_scaling") or rope
         scaling = {k: v for k, v in dict(scaling or {}).items() if k != "rope_theta"}
@@ -128,16 +212,32 @@ class ModelConfig:
             if hf.get("use_sliding_window"):
                 raise ValueError(f"{model_type}: use_sliding_window=True is not supported")
             sliding = None
+        layers = int(hf["num_hidden_layers"])
+        layer_types = hf.get("layer_types")
+        if family in ("gemma2", "gemma3"):
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError(f"{model_type}: use_bidirectional_attention=True (an encoder "
+                                 "setting) is not supported")
+            if layer_types is None:  # HF's defaults: every other layer / 5 local, 1 global
+                period = 2 if family == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+                layer_types = ["sliding_attention" if (i + 1) % period else "full_attention"
+                               for i in range(layers)]
+        elif layer_types is not None:  # transformers 5 writes them for every family
+            if set(layer_types) - {"full_attention"}:
+                raise ValueError(f"{model_type}: layer_types other than full_attention are "
+                                 f"not supported (got {sorted(set(layer_types))})")
+            layer_types = None
+        if family == "gemma":
+            sliding = None
         eos = hf.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        family = _FAMILIES[model_type]
         attention_bias = bool(hf.get("attention_bias", False))
         fields = dict(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
@@ -145,15 +245,25 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=False if family == "qwen2" else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "gemma3"),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
+            hidden_act=act,
+            norm_weight_offset=gemma,
+            sandwich_norms=family in ("gemma2", "gemma3"),
+            scale_embeddings=gemma,
+            query_pre_attn_scalar=(float(hf.get("query_pre_attn_scalar", 256))
+                                   if family in ("gemma2", "gemma3") else None),
+            attn_logit_softcapping=_cap(hf.get("attn_logit_softcapping")),
+            final_logit_softcapping=_cap(hf.get("final_logit_softcapping")),
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            rope_local_theta=local_theta,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -198,16 +308,37 @@ class ModelConfig:
         if self.model_type in ("qwen2", "qwen3"):
             hf["use_sliding_window"] = False
             hf["sliding_window"] = None
+        if self.model_type in GEMMA_TYPES:
+            hf["attention_bias"] = self.o_bias
+            hf.pop("hidden_act")
+            hf["hidden_act" if self.model_type == "gemma" else "hidden_activation"] = \
+                self.hidden_act
+        if self.model_type in ("gemma2", "gemma3_text"):
+            hf.update(sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                      query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+                      attn_logit_softcapping=self.attn_logit_softcapping,
+                      final_logit_softcapping=self.final_logit_softcapping)
+        if self.model_type == "gemma3_text":
+            local = {"rope_type": "default", "rope_theta": self.rope_local_theta}
+            hf.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                      rope_local_base_freq=self.rope_local_theta)
         return hf
 
-    def rope_inv_freq(self):
-        """Returns the RoPE inverse frequencies `[head_dim // 2]` (float32 numpy, HF's formula)."""
+    def rope_inv_freq(self, local: bool = False):
+        """Returns the RoPE inverse frequencies `[head_dim // 2]` (float32 numpy, HF's formula).
+
+        Args:
+          local: the sliding layers' table (`rope_local_theta`, unscaled) where the config
+            has one.
+        """
         import numpy as np
 
+        local = local and self.rope_local_theta is not None
+        theta = self.rope_local_theta if local else self.rope_theta
         # float32 like transformers, so positions far from 0 rotate identically.
         exps = np.arange(0, self.head_dim, 2).astype(np.float32) / np.float32(self.head_dim)
-        inv = (1.0 / (np.float32(self.rope_theta) ** exps)).astype(np.float32)
-        s = self.rope_scaling_dict
+        inv = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+        s = None if local else self.rope_scaling_dict
         if s is None:
             return inv
         if s["rope_type"] == "linear":
@@ -222,6 +353,16 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _int_if_whole(x: float):
+    """transformers 5 types some config fields int (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _cap(value) -> float | None:
+    """A soft-capping value from config.json (None or 0: none)."""
+    return float(value) if value else None
 
 
 def check_compute_settings(*, dtype: str, param_dtype: str, attention: str,

@@ -1,4 +1,12 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in flax.nnx.
+"""Decoder-only transformers of the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3,
+SmolLM2) and the Gemma family (Gemma 1, 2, 3 text) in flax.nnx.
+
+Gemma differs by switches of `ModelConfig`: GeGLU, RMSNorm by `1 + w`, norms after the
+attention and the MLP as well (Gemma 2/3), scaled embeddings, soft-capped attention scores
+and logits (Gemma 2), a query scale of its own, QK-norm (Gemma 3), and sliding-window
+layers interleaved with global ones (Gemma 3's with a RoPE base of their own): the masks
+and RoPE tables of both kinds are built once per forward and each layer call picks its
+kind from a per-layer flag (`_sliding`), so the stack still runs as one `lax.scan`.
 
 The per-layer weights are stored stacked on a leading "layers" axis, so one parameter
 layout serves both execution modes: `jax.lax.scan` over the stack (`scan_layers=True`)
@@ -10,6 +18,9 @@ o `[L, H, hd, D]`, gate/up `[L, D, F]`, down `[L, F, D]`, embedding and untied l
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,33 +57,46 @@ class LayerStack(nnx.Module):
         return {n: getattr(self, n).get_value() for n in self.names}
 
 
-def _rms_norm(x, weight, eps):
-    """HF RMSNorm: normalise in float32, cast back, then scale by the weight."""
+def _rms_norm(x, weight, eps, offset=False):
+    """HF RMSNorm: normalise in float32, cast back, then scale by the weight. With
+    `offset` (Gemma): scale by `1 + weight` in float32, then cast back."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
 # The RMSNorm's float32 intermediates are recomputed in the backward pass from its input
 # instead of kept (autodiff would keep a float32 copy of the activations per layer,
 # stacked over the layers under lax.scan): memory traffic, not FLOPs.
-_rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2,))
+_rms_norm_bwd_recompute = jax.checkpoint(_rms_norm, static_argnums=(2, 3))
 
 
-def _swiglu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up):
+def activation(name: str, x):
+    """The MLP's gate activation (`ModelConfig.hidden_act`): SiLU or GELU's tanh form."""
+    return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def _glu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up, act):
     gate = jnp.einsum("btd,df->btf", h_btd, w_gate_df)
     up = jnp.einsum("btd,df->btf", h_btd, w_up_df)
     if add_gate is not None:
         gate = gate + add_gate
     if add_up is not None:
         up = up + add_up
-    return jax.nn.silu(gate) * up, (h_btd, w_gate_df, w_up_df, gate, up, add_gate, add_up)
+    return activation(act, gate) * up, (h_btd, w_gate_df, w_up_df, gate, up, add_gate, add_up)
 
 
-@jax.custom_vjp
 def swiglu(h_btd, w_gate_df, w_up_df, add_gate, add_up):
-    """SwiGLU input of the MLP, `silu(h @ W_gate + add_gate) * (h @ W_up + add_up)`, with
-    a hand-written backward.
+    """`gated_mlp` with SiLU (SwiGLU, the Llama family)."""
+    return gated_mlp(h_btd, w_gate_df, w_up_df, add_gate, add_up, "silu")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gated_mlp(h_btd, w_gate_df, w_up_df, add_gate, add_up, act):
+    """Gated input of the MLP, `act(h @ W_gate + add_gate) * (h @ W_up + add_up)` (SwiGLU
+    with `act="silu"`, GeGLU with "gelu_pytorch_tanh"), with a hand-written backward.
 
     Autodiff would keep six `[tokens, intermediate]` arrays per layer for this; the
     backward here keeps only the two projections and recomputes the SiLU (elementwise, in
@@ -84,13 +108,14 @@ def swiglu(h_btd, w_gate_df, w_up_df, add_gate, add_up):
     Args:
       h_btd: normalised hidden states `[B, T, D]`.
       w_gate_df, w_up_df: the gate and up projections `[D, F]`.
-      add_gate, add_up: terms added to each projection before the SiLU product: None,
+      add_gate, add_up: terms added to each projection before the gated product: None,
         a bias `[F]`, or per-token `[B, T, F]` (a bias plus a LoRA update).
+      act: the gate's activation, "silu" or "gelu_pytorch_tanh".
 
     Returns:
       act_btf: `[B, T, F]` in the inputs' dtype, the input of the down projection.
     """
-    return _swiglu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up)[0]
+    return _glu_fwd(h_btd, w_gate_df, w_up_df, add_gate, add_up, act)[0]
 
 
 def _sum_to(d_btf, like):
@@ -102,13 +127,18 @@ def _sum_to(d_btf, like):
     return d_btf.astype(like.dtype)
 
 
-def _swiglu_bwd(res, d_act_btf):
+def _glu_bwd(act, res, d_act_btf):
     h, w_gate, w_up, gate, up, add_gate, add_up = res
     f32 = jnp.float32
     g, gf, uf = d_act_btf.astype(f32), gate.astype(f32), up.astype(f32)
-    sig = jax.nn.sigmoid(gf)
-    d_up = (g * gf * sig).astype(up.dtype)
-    d_gate = (g * uf * sig * (1.0 + gf * (1.0 - sig))).astype(gate.dtype)
+    if act == "silu":
+        sig = jax.nn.sigmoid(gf)
+        d_up = (g * gf * sig).astype(up.dtype)
+        d_gate = (g * uf * sig * (1.0 + gf * (1.0 - sig))).astype(gate.dtype)
+    else:  # the activation and its derivative, elementwise in float32
+        a, da = jax.jvp(functools.partial(activation, act), (gf,), (jnp.ones_like(gf),))
+        d_up = (g * a).astype(up.dtype)
+        d_gate = (g * uf * da).astype(gate.dtype)
     B, T, D = h.shape
     h_t = jax.lax.optimization_barrier(h.reshape(B * T, D).T)
     dg, du = d_gate.reshape(B * T, -1), d_up.reshape(B * T, -1)
@@ -119,7 +149,7 @@ def _swiglu_bwd(res, d_act_btf):
             _sum_to(d_up, add_up))
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+gated_mlp.defvjp(_glu_fwd, _glu_bwd)
 
 
 def _rope(x_bthk, cos_btk, sin_btk):
@@ -130,9 +160,10 @@ def _rope(x_bthk, cos_btk, sin_btk):
     return x_bthk * cos + rotated * sin
 
 
-def rope_tables(cfg: ModelConfig, positions_bt):
-    """cos/sin `[B, T, head_dim]` in float32 for integer positions `[B, T]`."""
-    inv = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
+def rope_tables(cfg: ModelConfig, positions_bt, local: bool = False):
+    """cos/sin `[B, T, head_dim]` in float32 for integer positions `[B, T]` (`local`: the
+    sliding layers' table, `ModelConfig.rope_inv_freq`)."""
+    inv = jnp.asarray(cfg.rope_inv_freq(local), jnp.float32)
     freqs = positions_bt.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -172,7 +203,7 @@ def _attention_scores_bwd(res, g_bkgts):
 attention_scores.defvjp(_attention_scores_fwd, _attention_scores_bwd)
 
 
-def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
+def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts, scale=None, softcap=None):
     """Grouped-query attention written out (``model.attention="xla"``): float32 scores,
     masked softmax.
 
@@ -185,6 +216,9 @@ def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
       q_bthk: queries ``[B, T, H, hd]``; k_bskh, v_bskh: keys and values ``[B, S, KV, hd]``
         (H a multiple of KV).
       mask_bts: bool ``[B, T, S]``, True where query t may attend key s.
+      scale: the factor on the scores (default ``hd ** -0.5``).
+      softcap: scores become ``softcap * tanh(scores / softcap)`` before the mask
+        (Gemma 2's attention-logit soft-capping); None: no cap.
 
     Returns:
       ``[B, T, H, hd]`` in the queries' dtype.
@@ -192,41 +226,52 @@ def xla_attention(q_bthk, k_bskh, v_bskh, mask_bts):
     B, T, H, hd = q_bthk.shape
     KV = k_bskh.shape[2]
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
-    return _grouped_attention(qg, k_bskh, v_bskh, mask_bts).reshape(B, T, H, hd)
+    scale = hd ** -0.5 if scale is None else float(scale)
+    out = _grouped_attention(qg, k_bskh, v_bskh, mask_bts, scale,
+                             None if not softcap else float(softcap))
+    return out.reshape(B, T, H, hd)
 
 
-def _softmax_parts(qg, k, mask_bts):
+def _capped_scores(raw, mask_bts, scale, softcap):
+    """Scaled (and soft-capped) float32 scores, masked: `(scores, tanh term or None)`."""
+    scores, t = raw * scale, None
+    if softcap is not None:
+        t = jnp.tanh(scores / softcap)
+        scores = t * softcap
+    return jnp.where(mask_bts[:, None, None, :, :], scores, _NEG), t
+
+
+def _softmax_parts(qg, k, mask_bts, scale, softcap):
     """Masked, scaled float32 scores -> (probabilities, row maxima, row sums)."""
-    scores = attention_scores(qg, k) * (qg.shape[-1] ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    scores, _ = _capped_scores(attention_scores(qg, k), mask_bts, scale, softcap)
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     e = jnp.exp(scores - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e / total, top, total
 
 
-@jax.custom_vjp
-def _grouped_attention(qg, k, v, mask_bts):
-    probs, _, _ = _softmax_parts(qg, k, mask_bts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_attention(qg, k, v, mask_bts, scale, softcap):
+    probs, _, _ = _softmax_parts(qg, k, mask_bts, scale, softcap)
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(qg.dtype), v)
 
 
-def _grouped_attention_fwd(qg, k, v, mask_bts):
-    probs, top, total = _softmax_parts(qg, k, mask_bts)
+def _grouped_attention_fwd(qg, k, v, mask_bts, scale, softcap):
+    probs, top, total = _softmax_parts(qg, k, mask_bts, scale, softcap)
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(qg.dtype), v)
     return out, (qg, k, v, mask_bts, top, total)
 
 
-def _grouped_attention_bwd(res, d_out):
+def _grouped_attention_bwd(scale, softcap, res, d_out):
     qg, k, v, mask_bts, top, total = res
-    scale = qg.shape[-1] ** -0.5
-    scores = attention_scores(qg, k) * scale
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    scores, t = _capped_scores(attention_scores(qg, k), mask_bts, scale, softcap)
     probs = jnp.exp(scores - top) / total  # the forward's probabilities, recomputed
     p = probs.astype(qg.dtype)
     dv = jnp.einsum("bkgts,btkgh->bskh", p, d_out)
     dp = jnp.einsum("btkgh,bskh->bkgts", d_out, v, preferred_element_type=jnp.float32)
     ds = probs * (dp - jnp.sum(probs * dp, axis=-1, keepdims=True))
+    if t is not None:  # through the cap: d(c tanh(s / c)) / ds = 1 - tanh^2
+        ds = ds * (1.0 - t * t)
     ds = jnp.where(mask_bts[:, None, None, :, :], ds, 0.0) * scale
     dq, dk = _attention_scores_bwd((qg, k), ds)
     return dq, dk, dv.astype(v.dtype), None
@@ -235,22 +280,24 @@ def _grouped_attention_bwd(res, d_out):
 _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
-def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn"):
+def fused_attention(q_bthk, k_bskh, v_bskh, mask_bts, implementation="cudnn", scale=None):
     """cuDNN's fused (flash) attention (``model.attention="cudnn"``): the scores are never
     stored for the backward. Arguments and result as ``xla_attention``.
 
     `mask_bts` always lies inside the causal triangle (`build_mask` starts from it), so
     `is_causal` lets cuDNN skip the blocks above the diagonal; the mask itself carries
     padding, packing segments and the shared-prompt layout. `implementation="xla"`
-    runs the same call through XLA (how the tests check it off GPU).
+    runs the same call through XLA (how the tests check it off GPU). `scale`: as in
+    ``xla_attention`` (no soft-capping here: ``ModelConfig`` refuses cudnn with it).
     """
     hd = q_bthk.shape[-1]
     return jax.nn.dot_product_attention(
-        q_bthk, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], scale=hd ** -0.5,
+        q_bthk, k_bskh, v_bskh, mask=mask_bts[:, None, :, :],
+        scale=hd ** -0.5 if scale is None else float(scale),
         is_causal=True, implementation=implementation)
 
 
-def cached_attention(q_bthk, k_bksh, v_bksh, mask_bts):
+def cached_attention(q_bthk, k_bksh, v_bksh, mask_bts, scale=None, softcap=None):
     """Grouped-query attention of new queries over a KV cache (forward only).
 
     The cache is stored heads-major, `[B, KV, S, hd]`, the layout both matmuls read
@@ -261,6 +308,7 @@ def cached_attention(q_bthk, k_bksh, v_bksh, mask_bts):
       q_bthk: queries `[B, T, H, hd]`.
       k_bksh, v_bksh: this layer's cache `[B, KV, S, hd]`.
       mask_bts: bool `[B, T, S]`, True where query t may attend cache slot s.
+      scale, softcap: as in `xla_attention`.
 
     Returns:
       `[B, T, H, hd]` in the queries' dtype.
@@ -269,8 +317,9 @@ def cached_attention(q_bthk, k_bksh, v_bksh, mask_bts):
     KV = k_bksh.shape[1]
     f32 = jnp.float32
     qg = q_bthk.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_bksh, preferred_element_type=f32)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores * (hd ** -0.5), _NEG)
+    raw = jnp.einsum("btkgh,bksh->bkgts", qg, k_bksh, preferred_element_type=f32)
+    scores, _ = _capped_scores(raw, mask_bts, hd ** -0.5 if scale is None else float(scale),
+                               None if not softcap else float(softcap))
     probs = jax.nn.softmax(scores, axis=-1)
     if T == 1:
         # One query per row: a product and a sum that XLA fuses into one pass over the
@@ -342,17 +391,22 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     specs = stacked_specs(cfg)
     w = {n: dense_weight(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
     lora = lora or _LoraUpdates(cfg, p, None, False)
-    eps = cfg.rms_norm_eps
+    eps, off = cfg.rms_norm_eps, cfg.norm_weight_offset
+    scale, softcap = cfg.attention_scale, cfg.attn_logit_softcapping
+
+    def norm(x, name):
+        return _rms_norm_bwd_recompute(x, w[name], eps, off)
+
     # Training keeps jnp.einsum (its backward's dtypes are chosen in the custom VJPs).
     mm = jnp.einsum if kv is None else _einsum_f32_out
-    h = _rms_norm_bwd_recompute(x_btd, w["attn_norm"], eps)
+    h = norm(x_btd, "attn_norm")
     q = _plus(mm("btd,dhk->bthk", h, w["q"]), lora.add("q", h, 1))
     k = _plus(mm("btd,dhk->bthk", h, w["k"]), lora.add("k", h, 1))
     v = _plus(mm("btd,dhk->bthk", h, w["v"]), lora.add("v", h, 1))
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
-        q, k = _rms_norm(q, w["q_norm"], eps), _rms_norm(k, w["k_norm"], eps)
+        q, k = _rms_norm(q, w["q_norm"], eps, off), _rms_norm(k, w["k_norm"], eps, off)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"), rules)
     if kv is not None:
@@ -362,34 +416,43 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         v = jax.lax.dynamic_update_slice(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype),
                                          (0, 0, index, 0))
         k, v = constrain(k, cache_axes, rules), constrain(v, cache_axes, rules)
-        attn = cached_attention(q, k, v, mask_bts)
+        attn = cached_attention(q, k, v, mask_bts, scale, softcap)
     else:
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"), rules)
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"), rules)
         if cfg.attention == "cudnn":
-            attn = fused_attention(q, k, v, mask_bts)
+            attn = fused_attention(q, k, v, mask_bts, scale=scale)
         else:
-            attn = xla_attention(q, k, v, mask_bts)
+            attn = xla_attention(q, k, v, mask_bts, scale, softcap)
     out = _plus(mm("bthk,hkd->btd", attn, w["o"]), lora.add("o", attn, 2))
     if cfg.o_bias:
         out = out + w["o_bias"]
+    if cfg.sandwich_norms:
+        out = norm(out, "attn_post_norm")
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
-    h = _rms_norm_bwd_recompute(x_btd, w["mlp_norm"], eps)
+    h = norm(x_btd, "mlp_norm")
     add_gate, add_up = lora.add("gate", h, 1), lora.add("up", h, 1)
     if cfg.mlp_bias:
         add_gate = _plus(w["gate_bias"], add_gate)
         add_up = _plus(w["up_bias"], add_up)
     if kv is None:
-        act = swiglu(h, w["gate"], w["up"], add_gate, add_up)
+        act = gated_mlp(h, w["gate"], w["up"], add_gate, add_up, cfg.hidden_act)
     else:
         gate = _plus(mm("btd,df->btf", h, w["gate"]), add_gate)
-        act = jax.nn.silu(gate) * _plus(mm("btd,df->btf", h, w["up"]), add_up)
+        act = activation(cfg.hidden_act, gate) * _plus(mm("btd,df->btf", h, w["up"]), add_up)
     act = constrain(act, ("batch", "seq", "mlp"), rules)
     down = _plus(mm("btf,fd->btd", act, w["down"]), lora.add("down", act, 1))
     if cfg.mlp_bias:
         down = down + w["down_bias"]
+    if cfg.sandwich_norms:
+        down = norm(down, "mlp_post_norm")
     x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
     return x_btd, (k, v)
+
+
+def soft_cap(x, cap: float | None):
+    """`cap * tanh(x / cap)` (Gemma's soft-capping), or `x` when `cap` is None."""
+    return x if not cap else jnp.tanh(x / cap) * cap
 
 
 def _remat(fn, policy: str):
@@ -406,7 +469,8 @@ def _remat(fn, policy: str):
 
 
 def build_mask(B: int, T: int, S: int, *, q_slots_bt, kv_valid_bs=None, attention_mask=None,
-               segment_ids=None, sliding_window=None, causal: bool = True):
+               segment_ids=None, sliding_window=None, causal: bool = True,
+               window_positions=None):
     """Boolean `[B, T, S]` attention mask: causal in slot order (unless `causal` is False:
     a one-token step over a ring cache, whose valid keys are all in the past whatever their
     slots), AND every restriction given.
@@ -416,13 +480,21 @@ def build_mask(B: int, T: int, S: int, *, q_slots_bt, kv_valid_bs=None, attentio
       kv_valid_bs: `[B, S]` key slot holds a real token.
       attention_mask: `[B, T, T]` boolean (only when S == T).
       segment_ids: `[B, T]` int (only when S == T); 0 = padding.
-      sliding_window: keys further back than this many slots are hidden (Mistral).
+      sliding_window: keys further back than this many positions are hidden (Mistral,
+        Gemma's local layers).
+      window_positions: `(q_positions [B, T], k_positions [B, S])`, the positions the
+        window is measured in (the shared-prompt layout's completions restart theirs, a
+        ring cache holds rows that started at different steps); None: the slots.
     """
     k_slots = jnp.arange(S)[None, None, :]
     q = q_slots_bt[:, :, None]
     mask = k_slots <= q if causal else jnp.ones((1, 1, S), bool)
     if sliding_window is not None:
-        mask &= (q - k_slots) < sliding_window
+        if window_positions is None:
+            mask &= (q - k_slots) < sliding_window
+        else:
+            q_pos, k_pos = window_positions
+            mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
     if kv_valid_bs is not None:
         mask &= kv_valid_bs[:, None, :].astype(bool)
     if attention_mask is not None:
@@ -443,6 +515,26 @@ def default_positions(input_ids_bt, attention_mask=None, segment_ids=None):
     if attention_mask is not None and attention_mask.ndim == 2:
         return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
     return idx
+
+
+class LayerInputs(NamedTuple):
+    """What a layer call reads besides its weights: the RoPE tables `[B, T, hd]` and the
+    attention mask `[B, T, S]` of the model's layers, and where the model mixes sliding
+    and global layers, `local`: the sliding layers' `(cos, sin, mask)` (the others are
+    then the global layers')."""
+
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+    local: tuple | None = None
+
+    def pick(self, sliding) -> tuple:
+        """`(cos, sin, mask)` of a layer whose `_sliding` flag is `sliding` (a traced
+        bool under the layer scan; ignored when the layers do not mix)."""
+        if self.local is None:
+            return self.cos, self.sin, self.mask
+        return tuple(jnp.where(sliding, a, b)
+                     for a, b in zip(self.local, (self.cos, self.sin, self.mask)))
 
 
 class Decoder(nnx.Module):
@@ -509,21 +601,40 @@ class Decoder(nnx.Module):
             params["_lora_mask"] = jnp.stack([cfg.lora.layer_mask(r) for r in cfg.lora.rows], 1)
         if key is not None:
             params["_lora_key"] = jax.random.split(key, cfg.num_hidden_layers)
+        if cfg.mixed_layers:  # [L] which layers slide (they read LayerInputs.local)
+            params["_sliding"] = jnp.asarray(cfg.sliding_layers())
         return params
 
-    def _layer_fn(self, cos, sin, mask_bts, index=None):
+    def _layer_inputs(self, B: int, T: int, S: int, positions_bt, *, q_slots_bt,
+                      window_positions, **mask_kw) -> LayerInputs:
+        """The RoPE tables and masks of this forward, one set per kind of layer the model
+        has; `mask_kw` and the window arguments as `build_mask`."""
+        cfg = self.cfg
+
+        def one(sliding: bool):
+            mask = build_mask(B, T, S, q_slots_bt=q_slots_bt,
+                              sliding_window=cfg.sliding_window if sliding else None,
+                              window_positions=window_positions, **mask_kw)
+            return (*rope_tables(cfg, positions_bt, local=sliding), mask)
+
+        if cfg.mixed_layers:
+            return LayerInputs(*one(False), local=one(True))
+        return LayerInputs(*one(cfg.sliding_layers()[0]))
+
+    def _layer_fn(self, inputs: LayerInputs, index=None):
         cfg, rules, on = self.cfg, self.rules, self._lora_on()
 
         def layer(x, p, kv):
-            return _block(cfg, rules, p, x, cos, sin, mask_bts, kv, index,
+            cos, sin, mask = inputs.pick(p.get("_sliding"))
+            return _block(cfg, rules, p, x, cos, sin, mask, kv, index,
                           _LoraUpdates(cfg, p, p.get("_lora_key"), on))
 
         return layer
 
-    def _run_layers(self, x_btd, cos, sin, mask_bts):
+    def _run_layers(self, x_btd, inputs: LayerInputs):
         cfg = self.cfg
         params = self._layer_arrays()
-        layer = _remat(self._layer_fn(cos, sin, mask_bts), cfg.remat_policy)
+        layer = _remat(self._layer_fn(inputs), cfg.remat_policy)
         if cfg.scan_layers:
             x_btd, _ = jax.lax.scan(lambda x, p: (layer(x, p, None)[0], None), x_btd, params)
         else:
@@ -536,8 +647,24 @@ class Decoder(nnx.Module):
         # table into batch-sharded activations makes the SPMD partitioner replicate the
         # table anyway (with an "involuntary full rematerialization" warning).
         table = constrain(self.embed[...], (None, None), self.rules)
-        x = jnp.take(table, input_ids_bt, axis=0).astype(self.cfg.dtype)
-        return constrain(x, ("batch", "seq", "embed"), self.rules)
+        return constrain(self._lookup(table, input_ids_bt), ("batch", "seq", "embed"), self.rules)
+
+    def _lookup(self, table_vd, input_ids_bt):
+        """Embedding rows in the compute dtype; Gemma scales them by `sqrt(hidden_size)`
+        (rounded to the table's dtype, as transformers does) before the cast."""
+        x = jnp.take(table_vd, input_ids_bt, axis=0)
+        if self.cfg.scale_embeddings:
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        return x.astype(self.cfg.dtype)
+
+    def _final_norm(self, x_btd, norm_d):
+        return _rms_norm(x_btd, norm_d, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
+
+    def _project(self, hidden_btd, out_vd):
+        """Float32 logits of final hidden states, soft-capped where the model caps (Gemma 2)."""
+        logits = jnp.einsum("btd,vd->btv", hidden_btd, out_vd, preferred_element_type=jnp.float32)
+        logits = soft_cap(logits, self.cfg.final_logit_softcapping)
+        return constrain(logits, ("batch", "seq", "vocab"), self.rules)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Final-norm hidden states `[B, T, D]` (compute dtype); arguments as `__call__`."""
@@ -547,17 +674,15 @@ class Decoder(nnx.Module):
         pad = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         full = attention_mask if attention_mask is not None and attention_mask.ndim == 3 else None
         slots = jnp.broadcast_to(jnp.arange(T), (B, T))
-        mask = build_mask(B, T, T, q_slots_bt=slots, kv_valid_bs=pad, attention_mask=full,
-                          segment_ids=segment_ids, sliding_window=self.cfg.sliding_window)
-        cos, sin = rope_tables(self.cfg, positions)
-        x = self._run_layers(self._embed(input_ids), cos, sin, mask)
-        return _rms_norm(x, self.final_norm[...].astype(self.cfg.dtype), self.cfg.rms_norm_eps)
+        inputs = self._layer_inputs(B, T, T, positions, q_slots_bt=slots,
+                                    window_positions=(positions, positions), kv_valid_bs=pad,
+                                    attention_mask=full, segment_ids=segment_ids)
+        x = self._run_layers(self._embed(input_ids), inputs)
+        return self._final_norm(x, self.final_norm[...].astype(self.cfg.dtype))
 
     def logits_from_hidden(self, hidden_btd):
-        """`[B, T, D]` -> float32 logits `[B, T, V]`."""
-        logits = jnp.einsum("btd,vd->btv", hidden_btd, self.output_matrix(),
-                            preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab"), self.rules)
+        """`[B, T, D]` -> float32 logits `[B, T, V]` (soft-capped where the model caps)."""
+        return self._project(hidden_btd, self.output_matrix())
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Logits for a batch.
@@ -608,14 +733,19 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """Empty KV cache: "k"/"v", one `[B, KV, S, hd]` array per layer (compute dtype
-        unless `dtype`), "valid" (key slot holds a real token) `[B, S]`, write "index"."""
+        unless `dtype`), "valid" (key slot holds a real token) `[B, S]`, write "index";
+        for a model with sliding-window layers also "positions" `[B, S]`, each slot's
+        token position (the window is measured in positions)."""
         cfg = self.cfg
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dt = dtype or cfg.dtype
         zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
-        return {"k": zeros, "v": tuple(jnp.zeros(shape, dt) for _ in zeros),
-                "valid": jnp.zeros((batch_size, max_len), bool),
-                "index": jnp.zeros((), jnp.int32)}
+        cache = {"k": zeros, "v": tuple(jnp.zeros(shape, dt) for _ in zeros),
+                 "valid": jnp.zeros((batch_size, max_len), bool),
+                 "index": jnp.zeros((), jnp.int32)}
+        if any(cfg.sliding_layers()):
+            cache["positions"] = jnp.zeros((batch_size, max_len), jnp.int32)
+        return cache
 
     def decode(self, input_ids_bt, positions_bt, valid_bt, cache, weights=None,
                last_only: bool = False, ring: bool = False):
@@ -631,25 +761,31 @@ class Decoder(nnx.Module):
             needs no more, and the output projection is a fifth of a small model's work.
           ring: the cache is a ring (rows started at different steps, slots reused modulo
             its length; `models.sampling.generate_groups`): a one-token step attends to
-            every valid slot, not to the slots before its own.
+            every valid slot (within the window, by position), not to the slots before
+            its own.
         Returns:
           (logits_btv float32, updated cache).
         """
-        cfg = self.cfg
         w = self.decode_weights() if weights is None else weights
         B, T = input_ids_bt.shape
         S = cache["valid"].shape[1]
         index = cache["index"]
         valid = jax.lax.dynamic_update_slice(cache["valid"], valid_bt.astype(bool), (0, index))
         slots = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-        if ring and (T != 1 or cfg.sliding_window is not None):
-            raise ValueError("a ring cache takes one token per step and no sliding window")
-        mask = build_mask(B, T, S, q_slots_bt=slots, kv_valid_bs=valid,
-                          sliding_window=cfg.sliding_window, causal=not ring)
-        cos, sin = rope_tables(cfg, positions_bt)
-        layer = self._layer_fn(cos, sin, mask, index)
-        x = jnp.take(w["embed"], input_ids_bt, axis=0).astype(cfg.dtype)
-        x = constrain(x, ("batch", "seq", "embed"), self.rules)
+        if ring and T != 1:
+            raise ValueError("a ring cache takes one token per step")
+        new_cache = {"valid": valid, "index": index + T}
+        window = None
+        if "positions" in cache:
+            new_cache["positions"] = jax.lax.dynamic_update_slice(
+                cache["positions"], positions_bt.astype(jnp.int32), (0, index))
+            window = (positions_bt, new_cache["positions"])
+        inputs = self._layer_inputs(B, T, S, positions_bt, q_slots_bt=slots,
+                                    window_positions=window, kv_valid_bs=valid,
+                                    causal=not ring)
+        layer = self._layer_fn(inputs, index)
+        x = constrain(self._lookup(w["embed"], input_ids_bt), ("batch", "seq", "embed"),
+                      self.rules)
         ks, vs = [], []
         for p, k, v in zip(w["layers"], cache["k"], cache["v"]):
             x, (k, v) = layer(x, p, (k, v))
@@ -657,11 +793,8 @@ class Decoder(nnx.Module):
             vs.append(v)
         if last_only:
             x = x[:, -1:]
-        x = _rms_norm(x, w["final_norm"], cfg.rms_norm_eps)
-        logits = jnp.einsum("btd,vd->btv", x, w["out"], preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "vocab"), self.rules)
-        new_cache = {"k": tuple(ks), "v": tuple(vs), "valid": valid, "index": index + T}
-        return logits, new_cache
+        logits = self._project(self._final_norm(x, w["final_norm"]), w["out"])
+        return logits, dict(new_cache, k=tuple(ks), v=tuple(vs))
 
 
 def adapter_rows(cfg: ModelConfig):

@@ -331,11 +331,14 @@ def _insert_samples(graphdef, state, rows_state, ids_up, valid_up, rows_r, promp
         fresh = fresh.at[:, :, slots, :].set(rep(prompt).astype(big.dtype))
         return big.at[rows_r].set(fresh, mode="drop")
 
-    valid = jnp.zeros((R, S), bool).at[:, slots].set(rep(small["valid"]))
-    cache = {"k": tuple(put(b, q) for b, q in zip(cache["k"], small["k"])),
-             "v": tuple(put(b, q) for b, q in zip(cache["v"], small["v"])),
-             "valid": cache["valid"].at[rows_r].set(valid, mode="drop"),
-             "index": cache["index"]}
+    def put_rows(big, prompt):  # the same for a per-slot `[B, S]` array
+        fresh = jnp.zeros((R, S), big.dtype).at[:, slots].set(rep(prompt))
+        return big.at[rows_r].set(fresh, mode="drop")
+
+    cache = dict(cache, k=tuple(put(b, q) for b, q in zip(cache["k"], small["k"])),
+                 v=tuple(put(b, q) for b, q in zip(cache["v"], small["v"])),
+                 **{n: put_rows(cache[n], small[n]) for n in ("valid", "positions")
+                    if n in cache})
     new_keys = _row_keys(key, sample_r.astype(jnp.uint32))
     first = sample_logits(rep(logits[:, -1]), jax.vmap(lambda k: jax.random.fold_in(k, 0))(
         new_keys), temperature, top_k, top_p)

@@ -1,4 +1,4 @@
-"""The weight table of the Llama decoder family: one row per parameter, read by every I/O path.
+"""The weight tables of the decoder families: one row per parameter, read by every I/O path.
 
 Each `WeightSpec` row names one parameter of `llama.Decoder` and says how it is stored
 elsewhere: its Hugging Face tensor name (`{i}` = layer index for stacked rows), its GGUF
@@ -15,7 +15,8 @@ The table drives:
 - `gguf_io` (GGUF names, their HF names, the shape checks, the llama.cpp q/k row order).
 
 Llama, Mistral, Qwen2, Qwen3 and SmolLM2 (tied embeddings) share the table: rows that
-only some of them have are switched on by a `ModelConfig` flag (`when`). Adding a weight
+only some of them have are switched on by a `ModelConfig` flag (`when`). The Gemma tables
+are built from it (`_gemma_table`). Adding a weight
 is adding a row here (and using it in `llama._block`). Row order is the initialisation
 order of the random parameters, so it fixes what `init_model(cfg, seed)` draws.
 """
@@ -176,9 +177,38 @@ LLAMA_FAMILY: tuple[WeightSpec, ...] = (
                "normal", "not tie_word_embeddings"),
 )
 
-# model_type -> weight table (every decoder family we read is the Llama family today).
+
+
+def _gemma_table(sandwich: bool) -> tuple[WeightSpec, ...]:
+    """The Gemma tables: the Llama rows with norms stored as offsets from 1 (zero-
+    initialised); Gemma 2/3 (`sandwich`) add the norms after the attention and the MLP,
+    and HF names its pre-MLP norm `pre_feedforward_layernorm` (Gemma 1 and Llama:
+    `post_attention_layernorm`, the name Gemma 2/3 give the norm after the attention)."""
+    rows = []
+    for spec in LLAMA_FAMILY:
+        if spec.path[-1].endswith("norm"):
+            spec = dataclasses.replace(spec, init="zeros")
+        if sandwich and spec.path == ("layers", "mlp_norm"):
+            spec = dataclasses.replace(spec, hf="model.layers.{i}.pre_feedforward_layernorm.weight")
+        rows.append(spec)
+        if sandwich and spec.path == ("layers", "o"):
+            rows.append(_layer("attn_post_norm", "post_attention_layernorm.weight",
+                               "post_attention_norm.weight", ("norm",), [("norm",)], "zeros",
+                               "sandwich_norms"))
+        if sandwich and spec.path == ("layers", "down"):
+            rows.append(_layer("mlp_post_norm", "post_feedforward_layernorm.weight",
+                               "post_ffw_norm.weight", ("norm",), [("norm",)], "zeros",
+                               "sandwich_norms"))
+    return tuple(rows)
+
+
+GEMMA_FAMILY = _gemma_table(sandwich=False)
+GEMMA2_FAMILY = _gemma_table(sandwich=True)  # Gemma 2 and Gemma 3 (text)
+
+# model_type -> weight table.
 TABLES: dict[str, tuple[WeightSpec, ...]] = {
     "llama": LLAMA_FAMILY, "mistral": LLAMA_FAMILY, "qwen2": LLAMA_FAMILY, "qwen3": LLAMA_FAMILY,
+    "gemma": GEMMA_FAMILY, "gemma2": GEMMA2_FAMILY, "gemma3_text": GEMMA2_FAMILY,
 }
 
 

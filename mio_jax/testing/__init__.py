@@ -50,6 +50,21 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def tiny_gemma_config(**overrides) -> ModelConfig:
+    """The tiny model as a Gemma 3 (text) with every Gemma feature on: GeGLU, norms by
+    `1 + w` before and after each block, scaled embeddings, QK-norm, a query scale of its
+    own, soft-capped scores and logits, a sliding layer (window 4, RoPE base 1e3) then a
+    global one (RoPE base 1e6)."""
+    kw = dict(model_type="gemma3_text", hidden_act="gelu_pytorch_tanh",
+              norm_weight_offset=True, sandwich_norms=True, scale_embeddings=True,
+              qk_norm=True, query_pre_attn_scalar=16.0, attn_logit_softcapping=20.0,
+              final_logit_softcapping=15.0, sliding_window=4,
+              layer_types=("sliding_attention", "full_attention"), rope_theta=1e6,
+              rope_local_theta=1e3)
+    kw.update(overrides)
+    return tiny_model_config(**kw)
+
+
 def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
     """Writes a random tiny Llama + tokenizer as an HF folder; returns the folder."""
     model = models.init_model(tiny_model_config(**overrides), seed=seed)

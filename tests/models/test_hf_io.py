@@ -146,10 +146,10 @@ def test_unsupported_architecture(folder):
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         cfg = json.load(f)
-    cfg.update(model_type="gemma", architectures=["GemmaForCausalLM"])
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with open(path, "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match="unsupported model_type 'gemma'"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         load_pretrained(folder)
 
 

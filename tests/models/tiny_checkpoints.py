@@ -19,16 +19,16 @@ with open(GOLDEN_PATH) as _f:
 CASES = sorted(GOLDEN["cases"])
 
 
-def tensor_value(name, shape, seed=GOLDEN["seed"]):
+def tensor_value(name, shape, seed=GOLDEN["seed"], norm_center=1.0, embed_std=1.0):
     """Same as scripts/golden_model_logits.py:tensor_value."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     noise = rng.standard_normal(shape).astype(np.float32)
     if name.endswith("norm.weight"):
-        return (1.0 + 0.1 * noise).astype(np.float32)
+        return (norm_center + 0.1 * noise).astype(np.float32)
     if name.endswith(".bias"):
         return (0.1 * noise).astype(np.float32)
     if name.endswith("embed_tokens.weight"):
-        return noise
+        return noise if embed_std == 1.0 else (embed_std * noise).astype(np.float32)
     return (noise / np.sqrt(shape[-1])).astype(np.float32)
 
 
@@ -38,7 +38,8 @@ def write_case(case: str, folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(spec["config"], f)
-    tensors = {n: tensor_value(n, tuple(s)) for n, s in spec["tensors"].items()}
+    tensors = {n: tensor_value(n, tuple(s), **spec.get("weights", {}))
+               for n, s in spec["tensors"].items()}
     safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"),
                                 metadata={"format": "pt"})
     return folder
