@@ -115,6 +115,26 @@ HF_CONFIGS = {
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
         "use_sliding_window": False, "sliding_window": 131072, "tie_word_embeddings": False,
         "bos_token_id": 151643, "eos_token_id": 151645},
+    "gemma3_12b": {  # google/gemma-3-12b-it, its text_config (transformers 4 layout)
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360,
+        "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 256, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window": 1024,
+        "sliding_window_pattern": 6, "max_position_embeddings": 131072,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106]},
+    "gemma3_27b": {  # google/gemma-3-27b-it, its text_config (transformers 4 layout)
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": 262208, "hidden_size": 5376, "intermediate_size": 21504,
+        "num_hidden_layers": 62, "num_attention_heads": 32, "num_key_value_heads": 16,
+        "head_dim": 128, "query_pre_attn_scalar": 168, "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window": 1024,
+        "sliding_window_pattern": 6, "max_position_embeddings": 131072,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106]},
 }
 MODES = ("full", "lora", "qlora")
 # XLA:CPU has no bfloat16 dot: it widens bf16 operands to f32, and its loop-invariant code

@@ -1,7 +1,9 @@
 """Paper-scale runs: MIO or DPO on a 7-8B model with UltraFeedback-style pairs.
 
 ``get_config("MODEL,LOSS,HARDWARE[,TUNING][,runlocal]")`` with
-  MODEL    llama3_8b | mistral_7b | qwen2.5_7b  (an HF folder: config.json + safetensors)
+  MODEL    llama3_8b | mistral_7b | qwen2.5_7b | gemma3_12b | gemma3_27b
+           (an HF folder: config.json + safetensors; Gemma 3: the text model's folder,
+           Gemma3ForCausalLM, e.g. the language model of google/gemma-3-27b-it)
   LOSS     mio | dpo                            (dpo at beta_MIO / 2, the gradient match)
   HARDWARE v5p-64 | v4-64 | v6e-32 | h100x8      full fine-tuning, 128 pairs x 2048 tokens
            h100x1 | h200x1 | gpu24gb | v5p-8    LoRA layouts, 8 pairs x 1024 tokens
@@ -49,6 +51,8 @@ MODELS = {
     "llama3_8b": "/data/models/Meta-Llama-3-8B-Instruct",
     "mistral_7b": "/data/models/Mistral-7B-Instruct-v0.2",
     "qwen2.5_7b": "/data/models/Qwen2.5-7B-Instruct",
+    "gemma3_12b": "/data/models/gemma-3-12b-it-text",
+    "gemma3_27b": "/data/models/gemma-3-27b-it-text",
 }
 # mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy,
 # attention, and the memory of one device (GB) the layout is sized for.

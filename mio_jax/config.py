@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.beta = 0.1
     c.loss.ld_alpha = config_dict.placeholder(float)  # LD-DPO alpha; None = off
     c.loss.use_weighting = False         # WPO weighting
+    # Mixture-of-experts models: the router's auxiliary losses, off unless chosen (their
+    # effect on post-training is contested: docs/models.md). Logged either way.
+    c.loss.router_aux_loss_coef = 0.0    # Switch load-balancing loss (transformers' name)
+    c.loss.router_z_loss_coef = 0.0      # ST-MoE router z-loss
     # Per-loss hyper-parameters (union over the registry); None = the chosen
     # loss's own default (listed in docs/losses.md and mio_jax.losses.spec(name)).
     # resolve() writes that default in, so config.json shows the value the run used;

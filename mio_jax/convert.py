@@ -36,6 +36,7 @@ from mio_jax.models import lora as lora_lib
 from mio_jax.models.gguf_io import open_gguf, read_gguf
 from mio_jax.models.hf_io import parse_size, write_hf_folder
 from mio_jax.models.tokenizer import load_tokenizer
+from mio_jax.models.weights import linear_specs
 
 __all__ = ["DTYPES", "checkpoint_location", "convert", "convert_checkpoint", "main", "parse_size",
            "write_hf_folder"]
@@ -111,7 +112,8 @@ def convert_checkpoint(ckpt_dir: str, step: int | None, dst: str, *, dtype: str 
         # The structure comes from the base model's config alone (no weights are read).
         cfg = models.read_model_config(model_path, dtype=model_cfg.get("dtype", "float32"),
                                        param_dtype=model_cfg.get("param_dtype", "float32"))
-        spec = lora_lib.spec_from_config(run_cfg, cfg.num_hidden_layers) if lora else None
+        spec = (lora_lib.spec_from_config(run_cfg, cfg.num_hidden_layers,
+                                          rows=tuple(linear_specs(cfg))) if lora else None)
         cfg = dataclasses.replace(cfg, lora=spec)
         graphdef, params_state, other = nnx.split(
             nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))),

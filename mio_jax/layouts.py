@@ -214,11 +214,14 @@ class SequenceLogps(NamedTuple):
       logps: [B, K] float32 sums of completion-token log-probs (or LD-DPO's weighted sum).
       lengths: [B, K] float32 completion tokens per sequence.
       wpo_weights: [B] WPO weights (``use_weighting``), else None.
+      router: a mixture of experts' router statistics, summed over its layers and the
+        batch's real tokens (``models.moe.RouterStats``); None for a dense model.
     """
 
     logps: jax.Array
     lengths: jax.Array
     wpo_weights: jax.Array | None = None
+    router: Any = None  # models.moe.RouterStats of a mixture of experts' forward, else None
 
 
 def check_completion_fraction(fraction: float | None) -> None:
@@ -281,12 +284,19 @@ def check_token_options(layout: type, *, ld_alpha: float | None, use_weighting: 
                          f"(got {layout.__name__})")
 
 
-def _unshared_hidden(model, batch: PreferenceBatch) -> jax.Array:
+def _hidden(model, input_ids, **inputs):
+    """`(hidden, router stats or None)`: the stats where the model is a mixture of experts."""
+    if getattr(model.cfg, "moe", False):
+        return model.hidden_states(input_ids, with_router_stats=True, **inputs)
+    return model.hidden_states(input_ids, **inputs), None
+
+
+def _unshared_hidden(model, batch: PreferenceBatch):
     b, k, l = batch.input_ids.shape
-    hidden = model.hidden_states(batch.input_ids.reshape(b * k, l),
-                                 attention_mask=batch.attention_mask.reshape(b * k, l),
-                                 positions=batch.positions.reshape(b * k, l))
-    return hidden.reshape(b, k, l, hidden.shape[-1])
+    hidden, router = _hidden(model, batch.input_ids.reshape(b * k, l),
+                             attention_mask=batch.attention_mask.reshape(b * k, l),
+                             positions=batch.positions.reshape(b * k, l))
+    return hidden.reshape(b, k, l, hidden.shape[-1]), router
 
 
 def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE,
@@ -299,7 +309,7 @@ def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUN
     """
     if isinstance(batch, PreferenceBatch):
         return logps_lib.token_stats_from_hidden(
-            _unshared_hidden(model, batch), model.output_matrix(), batch.targets,
+            _unshared_hidden(model, batch)[0], model.output_matrix(), batch.targets,
             batch.loss_mask, chunk_size=chunk_size, with_entropy=with_entropy, validate=False,
             softcap=model.cfg.final_logit_softcapping)
     hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
@@ -336,7 +346,7 @@ def token_table(values, batch: Batch):
 
 def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
                     use_weighting) -> SequenceLogps:
-    hidden = _unshared_hidden(model, batch)
+    hidden, router = _unshared_hidden(model, batch)
     mask = batch.loss_mask
     lengths = (mask != 0).sum(axis=-1).astype(jnp.float32)
     if ld_alpha is None and not use_weighting:
@@ -344,7 +354,7 @@ def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
             hidden, model.output_matrix(), batch.targets, mask, chunk_size=chunk_size,
             max_tokens=block, validate=False,
             softcap=model.cfg.final_logit_softcapping)
-        return SequenceLogps(seq, lengths)
+        return SequenceLogps(seq, lengths, router=router)
     stats = logps_lib.token_stats_from_hidden(
         hidden, model.output_matrix(), batch.targets, mask, chunk_size=chunk_size,
         with_log_sum_sq=use_weighting, validate=False,
@@ -353,19 +363,19 @@ def _unshared_logps(model, batch: PreferenceBatch, chunk_size, block, ld_alpha,
            else stats.logps_bt.sum(axis=-1))
     wpo = (logps_lib.wpo_weights(stats.logps_bt, stats.log_sum_sq_probs_bt, mask)
            if use_weighting else None)
-    return SequenceLogps(seq, lengths, wpo)
+    return SequenceLogps(seq, lengths, wpo, router)
 
 
 def _row_logps(model, batch: PackedBatch | SharedPromptBatch, chunk_size,
                block) -> SequenceLogps:
     """Packed and shared-prompt rows differ only in their mask and sequence ids."""
-    hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
+    hidden, router = _hidden(model, batch.input_ids, **batch.model_inputs())
     tok = logps_lib.token_logps_from_hidden(
         hidden, model.output_matrix(), batch.targets, batch.loss_mask, chunk_size=chunk_size,
         max_tokens=block, validate=False,
             softcap=model.cfg.final_logit_softcapping)
     counts = (batch.loss_mask != 0).astype(jnp.float32)
-    return SequenceLogps(sequence_sums(tok, batch), sequence_sums(counts, batch))
+    return SequenceLogps(sequence_sums(tok, batch), sequence_sums(counts, batch), router=router)
 
 
 def sequence_sums(token_values, batch: PackedBatch | SharedPromptBatch) -> jax.Array:

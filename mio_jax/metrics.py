@@ -103,11 +103,21 @@ def flop_model(model_cfg) -> FlopModel:
     """``FlopModel`` of a decoder: N (matmul parameters), layers and attention width, and
     the LoRA adapters' parameters when ``model_cfg.lora`` is set.
 
+    A mixture of experts counts its ACTIVE parameters: each token meets
+    ``num_experts_per_tok`` of the experts' weights (and the whole router), so MFU is
+    measured against the work the step does, not the parameters it stores.
+
     Args:
       model_cfg: the decoder's ``ModelConfig``; the counts come from its weight table
         (so a quantized base counts its logical weights, not its stored bytes).
     """
-    total = sum(int(np.prod(s.shape(model_cfg))) for s in weight_specs(model_cfg))
+    def active(spec) -> int:
+        size = int(np.prod(spec.shape(model_cfg)))
+        if spec.per_expert:
+            return size // model_cfg.num_experts * model_cfg.num_experts_per_tok
+        return size
+
+    total = sum(active(s) for s in weight_specs(model_cfg))
     embed = model_cfg.vocab_size * model_cfg.hidden_size
     n = total if model_cfg.tie_word_embeddings else total - embed
     adapters = sum(int(np.prod(a)) + int(np.prod(b)) for _, _, (a, b) in adapter_rows(model_cfg))

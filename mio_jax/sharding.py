@@ -21,16 +21,21 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes over which examples are split (pure data parallelism and FSDP both
-# split the batch; FSDP additionally shards the weights).
-BATCH_AXES = ("data", "fsdp")
+# split the batch; FSDP additionally shards the weights; expert parallelism splits the
+# batch outside the experts and a mixture of experts' experts inside).
+BATCH_AXES = ("data", "fsdp", "expert")
 DEFAULT_AXES = ("data", "fsdp", "tensor")
+KNOWN_AXES = ("data", "fsdp", "tensor", "expert")
 
 Rules = Sequence[tuple[str, Any]]
 
-# FSDP over the model width, tensor parallelism over heads / MLP / vocabulary, batch over
-# data x fsdp. "layers" (the scanned stack axis) stays unsharded.
+# FSDP over the model width, tensor parallelism over heads / MLP / vocabulary (and each
+# expert's width), expert parallelism over a mixture's experts, batch over data x fsdp x
+# expert. "layers" (the scanned stack axis) stays unsharded.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    ("experts", "expert"),
+    ("expert_mlp", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -52,7 +57,8 @@ def mesh_axis_sizes(shape: Sequence[int], axes: Sequence[str],
       shape: ``mesh.shape``; at most one entry may be -1 ("all remaining devices").
         Without -1, a product smaller than ``num_devices`` is allowed (a single-process run
         then uses the first devices; ``make_mesh`` refuses it with several processes).
-      axes: ``mesh.axes``, distinct names among ``DEFAULT_AXES``, as many as ``shape``.
+      axes: ``mesh.axes``, distinct names among ``KNOWN_AXES`` (``"expert"``: expert
+        parallelism for a mixture of experts), as many as ``shape``.
       num_devices: devices of the run.
 
     Returns:
@@ -65,8 +71,8 @@ def mesh_axis_sizes(shape: Sequence[int], axes: Sequence[str],
     if len(shape) != len(axes) or len(set(axes)) != len(axes):
         raise ValueError(f"mesh.shape={tuple(shape)} and mesh.axes={axes} must have equal "
                          "length and distinct names")
-    if not set(axes) <= set(DEFAULT_AXES):
-        raise ValueError(f"mesh.axes={axes}: only {DEFAULT_AXES} are known")
+    if not set(axes) <= set(KNOWN_AXES):
+        raise ValueError(f"mesh.axes={axes}: only {KNOWN_AXES} are known")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh.shape={tuple(shape)}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in shape):

@@ -129,6 +129,8 @@ def step_config(config) -> step_lib.StepConfig:
         dropout_seed=(int(config.seed) if lora_lib.enabled(config)
                       and config.model.lora.dropout > 0 else None),
         max_grad_norm=optim.clip_norm(config.optim.max_grad_norm),
+        router_aux_loss_coef=float(config.loss.router_aux_loss_coef),
+        router_z_loss_coef=float(config.loss.router_z_loss_coef),
         policy_loss=config.grpo.loss_type if online_config.grpo_enabled(config) else None,
         policy_hparams=(tuple(sorted(online_config.grpo_hparams(config).items()))
                         if online_config.grpo_enabled(config) else ()))

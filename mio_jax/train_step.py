@@ -30,6 +30,7 @@ from mio_jax import layouts
 from mio_jax import logps as logps_lib
 from mio_jax import losses as losses_lib
 from mio_jax import sharding as sharding_lib
+from mio_jax.models import moe as moe_lib
 
 
 @struct.dataclass
@@ -92,6 +93,9 @@ class StepConfig:
       max_grad_norm: the optimizer's global-norm clip (None: no clip); the step reports
         ``grad_clipped`` (1 when the gradient norm exceeded it), so a window's mean is the
         fraction of its steps that were clipped.
+      router_aux_loss_coef, router_z_loss_coef: a mixture of experts' router losses
+        (Switch load balancing, ST-MoE z-loss) added to the loss with these weights; 0:
+        off. Their values and the experts' load are logged either way (``router/...``).
       policy_loss: a policy-gradient loss type (``losses.POLICY_LOSS_TYPES``) for rollout
         batches (``advantages`` set, unshared layout): the step then optimises
         ``losses.policy_loss`` on per-token log-probs instead of a preference loss, with
@@ -114,6 +118,8 @@ class StepConfig:
     max_grad_norm: float | None = None
     policy_loss: str | None = None
     policy_hparams: tuple[tuple[str, Any], ...] = ()
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
 
     def full_projection(self) -> "StepConfig":
         """The same settings with the output projection on every position."""
@@ -272,8 +278,32 @@ def _weighted_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
     loss_sum = jnp.sum(w_b * losses_b)
     sums = {k: jnp.sum(w_b * v.astype(jnp.float32)) for k, v in metrics.items()
             if v.ndim == 1}
+    if policy.router is not None:
+        loss_sum, router_sums = _router_terms(policy.router, cfg, jnp.sum(w_b), loss_sum)
+        sums.update(router_sums)
     sums["loss"] = jax.lax.stop_gradient(loss_sum)
     return loss_sum, (sums, _counts(batch, w_b), jnp.sum(w_b))
+
+
+def _router_terms(stats, cfg: StepConfig, weight, loss_sum):
+    """A mixture of experts' router losses, added to ``loss_sum`` with their coefficients
+    (per unit of group weight, like the loss), and its router metrics as weighted sums.
+
+    Metrics: ``router/load_balancing_loss`` and ``router/z_loss`` (whether or not they
+    are optimised); ``router/expert_load_max`` / ``_min``: the busiest and idlest expert's
+    share of the assignments times the number of experts (1 = perfectly balanced);
+    ``router/assignments_per_token``: the experts each token reached, which is exactly
+    ``num_experts_per_tok`` when no token is dropped (dropless routing)."""
+    balance, z = moe_lib.load_balancing_loss(stats), moe_lib.z_loss(stats)
+    if cfg.router_aux_loss_coef or cfg.router_z_loss_coef:
+        loss_sum = loss_sum + weight * (cfg.router_aux_loss_coef * balance
+                                        + cfg.router_z_loss_coef * z)
+    assigned = jnp.sum(stats.expert_tokens)
+    load = stats.expert_tokens * stats.expert_tokens.shape[-1] / jnp.maximum(assigned, 1.0)
+    values = {"router/load_balancing_loss": balance, "router/z_loss": z,
+              "router/expert_load_max": jnp.max(load), "router/expert_load_min": jnp.min(load),
+              "router/assignments_per_token": assigned / jnp.maximum(stats.tokens, 1.0)}
+    return loss_sum, {k: jax.lax.stop_gradient(v) * weight for k, v in values.items()}
 
 
 def _micro_batches(batch: layouts.Batch, a: int) -> layouts.Batch:

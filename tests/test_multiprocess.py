@@ -137,6 +137,23 @@ def test_pod_equals_one_process(feature, tiny, tmp_path, tiny_config, subprocess
         assert a["completions"] == b["completions"]
 
 
+def test_mixture_of_experts_pod_equals_one_process(tiny, tmp_path, tiny_config, subprocess_env):
+    """A tiny Qwen3-MoE over 2 processes x 4 devices, its experts split over an expert axis
+    and the router's load-balancing loss on, equals one process of 8 devices."""
+    from mio_jax import testing
+
+    moe = (testing.write_tiny_model(str(tmp_path / "moe"), config=testing.tiny_moe_config),
+           *tiny[1:])
+    overrides = {"mesh.shape": (1, 2, 2, 2), "mesh.axes": ("data", "fsdp", "tensor", "expert"),
+                 "loss.router_aux_loss_coef": 0.01, "train.steps": 4, "eval.every_steps": 2}
+    _run_pod(moe, tmp_path / "pod", overrides, n=2, d=4, env=subprocess_env)
+    _one_process(moe, tmp_path / "one", overrides, tiny_config)
+    _same_run(tmp_path / "pod", tmp_path / "one")
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows and all(r["router/assignments_per_token"] == 2.0 for r in train_rows)
+
+
 @pytest.mark.slow  # about 40 s on 2 cores; the online pod gathers precomputed tables too
 def test_k_way_groups_with_precomputed_reference(kway_files, tmp_path, tiny_config,
                                                  subprocess_env):

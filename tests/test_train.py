@@ -1,5 +1,6 @@
 """The training loop: config validation, NaN guard, SIGKILL resume, SIGTERM checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +44,16 @@ def test_flop_model_counts_tied_embedding_once():
         fm = metrics.flop_model(cfg)
         assert fm.matmul_params == (total if tied else total - 96 * 32)
         assert (fm.n_layers, fm.attn_dim) == (2, 32)
+
+
+def test_flop_model_of_a_mixture_counts_the_active_experts():
+    """Tiny Qwen3-MoE: 4 experts of [32 x 16] x 3 per layer, 2 a token: half of the
+    experts' weights are active; everything else (router included) counts whole."""
+    cfg = testing.tiny_moe_config()
+    dense_part = metrics.flop_model(dataclasses.replace(cfg, num_experts_per_tok=4))
+    active = metrics.flop_model(cfg)
+    experts = 2 * 4 * 3 * 32 * 16  # layers x experts x (gate, up, down) x D x F
+    assert dense_part.matmul_params - active.matmul_params == experts // 2
 
 
 def test_flop_model_of_lora_counts_no_weight_gradient_for_the_frozen_base():

@@ -204,6 +204,40 @@ def test_gemma_sharded_2x2x2_equals_single_device():
     _close_tree(p1, p8)
 
 
+def test_moe_sharded_over_data_fsdp_tensor_expert_equals_single_device():
+    """The tiny Qwen3-MoE (4 experts, 2 a token) trains the same with its experts split
+    over an expert axis, each expert's width over tensor and the batch over fsdp x
+    expert, as on one device."""
+    tiny_moe = testing.tiny_moe_config()
+    mesh = sharding.make_mesh((1, 2, 2, 2), sharding.KNOWN_AXES)
+    p1, h1 = _run(_cfg(), BATCHES, model_cfg=tiny_moe)
+    p8, h8 = _run(_cfg(), BATCHES, mesh=mesh, model_cfg=tiny_moe)
+    for i, (a, b) in enumerate(zip(h1, h8)):
+        tolerance.assert_rows_close(b, a, beta=_cfg().beta, updates=i, what=f"step {i}",
+                                    keys=("loss", "grad_norm", "rewards/margins",
+                                          "logps/chosen", "logps/rejected"))
+    _close_tree(p1, p8)
+    specs = sharding.state_partition_specs(
+        nnx.state(models.init_model(tiny_moe), nnx.Param), None, mesh)
+    assert specs["layers"]["expert_gate"] == jax.sharding.PartitionSpec(
+        None, "expert", "fsdp", "tensor")
+
+
+def test_moe_router_losses_are_added_with_their_coefficients_and_logged():
+    tiny_moe = testing.tiny_moe_config()
+    p0, (off,) = _run(_cfg(), BATCHES[:1], model_cfg=tiny_moe)
+    p1, (on,) = _run(_cfg(router_aux_loss_coef=0.5, router_z_loss_coef=0.1), BATCHES[:1],
+                     model_cfg=tiny_moe)
+    for key in ("router/load_balancing_loss", "router/z_loss", "router/expert_load_max"):
+        assert on[key] == off[key], key  # the same forward; only the objective differs
+    np.testing.assert_allclose(on["loss"], off["loss"] + 0.5 * off["router/load_balancing_loss"]
+                               + 0.1 * off["router/z_loss"], rtol=1e-6)
+    assert off["router/assignments_per_token"] == 2.0  # k = 2, nothing dropped
+    assert off["router/expert_load_max"] > 1.0 > off["router/expert_load_min"] >= 0.0
+    moved = np.abs(p1["layers"]["router"] - p0["layers"]["router"]).max()
+    assert moved > 0  # the router losses have a gradient
+
+
 def test_precomputed_reference_equals_frozen():
     graphdef, ref, other, _ = _model(0)
     cfg_p = _cfg(reference="precomputed")

@@ -80,6 +80,9 @@ def validate_loss_config(cfg) -> None:
       mio_jax.config.ConfigError: naming the key.
     """
     loss = cfg.loss
+    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+        if loss.get(key, 0.0) < 0:
+            raise ConfigError(f"loss.{key}={loss[key]} must be >= 0")
     names = loss_names(loss.name)
     known = set(_registered())
     if not names:

@@ -19,6 +19,8 @@ _FAMILIES = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
 }
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -28,7 +30,10 @@ _ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
+MOE_TYPES = ("qwen3_moe", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 # The MLP's gate activation: SiLU (SwiGLU, the Llama family) or GELU's tanh form (GeGLU,
 # Gemma; HF's "gelu_pytorch_tanh", which Gemma 1's legacy "gelu" also means).
@@ -60,6 +65,11 @@ class ModelConfig:
     (HF's per-layer "sliding_attention" / "full_attention"; None: every layer slides when
     `sliding_window` is set, as in Mistral); `rope_local_theta` (Gemma 3: the sliding
     layers' RoPE base, without the global layers' scaling; None: one table for all).
+
+    Mixture of experts (Qwen3-MoE, Mixtral): `num_experts` > 0 replaces every layer's MLP
+    by that many experts of width `moe_intermediate_size`, each token sent to its
+    `num_experts_per_tok` experts of highest router probability, their outputs weighted
+    by those probabilities (renormalised over the chosen ones when `norm_topk_prob`).
     """
 
     model_type: str
@@ -92,6 +102,10 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -116,6 +130,11 @@ class ModelConfig:
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types names sliding_attention layers but "
                                  "sliding_window is not set")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"1..num_experts={self.num_experts}")
+        if self.num_experts and self.moe_intermediate_size < 1:
+            raise ValueError("a mixture of experts needs moe_intermediate_size >= 1")
         if self.attention == "cudnn" and self.attn_logit_softcapping:
             raise ValueError("attention='cudnn' has no attention-logit soft-capping "
                              f"(attn_logit_softcapping={self.attn_logit_softcapping}, as "
@@ -126,6 +145,11 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def moe(self) -> bool:
+        """Every layer's MLP is a mixture of experts."""
+        return self.num_experts > 0
 
     def sliding_layers(self) -> tuple[bool, ...]:
         """Per layer: whether its attention is limited to the last `sliding_window` keys."""
@@ -208,7 +232,7 @@ class ModelConfig:
             raise ValueError(f"unsupported rope scaling type {rope_type!r} (rope_scaling/"
                              "rope_parameters); supported: default, linear, llama3")
         sliding = hf.get("sliding_window")
-        if model_type in ("qwen2", "qwen3"):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe"):
             if hf.get("use_sliding_window"):
                 raise ValueError(f"{model_type}: use_sliding_window=True is not supported")
             sliding = None
@@ -229,6 +253,27 @@ class ModelConfig:
             layer_types = None
         if family == "gemma":
             sliding = None
+        moe = {}
+        if family in MOE_TYPES:
+            experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers 4 | 5
+            if family == "qwen3_moe":
+                if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+                    raise ValueError("qwen3_moe: dense layers among the sparse ones "
+                                     "(decoder_sparse_step != 1 or mlp_only_layers) are not "
+                                     "supported")
+                if "moe_intermediate_size" not in hf:
+                    raise ValueError("config.json lacks required key 'moe_intermediate_size'")
+            if not experts or "num_experts_per_tok" not in hf:
+                raise ValueError(f"{model_type}: config.json lacks the number of experts or "
+                                 "num_experts_per_tok")
+            if hf.get("router_jitter_noise"):
+                raise ValueError(f"{model_type}: router_jitter_noise="
+                                 f"{hf['router_jitter_noise']} is not supported (use 0)")
+            moe = dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                       moe_intermediate_size=int(hf.get("moe_intermediate_size")
+                                                 or hf["intermediate_size"]),
+                       norm_topk_prob=(bool(hf.get("norm_topk_prob", False))
+                                       if family == "qwen3_moe" else True))
         eos = hf.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         attention_bias = bool(hf.get("attention_bias", False))
@@ -249,7 +294,7 @@ class ModelConfig:
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=False if family == "qwen2" else attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "gemma3"),
+            qk_norm=family in ("qwen3", "gemma3", "qwen3_moe"),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
@@ -264,6 +309,7 @@ class ModelConfig:
             final_logit_softcapping=_cap(hf.get("final_logit_softcapping")),
             layer_types=tuple(layer_types) if layer_types is not None else None,
             rope_local_theta=local_theta,
+            **moe,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -305,9 +351,21 @@ class ModelConfig:
             hf["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             hf["sliding_window"] = self.sliding_window
-        if self.model_type in ("qwen2", "qwen3"):
+        if self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             hf["use_sliding_window"] = False
             hf["sliding_window"] = None
+        if self.model_type == "qwen3_moe":
+            hf.update(attention_bias=self.o_bias, num_experts=self.num_experts,
+                      num_local_experts=self.num_experts,
+                      num_experts_per_tok=self.num_experts_per_tok,
+                      moe_intermediate_size=self.moe_intermediate_size,
+                      norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=1,
+                      mlp_only_layers=[])
+        if self.model_type == "mixtral":
+            hf.update(num_local_experts=self.num_experts,
+                      num_experts_per_tok=self.num_experts_per_tok,
+                      sliding_window=self.sliding_window, router_jitter_noise=0.0)
+            hf["intermediate_size"] = self.moe_intermediate_size
         if self.model_type in GEMMA_TYPES:
             hf["attention_bias"] = self.o_bias
             hf.pop("hidden_act")

@@ -190,35 +190,43 @@ def _check_source(cfg: ModelConfig, source, origin: str) -> None:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack_l, value, i):
-    """`stack_l` with layer `i` replaced by `value`, written in place (donated)."""
-    return jax.lax.dynamic_update_index_in_dim(stack_l, value, i, 0)
+def _set_at(stack, value, lead):
+    """`stack` with the part at the leading indices `lead` (a layer, or a layer's expert)
+    replaced by `value`, written in place (donated)."""
+    start = tuple(lead) + (0,) * value.ndim
+    return jax.lax.dynamic_update_slice(stack, value[(None,) * len(lead)], start)
 
 
 def _place(spec: WeightSpec, cfg: ModelConfig, source, shape, dtype, sharding) -> jax.Array:
     """Parameter `spec` read from `source` (HF layout) and created with `sharding`."""
-    names = spec.hf_names(cfg)
+    names = dict(zip(spec.hf_index(cfg), spec.hf_names(cfg)))
 
-    def layer(i: int) -> np.ndarray:  # one HF tensor in our layout (a view where possible)
-        return spec.from_hf(source.get(names[i]), cfg)
+    def part(lead: tuple) -> np.ndarray:  # one HF tensor in our layout (a view where possible)
+        return spec.from_hf(source.get(names[lead]), cfg)
 
     if source.whole_tensor_reads:
         # Decode each tensor once (per-device callbacks would decode it once per device)
         # and put it on the device before decoding the next; a stacked parameter is
-        # filled in place, layer by layer, so no host copy of it is ever built.
+        # filled in place, tensor by tensor, so no host copy of it is ever built.
         if not spec.stacked:
-            value = np.asarray(layer(0), dtype=dtype)
+            value = np.asarray(part(()), dtype=dtype)
             return jax.make_array_from_callback(shape, sharding, lambda index: value[index])
         stack = jax.numpy.zeros(shape, dtype, device=sharding)
-        for i in range(len(names)):
-            stack = _set_layer(stack, np.asarray(layer(i), dtype=dtype), i)
+        for lead in names:
+            stack = _set_at(stack, np.asarray(part(lead), dtype=dtype), lead)
         return stack
 
     def callback(index):  # only this device's slice is read from the memory map
-        if not spec.stacked:
-            return np.asarray(layer(0)[index], dtype=dtype)
-        rows = range(shape[0])[index[0]]
-        return np.stack([np.asarray(layer(i)[index[1:]], dtype=dtype) for i in rows])
+        n = len(next(iter(names)))  # leading axes indexed by tensor: 0, 1 or 2
+        if n == 0:
+            return np.asarray(part(())[index], dtype=dtype)
+
+        def block(lead):  # the slice of the leading axes from len(lead) on
+            if len(lead) == n:
+                return np.asarray(part(lead)[index[n:]], dtype=dtype)
+            return np.stack([block(lead + (i,)) for i in range(shape[len(lead)])[index[len(lead)]]])
+
+        return block(())
 
     return jax.make_array_from_callback(shape, sharding, callback)
 
@@ -363,8 +371,8 @@ def hf_state_dict(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for spec in weight_specs(cfg):
         arr = np.asarray(jax.device_get(params[spec.path].get_value()))
-        for i, name in enumerate(spec.hf_names(cfg)):
-            yield name, spec.to_hf(arr[i] if spec.stacked else arr)
+        for lead, name in zip(spec.hf_index(cfg), spec.hf_names(cfg)):
+            yield name, spec.to_hf(arr[lead])
 
 
 def _shard_names(count: int) -> list[str]:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mio_jax.models import lora as lora_lib
+from mio_jax.models import moe as moe_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.sharding import DEFAULT_RULES, Rules, constrain
 from mio_jax.models.weights import WeightSpec, axis_sizes, stacked_specs, weight_specs
@@ -379,13 +380,14 @@ def _einsum_f32_out(eq, x, w):
 
 
 def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None,
-           lora: _LoraUpdates | None = None):
+           lora: _LoraUpdates | None = None, token_weight_bt=None):
     """One decoder layer. With `kv=(k_bksh, v_bksh)` (this layer's cache) the new keys
     and values are written at slots index..index+T-1 and attention runs over the whole
-    cache. `lora` adds the LoRA updates of the rows that carry one.
+    cache. `lora` adds the LoRA updates of the rows that carry one. `token_weight_bt`:
+    which tokens count in a mixture of experts' router statistics (None: all).
 
-    Returns (x_btd, (k, v)): this call's keys/values `[B, T, KV, hd]`, or with `kv` the
-    updated cache.
+    Returns (x_btd, (k, v), router stats): this call's keys/values `[B, T, KV, hd]`, or
+    with `kv` the updated cache; `moe.RouterStats` of this layer (None for a dense MLP).
     """
     dt = jnp.dtype(cfg.dtype)
     specs = stacked_specs(cfg)
@@ -431,6 +433,13 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         out = norm(out, "attn_post_norm")
     x_btd = constrain(x_btd + out, ("batch", "seq", "embed"), rules)
     h = norm(x_btd, "mlp_norm")
+    if cfg.moe:
+        down, stats = moe_lib.moe_mlp(
+            h, w["router"], w["expert_gate"], w["expert_up"], w["expert_down"],
+            k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+            act=functools.partial(activation, cfg.hidden_act), token_weight_bt=token_weight_bt)
+        x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
+        return x_btd, (k, v), stats
     add_gate, add_up = lora.add("gate", h, 1), lora.add("up", h, 1)
     if cfg.mlp_bias:
         add_gate = _plus(w["gate_bias"], add_gate)
@@ -447,7 +456,20 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     if cfg.sandwich_norms:
         down = norm(down, "mlp_post_norm")
     x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
-    return x_btd, (k, v)
+    return x_btd, (k, v), None
+
+
+def _real_tokens(pad_bt, full_bts, segment_ids_bt):
+    """`[B, T]` 1 at real tokens, 0 at padding, from whichever mask the batch carries (a
+    padding mask; segment ids, 0 = padding; a full mask, whose diagonal is a token seeing
+    itself); None when none says."""
+    if pad_bt is not None:
+        return pad_bt
+    if segment_ids_bt is not None:
+        return segment_ids_bt != 0
+    if full_bts is not None:
+        return jnp.diagonal(full_bts, axis1=1, axis2=2)
+    return None
 
 
 def soft_cap(x, cap: float | None):
@@ -527,6 +549,7 @@ class LayerInputs(NamedTuple):
     sin: jax.Array
     mask: jax.Array
     local: tuple | None = None
+    token_weight: jax.Array | None = None  # [B, T] real tokens (MoE router statistics)
 
     def pick(self, sliding) -> tuple:
         """`(cos, sin, mask)` of a layer whose `_sliding` flag is `sliding` (a traced
@@ -627,20 +650,32 @@ class Decoder(nnx.Module):
         def layer(x, p, kv):
             cos, sin, mask = inputs.pick(p.get("_sliding"))
             return _block(cfg, rules, p, x, cos, sin, mask, kv, index,
-                          _LoraUpdates(cfg, p, p.get("_lora_key"), on))
+                          _LoraUpdates(cfg, p, p.get("_lora_key"), on), inputs.token_weight)
 
         return layer
 
     def _run_layers(self, x_btd, inputs: LayerInputs):
+        """The layer stack: `(x_btd, router stats summed over the layers or None)`."""
         cfg = self.cfg
         params = self._layer_arrays()
         layer = _remat(self._layer_fn(inputs), cfg.remat_policy)
+        total = moe_lib.zero_stats(cfg.num_experts) if cfg.moe else None
+
+        def add(total, stats):
+            return total if stats is None else jax.tree.map(jnp.add, total, stats)
+
         if cfg.scan_layers:
-            x_btd, _ = jax.lax.scan(lambda x, p: (layer(x, p, None)[0], None), x_btd, params)
+            def body(carry, p):
+                x, total = carry
+                x, _, stats = layer(x, p, None)
+                return (x, add(total, stats)), None
+
+            (x_btd, total), _ = jax.lax.scan(body, (x_btd, total), params)
         else:
             for i in range(cfg.num_hidden_layers):
-                x_btd, _ = layer(x_btd, {n: a[i] for n, a in params.items()}, None)
-        return x_btd
+                x_btd, _, stats = layer(x_btd, {n: a[i] for n, a in params.items()}, None)
+                total = add(total, stats)
+        return x_btd, total
 
     def _embed(self, input_ids_bt):
         # Gather from a replicated view of the table: gathering from a vocab/embed-sharded
@@ -666,8 +701,11 @@ class Decoder(nnx.Module):
         logits = soft_cap(logits, self.cfg.final_logit_softcapping)
         return constrain(logits, ("batch", "seq", "vocab"), self.rules)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        """Final-norm hidden states `[B, T, D]` (compute dtype); arguments as `__call__`."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                      with_router_stats: bool = False):
+        """Final-norm hidden states `[B, T, D]` (compute dtype); arguments as `__call__`.
+        With `with_router_stats`: `(hidden, moe.RouterStats summed over the layers, over
+        the real tokens)` (zeros for a dense model)."""
         B, T = input_ids.shape
         if positions is None:
             positions = default_positions(input_ids, attention_mask, segment_ids)
@@ -677,8 +715,13 @@ class Decoder(nnx.Module):
         inputs = self._layer_inputs(B, T, T, positions, q_slots_bt=slots,
                                     window_positions=(positions, positions), kv_valid_bs=pad,
                                     attention_mask=full, segment_ids=segment_ids)
-        x = self._run_layers(self._embed(input_ids), inputs)
-        return self._final_norm(x, self.final_norm[...].astype(self.cfg.dtype))
+        if self.cfg.moe:
+            inputs = inputs._replace(token_weight=_real_tokens(pad, full, segment_ids))
+        x, stats = self._run_layers(self._embed(input_ids), inputs)
+        hidden = self._final_norm(x, self.final_norm[...].astype(self.cfg.dtype))
+        if with_router_stats:
+            return hidden, stats if stats is not None else moe_lib.zero_stats(1)
+        return hidden
 
     def logits_from_hidden(self, hidden_btd):
         """`[B, T, D]` -> float32 logits `[B, T, V]` (soft-capped where the model caps)."""
@@ -788,7 +831,7 @@ class Decoder(nnx.Module):
                       self.rules)
         ks, vs = [], []
         for p, k, v in zip(w["layers"], cache["k"], cache["v"]):
-            x, (k, v) = layer(x, p, (k, v))
+            x, (k, v), _ = layer(x, p, (k, v))
             ks.append(k)
             vs.append(v)
         if last_only:

@@ -104,7 +104,8 @@ class LoraSpec:
 
 def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
                     layers_to_transform: Sequence[int] | None = None,
-                    *, key: str = "model.lora.target_modules"
+                    *, key: str = "model.lora.target_modules",
+                    rows: Sequence[str] | None = None
                     ) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The ``(row, layers)`` pairs named by PEFT-style ``target_modules``.
 
@@ -116,13 +117,18 @@ def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
       num_layers: the model's layers.
       layers_to_transform: only these layer indices (PEFT's option); None = all.
       key: the config key named in errors.
+      rows: the rows the model has (a mixture of experts has q, k, v, o: its experts'
+        projections take no adapters, as PEFT's all-linear finds no linear module in
+        transformers' fused experts); None: all seven.
 
     Returns:
       Pairs in weight-table order, each with its sorted layer indices.
 
     Raises:
-      ValueError naming ``key``: an unknown module name, or nothing matched.
+      ValueError naming ``key``: an unknown module name, a module the model lacks, or
+        nothing matched.
     """
+    have = set(HF_MODULES if rows is None else rows)
     wanted_layers = (set(range(num_layers)) if layers_to_transform is None
                      else {int(i) for i in layers_to_transform})
     bad = sorted(i for i in wanted_layers if not 0 <= i < num_layers)
@@ -131,7 +137,7 @@ def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
     if isinstance(target_modules, str):
         text = target_modules.strip()
         if text == "all-linear":
-            names: Sequence[str] | None = ALL_LINEAR
+            names: Sequence[str] | None = [n for n in ALL_LINEAR if PEFT_TARGETS[n] in have]
         elif re.fullmatch(r"[A-Za-z_]+(\s*,\s*[A-Za-z_]+)*", text):
             names = [n.strip() for n in text.split(",")]
         else:
@@ -149,10 +155,17 @@ def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
         if unknown:
             raise ValueError(f"{key}: unknown module name(s) {unknown}; the decoder's linear "
                              f"modules are {list(PEFT_TARGETS)} (or 'all-linear', or a regex)")
+        missing = [n for n in names if PEFT_TARGETS[n] not in have]
+        if missing:
+            raise ValueError(f"{key}: {missing} are not linear modules of this model (a "
+                             "mixture of experts' experts take no adapters); its modules: "
+                             f"{[ROW_TO_PEFT[r] for r in HF_MODULES if r in have]}")
         for n in names:
             picked[PEFT_TARGETS[n]] = set(wanted_layers)
     else:
         for row, template in HF_MODULES.items():
+            if row not in have:
+                continue
             hit = {i for i in range(num_layers) if pattern.fullmatch(template.format(i=i))}
             if hit & wanted_layers:
                 picked[row] = hit & wanted_layers
@@ -165,8 +178,10 @@ def resolve_targets(target_modules: str | Sequence[str], num_layers: int,
 
 def make_spec(*, rank: int, alpha: float, target_modules, num_layers: int,
               layers_to_transform=None, dropout: float = 0.0, use_rslora: bool = False,
-              init: str = "default", prefix: str = "model.lora.") -> LoraSpec:
-    """A checked ``LoraSpec``; errors name the config key (``prefix`` + field)."""
+              init: str = "default", prefix: str = "model.lora.",
+              rows: Sequence[str] | None = None) -> LoraSpec:
+    """A checked ``LoraSpec``; errors name the config key (``prefix`` + field); ``rows``:
+    the model's linear rows (``resolve_targets``)."""
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{prefix}rank={rank!r} must be a positive integer")
     if not alpha > 0:
@@ -176,7 +191,7 @@ def make_spec(*, rank: int, alpha: float, target_modules, num_layers: int,
     if init not in INITS:
         raise ValueError(f"{prefix}init={init!r}; choose one of {list(INITS)}")
     targets = resolve_targets(target_modules, num_layers, layers_to_transform,
-                              key=f"{prefix}target_modules")
+                              key=f"{prefix}target_modules", rows=rows)
     return LoraSpec(rank=rank, alpha=float(alpha), targets=targets, dropout=float(dropout),
                     use_rslora=bool(use_rslora), init=init, num_layers=num_layers)
 
@@ -186,16 +201,18 @@ def enabled(config) -> bool:
     return bool(config.model.lora.enabled)
 
 
-def spec_from_config(config, num_layers: int) -> LoraSpec | None:
+def spec_from_config(config, num_layers: int, rows: Sequence[str] | None = None
+                     ) -> LoraSpec | None:
     """The ``LoraSpec`` of ``config.model.lora`` for a model of ``num_layers`` layers
-    (None when LoRA is off). Raises ValueError naming the key."""
+    whose linear rows are ``rows`` (None: all seven), or None when LoRA is off. Raises
+    ValueError naming the key."""
     c = config.model.lora
     if not c.enabled:
         return None
     layers = None if c.layers_to_transform is None else tuple(c.layers_to_transform)
     return make_spec(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
                      num_layers=num_layers, layers_to_transform=layers, dropout=c.dropout,
-                     use_rslora=c.use_rslora, init=c.init)
+                     use_rslora=c.use_rslora, init=c.init, rows=rows)
 
 
 def validate_section(cfg, defaults) -> None:

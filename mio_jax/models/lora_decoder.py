@@ -26,7 +26,7 @@ from mio_jax.models import hf_io, peft_io, quant
 from mio_jax.models import lora as lora_lib
 from mio_jax.models.frozen import frozen_params
 from mio_jax.models.llama import Decoder, dense_weight
-from mio_jax.models.weights import stacked_specs
+from mio_jax.models.weights import linear_specs, stacked_specs
 
 
 
@@ -45,7 +45,8 @@ def load(config, model_path: str, mesh, rules) -> Decoder:
         return hf_io.load_pretrained(model_path, **kw)
     structure = hf_io.read_model_config(model_path)
     try:
-        spec = lora_lib.spec_from_config(config, structure.num_hidden_layers)
+        spec = lora_lib.spec_from_config(config, structure.num_hidden_layers,
+                                         rows=tuple(linear_specs(structure)))
     except ValueError as e:
         raise ConfigError(str(e)) from e
     start = None

@@ -35,7 +35,7 @@ from mio_jax import paths
 from mio_jax.models import lora as lora_lib
 from mio_jax.models.config import ModelConfig
 from mio_jax.models.safetensors_file import SafetensorsFile, write_safetensors
-from mio_jax.models.weights import WeightSpec, check_tensors, stacked_specs
+from mio_jax.models.weights import WeightSpec, check_tensors, linear_specs, stacked_specs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -344,7 +344,8 @@ def read_adapter(folder: str, cfg: ModelConfig, *, prefix: str = "model.lora."
             rank=peft["r"], alpha=peft["lora_alpha"], target_modules=targets,
             num_layers=cfg.num_hidden_layers, layers_to_transform=layers,
             dropout=float(peft.get("lora_dropout") or 0.0),
-            use_rslora=bool(peft.get("use_rslora", False)), init=init, prefix=prefix)
+            use_rslora=bool(peft.get("use_rslora", False)), init=init, prefix=prefix,
+            rows=tuple(linear_specs(cfg)))
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from None
 

@@ -47,6 +47,8 @@ def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
         "heads": cfg.num_attention_heads,
         "kv_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
+        "experts": cfg.num_experts,
+        "expert_mlp": cfg.moe_intermediate_size,
     }
 
 
@@ -56,7 +58,9 @@ class WeightSpec:
 
     Attributes:
       path: path in the nnx state, `("embed",)` or `("layers", "q")` (stacked on `layers`).
-      hf: HF tensor name; contains `{i}` for per-layer tensors.
+      hf: HF tensor name; contains `{i}` for per-layer tensors, and `{j}` too for a
+        mixture of experts' per-expert tensors (our array's axes then start with
+        `experts`: one HF tensor per layer and expert).
       gguf: llama.cpp tensor name; `{i}` likewise.
       axes: logical axes of our per-layer array, e.g. `("embed", "heads", "head_dim")`.
       hf_axes: HF dimensions in HF order, each a tuple of our axes flattened into it.
@@ -81,6 +85,16 @@ class WeightSpec:
         return "{i}" in self.hf
 
     @property
+    def per_expert(self) -> bool:
+        return "{j}" in self.hf
+
+    @property
+    def tensor_axes(self) -> tuple[str, ...]:
+        """Our axes of the part one HF tensor holds (`axes` without `experts` for a
+        per-expert row)."""
+        return self.axes[1:] if self.per_expert else self.axes
+
+    @property
     def logical_axes(self) -> tuple[str, ...]:
         """Logical axes of the whole parameter (`layers` first when stacked)."""
         return (("layers",) if self.stacked else ()) + self.axes
@@ -98,13 +112,22 @@ class WeightSpec:
         return tuple(sizes[a] for a in self.logical_axes)
 
     def hf_shape(self, cfg: ModelConfig) -> Shape:
-        """Shape of one HF tensor of this row."""
+        """Shape of one HF tensor of this row (one layer's, one expert's)."""
         sizes = axis_sizes(cfg)
         return tuple(math.prod(sizes[a] for a in group) for group in self.hf_axes)
 
     def hf_names(self, cfg: ModelConfig) -> list[str]:
-        """HF names, one per layer for a stacked row (layer order), else one."""
+        """HF names, one per layer for a stacked row (layer order; per expert within a
+        layer for a per-expert row), else one."""
         return _expand(self.hf, cfg)
+
+    def hf_index(self, cfg: ModelConfig) -> list[tuple[int, ...]]:
+        """Where each of `hf_names` goes in our array: `(layer,)`, `(layer, expert)` or `()`."""
+        if not self.stacked:
+            return [()]
+        if not self.per_expert:
+            return [(i,) for i in range(cfg.num_hidden_layers)]
+        return [(i, j) for i in range(cfg.num_hidden_layers) for j in range(cfg.num_experts)]
 
     def gguf_names(self, cfg: ModelConfig) -> list[str]:
         """GGUF names, in the same order as `hf_names`."""
@@ -113,13 +136,15 @@ class WeightSpec:
     def _order(self) -> tuple[int, ...]:
         """Positions in `axes` of HF's axes, flattened in HF order."""
         flat = [a for group in self.hf_axes for a in group]
-        if sorted(flat) != sorted(self.axes):
-            raise AssertionError(f"{self.path}: hf_axes {self.hf_axes} do not regroup {self.axes}")
-        return tuple(self.axes.index(a) for a in flat)
+        axes = self.tensor_axes
+        if sorted(flat) != sorted(axes):
+            raise AssertionError(f"{self.path}: hf_axes {self.hf_axes} do not regroup {axes}")
+        return tuple(axes.index(a) for a in flat)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        """One layer's array in our layout -> HF layout (a view where possible; numpy or jax)."""
-        sizes = dict(zip(self.axes, ours.shape))
+        """One HF tensor's part of our array (a layer's; a layer's expert's) -> HF layout
+        (a view where possible; numpy or jax)."""
+        sizes = dict(zip(self.tensor_axes, ours.shape))
         moved = ours.transpose(self._order())
         return moved.reshape(tuple(math.prod(sizes[a] for a in g) for g in self.hf_axes))
 
@@ -127,14 +152,17 @@ class WeightSpec:
         """One HF tensor -> our per-layer layout (a view where possible; numpy or jax)."""
         sizes = axis_sizes(cfg)
         order = self._order()
-        split = hf.reshape(tuple(sizes[self.axes[j]] for j in order))
+        split = hf.reshape(tuple(sizes[self.tensor_axes[j]] for j in order))
         return split.transpose(tuple(int(i) for i in np.argsort(order)))
 
 
 def _expand(pattern: str, cfg: ModelConfig) -> list[str]:
     if "{i}" not in pattern:
         return [pattern]
-    return [pattern.format(i=i) for i in range(cfg.num_hidden_layers)]
+    if "{j}" not in pattern:
+        return [pattern.format(i=i) for i in range(cfg.num_hidden_layers)]
+    return [pattern.format(i=i, j=j) for i in range(cfg.num_hidden_layers)
+            for j in range(cfg.num_experts)]
 
 
 def _layer(name: str, hf: str, gguf: str, axes, hf_axes, init="normal", when=None, rows=None):
@@ -156,9 +184,9 @@ LLAMA_FAMILY: tuple[WeightSpec, ...] = (
     _layer("o", "self_attn.o_proj.weight", "attn_output.weight", _HD + _D, [_D, _HD]),
     _layer("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight", ("norm",),
            [("norm",)], "ones"),
-    _layer("gate", "mlp.gate_proj.weight", "ffn_gate.weight", _D + _F, [_F, _D]),
-    _layer("up", "mlp.up_proj.weight", "ffn_up.weight", _D + _F, [_F, _D]),
-    _layer("down", "mlp.down_proj.weight", "ffn_down.weight", _F + _D, [_D, _F]),
+    _layer("gate", "mlp.gate_proj.weight", "ffn_gate.weight", _D + _F, [_F, _D], when="not moe"),
+    _layer("up", "mlp.up_proj.weight", "ffn_up.weight", _D + _F, [_F, _D], when="not moe"),
+    _layer("down", "mlp.down_proj.weight", "ffn_down.weight", _F + _D, [_D, _F], when="not moe"),
     _layer("q_bias", "self_attn.q_proj.bias", "attn_q.bias", _HD, [_HD], "zeros", "qkv_bias", "heads"),
     _layer("k_bias", "self_attn.k_proj.bias", "attn_k.bias", _KVD, [_KVD], "zeros", "qkv_bias",
            "kv_heads"),
@@ -202,6 +230,33 @@ def _gemma_table(sandwich: bool) -> tuple[WeightSpec, ...]:
     return tuple(rows)
 
 
+def _moe_table(prefix: str, names: tuple[str, str, str]) -> tuple[WeightSpec, ...]:
+    """The Llama rows with the MLP replaced by a router `[D, E]` and stacked experts
+    (`[E, D, F]` gate and up, `[E, F, D]` down), HF's per-expert tensors under `prefix`
+    (`mlp` in Qwen3-MoE, `block_sparse_moe` in Mixtral) named `names` (gate, up, down)."""
+    e, xf = ("experts",), ("expert_mlp",)
+    gate, up, down = names
+    rows = []
+    for spec in LLAMA_FAMILY:
+        if spec.path[-1] in ("gate", "up", "down"):
+            continue
+        rows.append(spec)
+        if spec.path == ("layers", "mlp_norm"):
+            rows += [
+                _layer("router", f"{prefix}.gate.weight", "ffn_gate_inp.weight", _D + e,
+                       [e, _D], when="moe"),
+                _layer("expert_gate", f"{prefix}.experts.{{j}}.{gate}.weight",
+                       "ffn_gate_exps.weight", e + _D + xf, [xf, _D], when="moe"),
+                _layer("expert_up", f"{prefix}.experts.{{j}}.{up}.weight", "ffn_up_exps.weight",
+                       e + _D + xf, [xf, _D], when="moe"),
+                _layer("expert_down", f"{prefix}.experts.{{j}}.{down}.weight",
+                       "ffn_down_exps.weight", e + xf + _D, [_D, xf], when="moe"),
+            ]
+    return tuple(rows)
+
+
+QWEN3_MOE_FAMILY = _moe_table("mlp", ("gate_proj", "up_proj", "down_proj"))
+MIXTRAL_FAMILY = _moe_table("block_sparse_moe", ("w1", "w3", "w2"))
 GEMMA_FAMILY = _gemma_table(sandwich=False)
 GEMMA2_FAMILY = _gemma_table(sandwich=True)  # Gemma 2 and Gemma 3 (text)
 
@@ -209,6 +264,7 @@ GEMMA2_FAMILY = _gemma_table(sandwich=True)  # Gemma 2 and Gemma 3 (text)
 TABLES: dict[str, tuple[WeightSpec, ...]] = {
     "llama": LLAMA_FAMILY, "mistral": LLAMA_FAMILY, "qwen2": LLAMA_FAMILY, "qwen3": LLAMA_FAMILY,
     "gemma": GEMMA_FAMILY, "gemma2": GEMMA2_FAMILY, "gemma3_text": GEMMA2_FAMILY,
+    "qwen3_moe": QWEN3_MOE_FAMILY, "mixtral": MIXTRAL_FAMILY,
 }
 
 

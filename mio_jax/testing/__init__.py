@@ -65,9 +65,19 @@ def tiny_gemma_config(**overrides) -> ModelConfig:
     return tiny_model_config(**kw)
 
 
-def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
-    """Writes a random tiny Llama + tokenizer as an HF folder; returns the folder."""
-    model = models.init_model(tiny_model_config(**overrides), seed=seed)
+def tiny_moe_config(**overrides) -> ModelConfig:
+    """The tiny model as a Qwen3-MoE: 4 experts of width 16, 2 per token, renormalised."""
+    kw = dict(model_type="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=16, norm_topk_prob=True, tie_word_embeddings=False)
+    kw.update(overrides)
+    return tiny_model_config(**kw)
+
+
+def write_tiny_model(folder: str, seed: int = 0, config=tiny_model_config, **overrides) -> str:
+    """Writes a random tiny model + tokenizer as an HF folder; returns the folder.
+    ``config``: the tiny config's maker (``tiny_model_config``, ``tiny_gemma_config``,
+    ``tiny_moe_config``), called with ``overrides``."""
+    model = models.init_model(config(**overrides), seed=seed)
     models.save_pretrained(model, tiny_tokenizer(), folder)
     return folder
 

@@ -1,0 +1,119 @@
+"""The mixture-of-experts MLP (Qwen3-MoE, Mixtral): top-k routing, dropless grouped
+matmuls, and the router statistics that the metrics and the optional auxiliary losses read.
+
+Every token goes to its `k` experts of highest router probability; nothing is dropped
+(no capacity factor). The `N * k` (token, expert) assignments are sorted by expert, each
+expert's rows multiplied by its weights in one grouped matmul (`jax.lax.ragged_dot`, the
+dropless form that XLA lowers to a grouped GEMM on GPU and TPU), and the outputs put back
+in (token, slot) order and summed with the routing weights.
+
+Routing follows transformers: router logits in the compute dtype, softmax in float32,
+top-k of the probabilities, renormalised over the chosen experts when `norm_topk_prob`
+(Mixtral always; Qwen3-MoE per its config), the weights cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ROUTER_STATS = ("tokens", "expert_tokens", "expert_probs", "z_sum")
+
+
+class RouterStats(NamedTuple):
+    """One layer's (or a sum over layers') routing, over the tokens that count.
+
+    Attributes:
+      tokens: float32 scalar, tokens routed (weighted by the token mask).
+      expert_tokens: float32 `[E]`, assignments per expert (each token counts `k` times).
+      expert_probs: float32 `[E]`, router probability summed per expert.
+      z_sum: float32 scalar, sum over tokens of `logsumexp(router logits) ** 2`.
+    """
+
+    tokens: jax.Array
+    expert_tokens: jax.Array
+    expert_probs: jax.Array
+    z_sum: jax.Array
+
+
+def route(x_nd, router_de, *, k: int, norm_topk_prob: bool):
+    """Router logits, probabilities and each token's top-k experts and weights.
+
+    Returns:
+      `(logits [N, E] float32, probs [N, E] float32, experts [N, k] int32,
+      weights [N, k] in x's dtype)`.
+    """
+    logits = jnp.einsum("nd,de->ne", x_nd, router_de, preferred_element_type=jnp.float32)
+    logits = logits.astype(x_nd.dtype).astype(jnp.float32)  # HF: logits in the model dtype
+    probs = jax.nn.softmax(logits, axis=-1)
+    top, experts = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return logits, probs, experts.astype(jnp.int32), top.astype(x_nd.dtype)
+
+
+def moe_mlp(h_btd, router_de, gate_edf, up_edf, down_efd, *, k: int, norm_topk_prob: bool,
+            act, token_weight_bt=None):
+    """The MoE MLP of one layer.
+
+    Args:
+      h_btd: normalised hidden states `[B, T, D]`.
+      router_de: router `[D, E]`; gate_edf, up_edf: `[E, D, F]`; down_efd: `[E, F, D]`.
+      k: experts per token; norm_topk_prob: renormalise the chosen probabilities.
+      act: the gate activation, a function (SiLU for both families).
+      token_weight_bt: `[B, T]` weight of each token in the router statistics (0 at
+        padding); None: every token 1.
+
+    Returns:
+      `(out_btd, RouterStats)`.
+    """
+    B, T, D = h_btd.shape
+    E = router_de.shape[-1]
+    n = B * T
+    x = h_btd.reshape(n, D)
+    logits, probs, experts, weights = route(x, router_de, k=k, norm_topk_prob=norm_topk_prob)
+    flat = experts.reshape(-1)  # [N * k], token-major
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # the assignments grouped by expert
+    gate = jax.lax.ragged_dot(xs, gate_edf, sizes)
+    up = jax.lax.ragged_dot(xs, up_edf, sizes)
+    ys = jax.lax.ragged_dot(act(gate) * up, down_efd, sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, D)
+    out = jnp.einsum("nkd,nk->nd", y, weights).reshape(B, T, D)
+    w = (jnp.ones((n,), jnp.float32) if token_weight_bt is None
+         else token_weight_bt.reshape(n).astype(jnp.float32))
+    w = jax.lax.stop_gradient(w)
+    one_hot = jax.nn.one_hot(experts, E, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    stats = RouterStats(
+        tokens=jnp.sum(w),
+        expert_tokens=jax.lax.stop_gradient(jnp.einsum("n,ne->e", w, one_hot)),
+        expert_probs=jnp.einsum("n,ne->e", w, probs),
+        z_sum=jnp.sum(w * jnp.square(jax.nn.logsumexp(logits, axis=-1))))
+    return out, stats
+
+
+def zero_stats(num_experts: int) -> RouterStats:
+    """Statistics of no tokens (a dense model's, or the start of a sum)."""
+    z = jnp.zeros((), jnp.float32)
+    return RouterStats(z, jnp.zeros((num_experts,), jnp.float32),
+                       jnp.zeros((num_experts,), jnp.float32), z)
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """Switch Transformer's load-balancing loss as transformers computes it over all
+    layers: `E * sum_e f_e P_e`, with `f_e` the assignments to expert e per token and
+    `P_e` its mean router probability, both pooled over the layers (`stats` summed over
+    the layers: its token count is every layer's tokens)."""
+    rows = jnp.maximum(stats.tokens, 1.0)
+    num_experts = stats.expert_tokens.shape[-1]
+    f = stats.expert_tokens / rows
+    p = stats.expert_probs / rows
+    return num_experts * jnp.sum(f * p)
+
+
+def z_loss(stats: RouterStats) -> jax.Array:
+    """ST-MoE's router z-loss: mean over tokens (and layers) of `logsumexp(logits)^2`."""
+    return stats.z_sum / jnp.maximum(stats.tokens, 1.0)
