@@ -135,6 +135,16 @@ HF_CONFIGS = {
         "sliding_window_pattern": 6, "max_position_embeddings": 131072,
         "final_logit_softcapping": None, "attn_logit_softcapping": None,
         "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106]},
+    "qwen3_30b_a3b": {  # Qwen/Qwen3-30B-A3B
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "use_sliding_window": False,
+        "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643,
+        "eos_token_id": 151645},
 }
 MODES = ("full", "lora", "qlora")
 # XLA:CPU has no bfloat16 dot: it widens bf16 operands to f32, and its loop-invariant code
@@ -237,7 +247,9 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     if remat:
         c.model.remat_policy = remat
     c = mio_config.resolve(c)
-    fsdp, accum = c.mesh.shape[1], c.train.grad_accum_steps
+    axes = dict(zip(c.mesh.axes, c.mesh.shape))
+    ep = axes.get("expert", 1)  # a mixture's expert axis (configs/paper.py:MIXTURES)
+    fsdp, accum = axes["fsdp"] * ep, c.train.grad_accum_steps
     micro_pairs = c.train.batch_size // (fsdp * accum)
     if micro_pairs < 1 or c.train.batch_size % (fsdp * accum):
         raise ValueError(f"{c.train.batch_size} pairs a step do not split into {accum} "
@@ -258,7 +270,9 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     devices = aot.topology_devices(hardware) if platform == "tpu" else None
     if devices is not None:
         n = len(devices)
-    mesh = sharding_lib.make_mesh((1, n, 1), c.mesh.axes, devices=devices)
+    ep = min(ep, n)
+    shape = (1, n // ep, 1, ep) if "expert" in axes else (1, n, 1)
+    mesh = sharding_lib.make_mesh(shape, c.mesh.axes, devices=devices)
     p_specs = sharding_lib.state_partition_specs(p_state, rules, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                             sharding=NamedSharding(mesh, s)),

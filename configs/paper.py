@@ -1,9 +1,11 @@
 """Paper-scale runs: MIO or DPO on a 7-8B model with UltraFeedback-style pairs.
 
 ``get_config("MODEL,LOSS,HARDWARE[,TUNING][,runlocal]")`` with
-  MODEL    llama3_8b | mistral_7b | qwen2.5_7b | gemma3_12b | gemma3_27b
+  MODEL    llama3_8b | mistral_7b | qwen2.5_7b | gemma3_12b | gemma3_27b | qwen3_30b_a3b
            (an HF folder: config.json + safetensors; Gemma 3: the text model's folder,
-           Gemma3ForCausalLM, e.g. the language model of google/gemma-3-27b-it)
+           Gemma3ForCausalLM, e.g. the language model of google/gemma-3-27b-it;
+           Qwen3-30B-A3B: 128 experts, 8 a token, split over an expert mesh axis of
+           EXPERT_PARALLEL devices, the router's auxiliary losses off)
   LOSS     mio | dpo                            (dpo at beta_MIO / 2, the gradient match)
   HARDWARE v5p-64 | v4-64 | v6e-32 | h100x8      full fine-tuning, 128 pairs x 2048 tokens
            h100x1 | h200x1 | gpu24gb | v5p-8    LoRA layouts, 8 pairs x 1024 tokens
@@ -53,7 +55,12 @@ MODELS = {
     "qwen2.5_7b": "/data/models/Qwen2.5-7B-Instruct",
     "gemma3_12b": "/data/models/gemma-3-12b-it-text",
     "gemma3_27b": "/data/models/gemma-3-27b-it-text",
+    "qwen3_30b_a3b": "/data/models/Qwen3-30B-A3B",
 }
+# Mixtures of experts: the experts split over an "expert" mesh axis of this many devices
+# (the rest of the layout's fsdp devices stay fsdp; the batch is split over both).
+MIXTURES = ("qwen3_30b_a3b",)
+EXPERT_PARALLEL = 8
 # mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy,
 # attention, and the memory of one device (GB) the layout is sized for.
 # Full fine-tuning, sized with benchmarks/aot_memory.py (docs/benchmarks/README.md section 3)
@@ -183,6 +190,11 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
 
     c.mesh.shape = h["mesh"]
     c.mesh.axes = ("data", "fsdp", "tensor")
+    if model in MIXTURES:
+        data, fsdp, tensor = h["mesh"]
+        ep = min(EXPERT_PARALLEL, fsdp)
+        c.mesh.shape = (data, fsdp // ep, tensor, ep)
+        c.mesh.axes = ("data", "fsdp", "tensor", "expert")
     c.reference.mode = "precomputed"     # no reference weights in memory during training
     c.reference.batch_size = 256
 

@@ -44,7 +44,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DTYPES = ("float32", "bfloat16", "float16")
 # "xla": attention written out in jnp (any backend and dtype; materialises the scores).
 # "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16 compute).
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "splash": the Pallas splash kernel (TPU; mio_jax.models.splash says which layouts it runs).
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,12 +453,12 @@ def validate_model_config(cfg, *, lora_defaults, backend: str | None = None) -> 
 
     Rules: ``check_compute_settings``; ``model.path`` set; ``model.logps_chunk_size >= 1``;
     ``model.completion_logits_fraction`` in (0, 1] or None; ``model.attention='cudnn'``
-    only on the "gpu" backend.
+    only on the "gpu" backend, ``'splash'`` only on "tpu".
 
     Args:
       cfg: the whole experiment config (reads ``cfg.model``).
       backend: the run's JAX backend; default ``jax.default_backend()`` (read only for
-        cudnn attention).
+        cudnn and splash attention).
       lora_defaults: the ``model.lora`` section's defaults (the schema's,
         ``base_config().model.lora``); with LoRA off, a key changed from them is refused.
 
@@ -480,11 +481,15 @@ def validate_model_config(cfg, *, lora_defaults, backend: str | None = None) -> 
         raise ConfigError(f"model.completion_logits_fraction={m.completion_logits_fraction}: "
                           f"{e}") from e
     lora_lib.validate_section(cfg, lora_defaults)
-    if m.attention == "cudnn":
+    needs = {"cudnn": ("gpu", "needs NVIDIA GPUs", "use model.attention='xla'"),
+             "splash": ("tpu", "is a TPU kernel", "use model.attention='xla', or 'cudnn' on "
+                        "GPUs")}
+    if m.attention in needs:
+        want, what, instead = needs[m.attention]
         if backend is None:
             import jax
 
             backend = jax.default_backend()
-        if backend != "gpu":
-            raise ConfigError("model.attention='cudnn' needs NVIDIA GPUs; this run's backend "
-                              f"is {backend!r} (use model.attention='xla')")
+        if backend != want:
+            raise ConfigError(f"model.attention={m.attention!r} {what}; this run's backend is "
+                              f"{backend!r} ({instead})")

@@ -28,6 +28,7 @@ from flax import nnx
 
 from mio_jax.models import lora as lora_lib
 from mio_jax.models import moe as moe_lib
+from mio_jax.models.splash import splash_attention
 from mio_jax.models.config import ModelConfig
 from mio_jax.sharding import DEFAULT_RULES, Rules, constrain
 from mio_jax.models.weights import WeightSpec, axis_sizes, stacked_specs, weight_specs
@@ -379,12 +380,14 @@ def _einsum_f32_out(eq, x, w):
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index=None,
-           lora: _LoraUpdates | None = None, token_weight_bt=None):
-    """One decoder layer. With `kv=(k_bksh, v_bksh)` (this layer's cache) the new keys
-    and values are written at slots index..index+T-1 and attention runs over the whole
-    cache. `lora` adds the LoRA updates of the rows that carry one. `token_weight_bt`:
-    which tokens count in a mixture of experts' router statistics (None: all).
+def _block(cfg: ModelConfig, rules, p, x_btd, inputs: "LayerInputs", kv=None, index=None,
+           lora: _LoraUpdates | None = None):
+    """One decoder layer. `inputs`: the RoPE tables and masks of the forward (this layer
+    picks its kind by its `_sliding` flag), the tokens that count in a mixture of experts'
+    router statistics, the segments splash attention reads. With `kv=(k_bksh, v_bksh)`
+    (this layer's cache) the new keys and values are written at slots index..index+T-1
+    and attention runs over the whole cache. `lora` adds the LoRA updates of the rows that
+    carry one.
 
     Returns (x_btd, (k, v), router stats): this call's keys/values `[B, T, KV, hd]`, or
     with `kv` the updated cache; `moe.RouterStats` of this layer (None for a dense MLP).
@@ -392,6 +395,7 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
     dt = jnp.dtype(cfg.dtype)
     specs = stacked_specs(cfg)
     w = {n: dense_weight(specs[n], cfg, a, dt) for n, a in p.items() if n in specs}
+    cos, sin, mask_bts = inputs.pick(p.get("_sliding"))
     lora = lora or _LoraUpdates(cfg, p, None, False)
     eps, off = cfg.rms_norm_eps, cfg.norm_weight_offset
     scale, softcap = cfg.attention_scale, cfg.attn_logit_softcapping
@@ -424,7 +428,13 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"), rules)
         if cfg.attention == "cudnn":
             attn = fused_attention(q, k, v, mask_bts, scale=scale)
-        else:
+        elif cfg.attention == "splash" and inputs.segments is not None:
+            slides = cfg.sliding_layers()
+            attn = splash_attention(
+                q, k, v, inputs.segments, scale=scale, softcap=softcap,
+                window=cfg.sliding_window if any(slides) else None,
+                sliding=p["_sliding"] if cfg.mixed_layers else slides[0], rules=rules)
+        else:  # (also splash's fallback: a mask its kernels cannot express)
             attn = xla_attention(q, k, v, mask_bts, scale, softcap)
     out = _plus(mm("bthk,hkd->btd", attn, w["o"]), lora.add("o", attn, 2))
     if cfg.o_bias:
@@ -437,7 +447,8 @@ def _block(cfg: ModelConfig, rules, p, x_btd, cos, sin, mask_bts, kv=None, index
         down, stats = moe_lib.moe_mlp(
             h, w["router"], w["expert_gate"], w["expert_up"], w["expert_down"],
             k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-            act=functools.partial(activation, cfg.hidden_act), token_weight_bt=token_weight_bt)
+            act=functools.partial(activation, cfg.hidden_act),
+            token_weight_bt=inputs.token_weight)
         x_btd = constrain(x_btd + down, ("batch", "seq", "embed"), rules)
         return x_btd, (k, v), stats
     add_gate, add_up = lora.add("gate", h, 1), lora.add("up", h, 1)
@@ -550,6 +561,7 @@ class LayerInputs(NamedTuple):
     mask: jax.Array
     local: tuple | None = None
     token_weight: jax.Array | None = None  # [B, T] real tokens (MoE router statistics)
+    segments: jax.Array | None = None  # [B, T] segment ids for splash attention, 0 = padding
 
     def pick(self, sliding) -> tuple:
         """`(cos, sin, mask)` of a layer whose `_sliding` flag is `sliding` (a traced
@@ -648,9 +660,8 @@ class Decoder(nnx.Module):
         cfg, rules, on = self.cfg, self.rules, self._lora_on()
 
         def layer(x, p, kv):
-            cos, sin, mask = inputs.pick(p.get("_sliding"))
-            return _block(cfg, rules, p, x, cos, sin, mask, kv, index,
-                          _LoraUpdates(cfg, p, p.get("_lora_key"), on), inputs.token_weight)
+            return _block(cfg, rules, p, x, inputs, kv, index,
+                          _LoraUpdates(cfg, p, p.get("_lora_key"), on))
 
         return layer
 
@@ -717,6 +728,10 @@ class Decoder(nnx.Module):
                                     attention_mask=full, segment_ids=segment_ids)
         if self.cfg.moe:
             inputs = inputs._replace(token_weight=_real_tokens(pad, full, segment_ids))
+        if self.cfg.attention == "splash" and full is None:  # (a full mask: the fallback)
+            segs = segment_ids if segment_ids is not None else pad
+            inputs = inputs._replace(segments=jnp.ones((B, T), jnp.int32) if segs is None
+                                     else segs.astype(jnp.int32))
         x, stats = self._run_layers(self._embed(input_ids), inputs)
         hidden = self._final_norm(x, self.final_norm[...].astype(self.cfg.dtype))
         if with_router_stats:
