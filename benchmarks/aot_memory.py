@@ -219,7 +219,7 @@ def _stored(tree) -> tuple[int, int]:
 
 def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str | None,
                  seq_len: int | None, platform: str = "cpu", mode: str = "full",
-                 grad_accum: int | None = None) -> dict:
+                 grad_accum: int | None = None, attention: str | None = None) -> dict:
     """Lowers + compiles the step for ``configs/paper.py:model,mio,hardware[,mode]`` on N
     devices (``platform="tpu"``: the hardware's real TPU topology and compiler).
 
@@ -246,6 +246,8 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
         c.train.grad_accum_steps = grad_accum
     if remat:
         c.model.remat_policy = remat
+    if attention:
+        c.model.attention = attention
     c = mio_config.resolve(c)
     axes = dict(zip(c.mesh.axes, c.mesh.shape))
     ep = axes.get("expert", 1)  # a mixture's expert axis (configs/paper.py:MIXTURES)
@@ -255,10 +257,15 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
         raise ValueError(f"{c.train.batch_size} pairs a step do not split into {accum} "
                          f"micro-batches over {fsdp} devices")
     L = seq_len or c.data.max_length
+    # The step compiles splash attention where it targets TPU chips; cuDNN's fused
+    # attention has no compiler here, so GPU rows use the written-out attention.
+    compiled_attention = ("splash" if c.model.attention == "splash" and platform == "tpu"
+                          else "xla")
     cfg = models.ModelConfig.from_hf(HF_CONFIGS[model], dtype=c.model.dtype,
                                      param_dtype=c.model.param_dtype,
                                      remat_policy=c.model.remat_policy,
-                                     scan_layers=c.model.scan_layers)
+                                     scan_layers=c.model.scan_layers,
+                                     attention=compiled_attention)
     lora = lora.spec_from_config(c, cfg.num_hidden_layers)
     cfg = dataclasses.replace(cfg, lora=lora)
     rules = sharding_lib.DEFAULT_RULES
@@ -322,7 +329,7 @@ def _compile_one(model: str, hardware: str, n: int, reference: str, remat: str |
     limit = mio_config.load_module(PAPER_CONFIG).HARDWARE[hardware]["device_gb"]
     peak = (arg_b + out + tmp - alias) / 1e9
     return dict(model=model, mode=mode, hardware=hardware, devices=n, reference=reference,
-                remat=c.model.remat_policy, platform=platform,
+                remat=c.model.remat_policy, attention=compiled_attention, platform=platform,
                 device_kind=mesh.devices.flat[0].device_kind, seq_len=L, pairs_per_step=B,
                 pairs_per_device_micro=micro_pairs, grad_accum=accum,
                 params_b=n_params / 1e9, trainable_params=n_params,
@@ -348,11 +355,12 @@ def _references(mode: str, wanted: str) -> list[str]:
 def _worker(a) -> None:
     for mode in a.modes.split(","):
         for model in a.models.split(","):
-            for reference in _references(mode, a.references):
+            for reference, attention in [(r, t) for r in _references(mode, a.references)
+                                         for t in a.attention.split(",")]:
                 try:
                     row = _compile_one(model, a.hardware, a.n, reference, a.remat or None,
                                        a.seq_len or None, a.platform, mode,
-                                       a.grad_accum or None)
+                                       a.grad_accum or None, attention or None)
                 except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
                     row = dict(model=model, mode=mode, hardware=a.hardware, devices=a.n,
                                reference=reference,
@@ -362,7 +370,8 @@ def _worker(a) -> None:
 
 def _table(rows) -> str:
     cols = ["model", "mode", "devices", "config", "compiled for", "reference",
-            "pairs x tokens/step", "pairs/dev/micro", "accum", "remat", "trainable params",
+            "pairs x tokens/step", "pairs/dev/micro", "accum", "remat", "attention",
+            "trainable params",
             "weights B/param", "args GB", "temp GB", "peak GB/device", "device GB", "fits",
             "compile s"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -379,7 +388,7 @@ def _table(rows) -> str:
         n = r["trainable_params"]
         out.append(f"{head} {target} | {r['reference']} | "
                    f"{r['pairs_per_step']} x {r['seq_len']} | {r['pairs_per_device_micro']} | "
-                   f"{r['grad_accum']} | {r['remat']} | "
+                   f"{r['grad_accum']} | {r['remat']} | {r.get('attention', 'xla')} | "
                    f"{f'{n / 1e9:.2f} B' if n >= 1e9 else f'{n / 1e6:.1f} M'} | "
                    f"{r['weights_bytes_per_param']:.2f} | {r['argument_gb']:.1f} | "
                    f"{r['temp_gb']:.1f} | {r['peak_gb']:.1f} | {r['limit_gb']:.0f} | "
@@ -411,6 +420,9 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=0, help="override data.max_length")
     p.add_argument("--grad_accum", type=int, default=0,
                    help="override train.grad_accum_steps (micro-batches a step)")
+    p.add_argument("--attention", default="",
+                   help="comma-separated model.attention values, one row each (xla, cudnn, "
+                        "splash); default: the layout's")
     p.add_argument("--out", default="", help="write the markdown table here (current results: "
                    "docs/benchmarks/YYYY-MM-DD/aot_memory.md)")
     p.add_argument("--json", default="", help="write the rows as JSON here")
@@ -447,7 +459,8 @@ def main(argv=None):
                f"--platform={a.platform}",
                f"--hardware={hardware}", f"--models={a.models}",
                f"--references={a.references}", f"--remat={a.remat}", f"--seq_len={a.seq_len}",
-               f"--modes={a.modes}", f"--grad_accum={a.grad_accum}"]
+               f"--modes={a.modes}", f"--grad_accum={a.grad_accum}",
+               f"--attention={a.attention}"]
         t0 = time.perf_counter()
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -467,6 +480,7 @@ def main(argv=None):
     print("\n" + table)
     if a.out:
         keys = ("runs", "modes", "models", "references", "remat", "seq_len", "grad_accum",
+                "attention",
                 "platform", "cpu_xla_flags")
         flags = [f"--{k}={shlex.quote(str(getattr(a, k)))}" for k in keys
                  if getattr(a, k) != p.get_default(k)]

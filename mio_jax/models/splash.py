@@ -17,14 +17,14 @@ other completions) is neither causal-with-segments nor local, and it differs row
 the kernel's static masks cannot express it, so those forwards run the written-out
 attention (``xla_attention``) instead, and ``attention_plan`` says so.
 
-Off TPU the same kernel runs in Pallas' interpret mode (slow; how it is tested on CPU).
+Off TPU the same kernel runs in Pallas' interpret mode (slow; how it is tested on CPU);
+the platform is that of the mesh in context, so a step compiled ahead of time for a TPU
+topology on a CPU host gets the real kernel.
 Under a mesh the kernel runs per device inside ``jax.shard_map`` (rows over the batch
 axes, heads over ``tensor``): a Pallas call is not partitioned by GSPMD on its own.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,6 @@ def block_size(seq_len: int) -> int:
                      f"{seq_len} (set data.pad_to_multiple_of to a multiple of 128)")
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, seq_len: int, window: int | None, softcap: float | None,
             interpret: bool):
     """A splash kernel for ``heads`` heads of ``seq_len`` tokens: causal, or causal within
@@ -62,11 +61,11 @@ def _kernel(heads: int, seq_len: int, window: int | None, softcap: float | None,
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
                            block_kv_dq=b)
-    # Concrete arrays (made outside any trace), so the cached kernel serves every trace.
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), head_shards=1,
-                                  q_seq_shards=1, block_sizes=blocks,
-                                  attn_logits_soft_cap=softcap, interpret=interpret)
+    # Made inside the trace that calls it (its mask tables become that trace's constants;
+    # a kernel cached across traces would carry another trace's values).
+    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=blocks, attn_logits_soft_cap=softcap,
+                              interpret=interpret)
 
 
 def _attend(q_bhtd, k_bhtd, v_bhtd, segment_ids_bt, *, window, softcap, interpret):
@@ -101,7 +100,7 @@ def splash_attention(q_bthk, k_bskh, v_bskh, segment_ids_bt, *, scale: float,
     k = jnp.swapaxes(jnp.repeat(k_bskh, groups, axis=2), 1, 2)
     v = jnp.swapaxes(jnp.repeat(v_bskh, groups, axis=2), 1, 2)
     seg = segment_ids_bt.astype(jnp.int32)
-    interpret = jax.default_backend() != "tpu"
+    interpret = _platform() != "tpu"
     cap = None if not softcap else float(softcap)
 
     def local(q, k, v, seg):
@@ -125,6 +124,15 @@ def splash_attention(q_bthk, k_bskh, v_bskh, segment_ids_bt, *, scale: float,
         out = jax.shard_map(local, in_specs=(spec, spec, spec, P(rows or None, None)),
                             out_specs=spec, check_vma=False)(q, k, v, seg)
     return jnp.swapaxes(out, 1, 2).astype(q_bthk.dtype)
+
+
+def _platform() -> str:
+    """The platform the step is compiled for: the devices of the mesh in context (a TPU
+    topology compiled ahead of time on a CPU host counts as TPU), else the default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _heads_axis(rules, mesh, heads: int):
