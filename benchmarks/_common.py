@@ -27,6 +27,24 @@ SHAPES = {
                           intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                           num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                           rope_theta=100000.0, tie_word_embeddings=True),
+    # Gemma-3-1B's shape: 26 layers, 5 sliding (window 512, RoPE base 1e4) per global one.
+    "gemma3_1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152,
+                      intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+                      rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
+                      layer_types=tuple("full_attention" if (i + 1) % 6 == 0
+                                        else "sliding_attention" for i in range(26)),
+                      hidden_act="gelu_pytorch_tanh", norm_weight_offset=True,
+                      sandwich_norms=True, scale_embeddings=True, qk_norm=True,
+                      query_pre_attn_scalar=256.0, tie_word_embeddings=True),
+    # Qwen3-30B-A3B's layer (2048 wide, experts of 768, 8 a token) with 4 layers and 64
+    # experts: ~1.9 B parameters, a one-GPU stand-in for the mixture's step.
+    "qwen3_moe_4l": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                         intermediate_size=6144, num_hidden_layers=4, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, qk_norm=True, num_experts=64,
+                         num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                         tie_word_embeddings=False),
     "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True),

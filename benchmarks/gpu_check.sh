@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_check.sh            # every part
 #   bash benchmarks/gpu_check.sh attention llama1b_8x1024   # some parts
 # Parts: attention llama1b llama1b_4x1024 llama1b_8x1024 profile headline8 chunks8 sweep8
-# layers8 notriton8 smollm2 rollouts (each writes a .log, most also a .json).
+# layers8 notriton8 smollm2 gemma3_1b moe rollouts (each writes a .log, most also a .json).
 #
 # Where mio_jax's dependencies are not installed (a bare accelerator image), put their
 # wheels in .whl/ first; they are installed into /tmp/site without touching the system.
@@ -90,6 +90,12 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
 part smollm2 smollm2 120 $B --model=smollm2_shape --pairs=8 --seq_len=1024 $common \
   --reference=precomputed --layout=unshared,shared --proj=full,completion \
   --attention=cudnn --json="$OUT/smollm2.json"
+# The new families: Gemma-3-1B's shape (sliding + global layers) with the written-out and
+# the fused attention, and a 4-layer, 64-expert Qwen3-MoE (grouped matmuls, dropless).
+part gemma3_1b gemma3_1b 200 $B --model=gemma3_1b --pairs=4 --seq_len=1024 $common \
+  --reference=precomputed --attention=xla,cudnn --json="$OUT/gemma3_1b.json"
+part moe qwen3_moe_4l 200 $B --model=qwen3_moe_4l --pairs=4 --seq_len=1024 $common \
+  --reference=precomputed --attention=cudnn --json="$OUT/qwen3_moe_4l.json"
 # RL rollouts of the embedded SmolLM2-135M-Instruct (float32 from its GGUF): today's static
 # sampler (bisection cut), the static sampler with the candidate cut, and generate_groups,
 # G = 8 and 16 answers of 16 prompts (docs/benchmarks/README.md section 8b on the CPU).

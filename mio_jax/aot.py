@@ -53,6 +53,9 @@ def tpu_env(base=None) -> dict:
     # Quiets libtpu's search for a TPU VM's metadata at start-up.
     env.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compile-only processes touch no chip: several may run at once (test workers, a
+    # benchmark beside them) without libtpu's one-process lockfile refusing the second.
+    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return env
 
 

@@ -19,9 +19,13 @@ from mio_jax import aot, layouts, models, optim, sharding, testing, train_step
 
 import sys
 devices = aot.topology_devices("v5p:2x2x1")
-mesh = sharding.make_mesh((1, 2, 2), devices=devices)
-family = sys.argv[1]  # llama | gemma (Gemma 3: sliding + global layers, soft-caps)
-make = testing.tiny_gemma_config if family == "gemma" else testing.tiny_model_config
+family = sys.argv[1]  # llama | gemma (Gemma 3: sliding + global layers, soft-caps) | moe
+if family == "moe":  # experts over an expert axis, their width over tensor
+    mesh = sharding.make_mesh((1, 1, 2, 2), sharding.KNOWN_AXES, devices=devices)
+else:
+    mesh = sharding.make_mesh((1, 2, 2), devices=devices)
+make = {"llama": testing.tiny_model_config, "gemma": testing.tiny_gemma_config,
+        "moe": testing.tiny_moe_config}[family]
 cfg = make(dtype="bfloat16", param_dtype="float32")
 abstract = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)))
 graphdef, p_state, o_state = nnx.split(abstract, nnx.Param, ...)
@@ -53,7 +57,7 @@ print("RESULT " + json.dumps({
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "moe"])
 def test_tiny_train_step_compiles_for_a_tpu_v5p_topology(family):
     try:
         env = aot.tpu_env()
