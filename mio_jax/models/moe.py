@@ -10,6 +10,15 @@ in (token, slot) order and summed with the routing weights.
 Routing follows transformers: router logits in the compute dtype, softmax in float32,
 top-k of the probabilities, renormalised over the chosen experts when `norm_topk_prob`
 (Mixtral always; Qwen3-MoE per its config), the weights cast to the compute dtype.
+
+Expert parallelism (a mesh with an `expert` axis of size EP > 1): inside `jax.shard_map`,
+each device gathers the tokens of its EP peers (all-gather over `expert`), computes the
+assignments that go to its own E / EP experts (the others' rows are left out of the
+grouped matmuls), and hands every peer back the sum for its tokens (reduce-scatter over
+`expert`); each expert's width stays split over `tensor` (a psum after the down
+projection) and its input width is gathered over `fsdp` as FSDP gathers every weight.
+A device so holds EP x its tokens, never the global batch (which GSPMD's own partitioning
+of the grouped matmul would gather), and still drops nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mio_jax.sharding import BATCH_AXES
 
 ROUTER_STATS = ("tokens", "expert_tokens", "expert_probs", "z_sum")
 
@@ -56,7 +68,7 @@ def route(x_nd, router_de, *, k: int, norm_topk_prob: bool):
 
 def moe_mlp(h_btd, router_de, gate_edf, up_edf, down_efd, *, k: int, norm_topk_prob: bool,
             act, token_weight_bt=None):
-    """The MoE MLP of one layer.
+    """The MoE MLP of one layer (expert-parallel under a mesh with an `expert` axis).
 
     Args:
       h_btd: normalised hidden states `[B, T, D]`.
@@ -71,21 +83,64 @@ def moe_mlp(h_btd, router_de, gate_edf, up_edf, down_efd, *, k: int, norm_topk_p
     """
     B, T, D = h_btd.shape
     E = router_de.shape[-1]
-    n = B * T
-    x = h_btd.reshape(n, D)
+    w = (jnp.ones((B, T), jnp.float32) if token_weight_bt is None
+         else token_weight_bt.astype(jnp.float32))
+    w = jax.lax.stop_gradient(w)
+    kw = dict(k=k, norm_topk_prob=norm_topk_prob, act=act)
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = 0 if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(
+        "expert", 1)
+    if ep <= 1 or E % ep:
+        x = h_btd.reshape(B * T, D)
+        out, stats = _local_moe(x, w.reshape(-1), router_de, gate_edf, up_edf, down_efd,
+                                first=0, **kw)
+        return out.reshape(B, T, D), stats
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    tensor = "tensor" if "tensor" in mesh.axis_names else None
+    f = gate_edf.shape[-1]
+    if tensor and f % dict(zip(mesh.axis_names, mesh.axis_sizes))["tensor"]:
+        tensor = None
+
+    def body(h, w, router, gate, up, down):
+        b, t, _ = h.shape
+        x_all = jax.lax.all_gather(h.reshape(b * t, D), "expert", tiled=True)
+        w_all = jax.lax.all_gather(w.reshape(-1), "expert", tiled=True)
+        first = jax.lax.axis_index("expert") * (E // ep)
+        out, stats = _local_moe(x_all, w_all, router, gate, up, down, first=first, **kw)
+        if tensor:
+            out = jax.lax.psum(out, tensor)
+        out = jax.lax.psum_scatter(out, "expert", tiled=True).reshape(b, t, D)
+        # every expert group saw the same gathered tokens: count them once
+        stats = jax.tree.map(lambda s: jax.lax.psum(s, rows) / ep, stats)
+        return out, stats
+
+    act_spec = P(rows, None, None)
+    out, stats = jax.shard_map(
+        body, in_specs=(act_spec, P(rows, None), P(), P("expert", None, tensor),
+                        P("expert", None, tensor), P("expert", tensor, None)),
+        out_specs=(act_spec, P()), check_vma=False)(h_btd, w, router_de, gate_edf, up_edf,
+                                                     down_efd)
+    return out, stats
+
+
+def _local_moe(x, w, router_de, gate_edf, up_edf, down_efd, *, first, k, norm_topk_prob, act):
+    """The MoE MLP of tokens `x [N, D]` (weights `w [N]` in the statistics) over the
+    experts `first .. first + len(gate_edf)` of the router's E: the output `[N, D]` holds
+    those experts' contributions (all of them when they are all the experts)."""
+    n, D = x.shape
+    E, local = router_de.shape[-1], gate_edf.shape[0]
     logits, probs, experts, weights = route(x, router_de, k=k, norm_topk_prob=norm_topk_prob)
-    flat = experts.reshape(-1)  # [N * k], token-major
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    flat = experts.reshape(-1) - first  # [N * k], token-major
+    mine = (flat >= 0) & (flat < local)
+    key = jnp.where(mine, flat, local)  # other devices' experts sort last, outside every group
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=local + 1)[:local].astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # the assignments grouped by expert
     gate = jax.lax.ragged_dot(xs, gate_edf, sizes)
     up = jax.lax.ragged_dot(xs, up_edf, sizes)
-    ys = jax.lax.ragged_dot(act(gate) * up, down_efd, sizes)
+    ys = jax.lax.ragged_dot(act(gate) * up, down_efd, sizes)  # rows past the groups: 0
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, D)
-    out = jnp.einsum("nkd,nk->nd", y, weights).reshape(B, T, D)
-    w = (jnp.ones((n,), jnp.float32) if token_weight_bt is None
-         else token_weight_bt.reshape(n).astype(jnp.float32))
-    w = jax.lax.stop_gradient(w)
+    out = jnp.einsum("nkd,nk->nd", y, weights * mine.reshape(n, k).astype(weights.dtype))
     one_hot = jax.nn.one_hot(experts, E, dtype=jnp.float32).sum(axis=1)  # [N, E]
     stats = RouterStats(
         tokens=jnp.sum(w),
