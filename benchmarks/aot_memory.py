@@ -363,7 +363,8 @@ def _worker(a) -> None:
                                        a.grad_accum or None, attention or None)
                 except Exception as e:  # noqa: BLE001 - reported in the table, run goes on
                     row = dict(model=model, mode=mode, hardware=a.hardware, devices=a.n,
-                               reference=reference,
+                               reference=reference, platform=a.platform,
+                               attention=attention or "layout's",
                                error=f"{type(e).__name__}: {str(e)[:500]}")
                 print("ROW " + json.dumps(row), flush=True)
 
@@ -381,7 +382,7 @@ def _table(rows) -> str:
         if "error" in r:
             error = r["error"].replace("|", "/")  # a pipe would split the table's cell
             out.append(f"{head} {r.get('platform', 'cpu')} | {r['reference']} | "
-                       f"error: {error} |")
+                       f"attention {r.get('attention', '?')}: error: {error} |")
             continue
         target = (r.get("device_kind", "") if r.get("platform") == "tpu"
                   else "XLA:CPU stand-in")

@@ -292,8 +292,8 @@ def _router_terms(stats, cfg: StepConfig, weight, loss_sum):
     Metrics: ``router/load_balancing_loss`` and ``router/z_loss`` (whether or not they
     are optimised); ``router/expert_load_max`` / ``_min``: the busiest and idlest expert's
     share of the assignments times the number of experts (1 = perfectly balanced);
-    ``router/assignments_per_token``: the experts each token reached, which is exactly
-    ``num_experts_per_tok`` when no token is dropped (dropless routing)."""
+    ``router/assignments_per_token``: the (token, expert) rows the grouped matmuls ran,
+    per token: exactly ``num_experts_per_tok`` when no token is dropped."""
     balance, z = moe_lib.load_balancing_loss(stats), moe_lib.z_loss(stats)
     if cfg.router_aux_loss_coef or cfg.router_z_loss_coef:
         loss_sum = loss_sum + weight * (cfg.router_aux_loss_coef * balance
@@ -302,7 +302,7 @@ def _router_terms(stats, cfg: StepConfig, weight, loss_sum):
     load = stats.expert_tokens * stats.expert_tokens.shape[-1] / jnp.maximum(assigned, 1.0)
     values = {"router/load_balancing_loss": balance, "router/z_loss": z,
               "router/expert_load_max": jnp.max(load), "router/expert_load_min": jnp.min(load),
-              "router/assignments_per_token": assigned / jnp.maximum(stats.tokens, 1.0)}
+              "router/assignments_per_token": stats.computed / jnp.maximum(stats.tokens, 1.0)}
     return loss_sum, {k: jax.lax.stop_gradient(v) * weight for k, v in values.items()}
 
 

@@ -217,6 +217,12 @@ def test_moe_sharded_over_data_fsdp_tensor_expert_equals_single_device():
                                     keys=("loss", "grad_norm", "rewards/margins",
                                           "logps/chosen", "logps/rejected"))
     _close_tree(p1, p8)
+    # the expert-parallel dispatch ran every assignment (k = 2 a token) and counted the
+    # router as one device does
+    for a, b in zip(h1, h8):
+        assert a["router/assignments_per_token"] == b["router/assignments_per_token"] == 2.0
+        np.testing.assert_allclose(b["router/load_balancing_loss"],
+                                   a["router/load_balancing_loss"], rtol=1e-4)
     specs = sharding.state_partition_specs(
         nnx.state(models.init_model(tiny_moe), nnx.Param), None, mesh)
     assert specs["layers"]["expert_gate"] == jax.sharding.PartitionSpec(

@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from mio_jax.sharding import BATCH_AXES
 
-ROUTER_STATS = ("tokens", "expert_tokens", "expert_probs", "z_sum")
 
 
 class RouterStats(NamedTuple):
@@ -42,12 +41,15 @@ class RouterStats(NamedTuple):
       expert_tokens: float32 `[E]`, assignments per expert (each token counts `k` times).
       expert_probs: float32 `[E]`, router probability summed per expert.
       z_sum: float32 scalar, sum over tokens of `logsumexp(router logits) ** 2`.
+      computed: float32 scalar, (token, expert) assignments that went through the grouped
+        matmuls (weighted like `tokens`): `k * tokens` when none was dropped.
     """
 
     tokens: jax.Array
     expert_tokens: jax.Array
     expert_probs: jax.Array
     z_sum: jax.Array
+    computed: jax.Array
 
 
 def route(x_nd, router_de, *, k: int, norm_topk_prob: bool):
@@ -110,8 +112,10 @@ def moe_mlp(h_btd, router_de, gate_edf, up_edf, down_efd, *, k: int, norm_topk_p
         if tensor:
             out = jax.lax.psum(out, tensor)
         out = jax.lax.psum_scatter(out, "expert", tiled=True).reshape(b, t, D)
-        # every expert group saw the same gathered tokens: count them once
-        stats = jax.tree.map(lambda s: jax.lax.psum(s, rows) / ep, stats)
+        # Every device of an expert group saw the group's tokens: count them once; each
+        # computed only its own experts' assignments: add those up.
+        stats = jax.tree.map(lambda s: jax.lax.psum(s, rows) / ep, stats)._replace(
+            computed=jax.lax.psum(stats.computed, rows))
         return out, stats
 
     act_spec = P(rows, None, None)
@@ -142,11 +146,14 @@ def _local_moe(x, w, router_de, gate_edf, up_edf, down_efd, *, first, k, norm_to
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, D)
     out = jnp.einsum("nkd,nk->nd", y, weights * mine.reshape(n, k).astype(weights.dtype))
     one_hot = jax.nn.one_hot(experts, E, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    in_groups = jnp.arange(n * k) < jnp.sum(sizes)  # sorted rows the grouped matmuls ran
+    row_weight = jnp.take(jnp.repeat(w, k), order)
     stats = RouterStats(
         tokens=jnp.sum(w),
         expert_tokens=jax.lax.stop_gradient(jnp.einsum("n,ne->e", w, one_hot)),
         expert_probs=jnp.einsum("n,ne->e", w, probs),
-        z_sum=jnp.sum(w * jnp.square(jax.nn.logsumexp(logits, axis=-1))))
+        z_sum=jnp.sum(w * jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        computed=jax.lax.stop_gradient(jnp.sum(jnp.where(in_groups, row_weight, 0.0))))
     return out, stats
 
 
@@ -154,7 +161,7 @@ def zero_stats(num_experts: int) -> RouterStats:
     """Statistics of no tokens (a dense model's, or the start of a sum)."""
     z = jnp.zeros((), jnp.float32)
     return RouterStats(z, jnp.zeros((num_experts,), jnp.float32),
-                       jnp.zeros((num_experts,), jnp.float32), z)
+                       jnp.zeros((num_experts,), jnp.float32), z, z)
 
 
 def load_balancing_loss(stats: RouterStats) -> jax.Array:

@@ -89,7 +89,7 @@ def test_router_statistics_and_auxiliary_losses_in_closed_form():
     _, stats = moe.moe_mlp(x, router, gate, up, down, k=1, norm_topk_prob=False,
                            act=jax.nn.silu, token_weight_bt=jnp.asarray([[1.0, 0.0]]))
     p0 = np.exp([2.0, 0.0, 0.0]) / np.exp([2.0, 0.0, 0.0]).sum()
-    assert float(stats.tokens) == 1.0
+    assert float(stats.tokens) == 1.0 and float(stats.computed) == 1.0
     np.testing.assert_array_equal(stats.expert_tokens, [1.0, 0.0, 0.0])
     np.testing.assert_allclose(stats.expert_probs, p0, rtol=1e-6)
     lse = np.log(np.exp([2.0, 0.0, 0.0]).sum())
@@ -115,7 +115,8 @@ def test_every_token_is_routed_to_k_experts_and_none_is_dropped(moe_models):
                                                        with_router_stats=True))(model, ids, mask)
     real, layers, k = int(mask.sum()), model.cfg.num_hidden_layers, model.cfg.num_experts_per_tok
     assert float(stats.tokens) == real * layers  # padding tokens do not count
-    assert float(stats.expert_tokens.sum()) == real * layers * k  # dropped: 0
+    assert float(stats.expert_tokens.sum()) == real * layers * k
+    assert float(stats.computed) == real * layers * k  # rows the grouped matmuls ran: none dropped
     np.testing.assert_allclose(float(stats.expert_probs.sum()), real * layers, rtol=1e-5)
 
 
