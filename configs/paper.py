@@ -61,6 +61,16 @@ MODELS = {
 # (the rest of the layout's fsdp devices stay fsdp; the batch is split over both).
 MIXTURES = ("qwen3_30b_a3b",)
 EXPERT_PARALLEL = 8
+# The larger models' full fine-tuning, sized by the TPU compiler's own memory analysis
+# (docs/benchmarks/README.md section 3c): what changes from the hardware layout, and the
+# layouts they do not fit (with the measured peak per chip).
+MODEL_LAYOUTS = {
+    ("gemma3_27b", "v5p-64"): dict(grad_accum_steps=4),  # 75.3 GB of 95 (2 pairs: 122.4)
+}
+DOES_NOT_FIT = {
+    ("gemma3_27b", "v6e-32"): "33.1 GB a chip of 32 at 1 pair a micro-batch with full remat",
+    ("gemma3_27b", "v4-64"): "as on v6e-32 (32 GB chips; 33.1 GB a chip measured there)",
+}
 # mesh (data, fsdp, tensor), global pairs per step, micro-batches per step, remat policy,
 # attention, and the memory of one device (GB) the layout is sized for.
 # Full fine-tuning, sized with benchmarks/aot_memory.py (docs/benchmarks/README.md section 3)
@@ -154,7 +164,13 @@ def get_config(arg="llama3_8b,mio,v5p-64"):
       ValueError: an unknown part, or a tuning mode the hardware layout does not fit.
     """
     model, loss, hw, mode, runlocal = _parse(arg)
+    if mode == "full" and (model, hw) in DOES_NOT_FIT:
+        raise ValueError(f"configs/paper.py: {arg!r} does not fit: full fine-tuning of {model} "
+                         f"on {hw} needs {DOES_NOT_FIT[model, hw]}; use v5p-64, or add "
+                         "',lora' on a layout that offers it")
     h = dict(HARDWARE[hw], **MODES[hw][mode])
+    if mode == "full":
+        h.update(MODEL_LAYOUTS.get((model, hw), {}))
     c = mio_config.base_config()
     c.seed = 0
     c.model.path = MODELS[model]

@@ -248,8 +248,21 @@ def _shipped():
             for opt in ("", ",lora", ",runlocal", ",lora,runlocal")]
     out += [("paper.py", f"{m},{loss},{hw}{'' if mode == 'full' else ',' + mode}{run}",
              *devices[hw]) for m in paper.MODELS for loss in ("mio", "dpo")
-            for hw, modes in paper.MODES.items() for mode in modes for run in ("", ",runlocal")]
+            for hw, modes in paper.MODES.items() for mode in modes for run in ("", ",runlocal")
+            if not (mode == "full" and (m, hw) in paper.DOES_NOT_FIT)]
     return out
+
+
+def test_paper_models_that_do_not_fit_a_layout_are_refused_with_the_measured_peak():
+    from configs import paper
+
+    for (model, hw), why in paper.DOES_NOT_FIT.items():
+        with pytest.raises(ValueError, match=f"does not fit: full fine-tuning of {model} on "
+                                             f"{hw} needs"):
+            paper.get_config(f"{model},mio,{hw}")
+    moe = paper.get_config("qwen3_30b_a3b,mio,v5p-64")
+    assert moe.mesh.axes == ("data", "fsdp", "tensor", "expert") and moe.mesh.shape == (1, 4, 1, 8)
+    assert paper.get_config("gemma3_27b,mio,v5p-64").train.grad_accum_steps == 4
 
 
 def test_every_shipped_config_loads_resolves_and_validates():
