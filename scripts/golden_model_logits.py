@@ -60,6 +60,21 @@ CASES = {
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
+    # A multimodal Gemma 3 (Gemma3ForConditionalGeneration: the gemma3 text model beside a
+    # one-layer SigLIP tower): mio_jax reads its language model; the logits of text input.
+    "gemma3_mm": (transformers.Gemma3Config, dict(
+        text_config=dict(
+            {k: v for k, v in COMMON.items() if k not in ("bos_token_id", "eos_token_id",
+                                                          "pad_token_id")},
+            head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}}),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=95, boi_token_index=93, eoi_token_index=94,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     # Mixtures of experts: 6 and 4 experts, 2 per token (each token's pair differs, so a
     # wrong routing shows); Qwen3-MoE renormalises the chosen probabilities by its flag,
     # Mixtral always.
@@ -77,7 +92,8 @@ CASES = {
 # at the Llama cases' scale (unit embeddings would give logits of +-60, every cap saturated
 # and greedy runs that repeat the last token).
 GEMMA_WEIGHTS = {"norm_center": 0.0, "embed_std": COMMON["hidden_size"] ** -0.5}
-WEIGHTS = {"gemma": GEMMA_WEIGHTS, "gemma2": GEMMA_WEIGHTS, "gemma3": GEMMA_WEIGHTS}
+WEIGHTS = {"gemma": GEMMA_WEIGHTS, "gemma2": GEMMA_WEIGHTS, "gemma3": GEMMA_WEIGHTS,
+           "gemma3_mm": GEMMA_WEIGHTS}
 
 
 def tensor_value(name, shape, seed=SEED, norm_center=1.0, embed_std=1.0):
@@ -96,7 +112,10 @@ def tensor_value(name, shape, seed=SEED, norm_center=1.0, embed_std=1.0):
 def build(case):
     cls, kwargs = CASES[case]
     config = cls(**kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    cls = (transformers.Gemma3ForConditionalGeneration if isinstance(config, transformers.Gemma3Config)
+           else transformers.AutoModelForCausalLM)
+    model = cls.from_config(config, attn_implementation="eager") if cls is not \
+        transformers.Gemma3ForConditionalGeneration else cls(config)
     model.eval()
     tmp = tempfile.mkdtemp()
     model.save_pretrained(tmp)
@@ -114,7 +133,7 @@ def build(case):
     else:  # saved under other names than the module's (MoE experts, fused in memory)
         save_file({n: t.contiguous() for n, t in state.items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        model, info = type(model).from_pretrained(
             tmp, output_loading_info=True, attn_implementation="eager")
         assert not any(info.values()), info
         model.eval()

@@ -35,6 +35,23 @@ _ARCHITECTURES = {
 }
 MOE_TYPES = ("qwen3_moe", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# Multimodal checkpoints whose language model is read as a text decoder:
+# model_type -> (the text model's model_type, its architecture).
+MULTIMODAL = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The config of the text decoder a config.json describes: itself, or a multimodal
+    checkpoint's (`Gemma3ForConditionalGeneration`) `text_config`, with the top level's
+    token ids where the text part lacks them."""
+    known = MULTIMODAL.get(hf.get("model_type"))
+    if known is None or "text_config" not in hf:
+        return hf
+    text = dict(hf["text_config"], model_type=known[0], architectures=[known[1]])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key in hf and key not in hf["text_config"]:
+            text[key] = hf[key]
+    return text
 # The MLP's gate activation: SiLU (SwiGLU, the Llama family) or GELU's tanh form (GeGLU,
 # Gemma; HF's "gelu_pytorch_tanh", which Gemma 1's legacy "gelu" also means).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -176,11 +193,13 @@ class ModelConfig:
 
         Args:
           hf: the parsed config.json (transformers 4 `rope_theta`/`rope_scaling` or
-            transformers 5 `rope_parameters` layout).
+            transformers 5 `rope_parameters` layout; a multimodal Gemma 3's gives its
+            language model, `text_config`).
           **overrides: ModelConfig fields to set (dtype, param_dtype, scan_layers, ...).
         Returns:
           ModelConfig. Raises ValueError naming the key for unsupported families/options.
         """
+        hf = text_config(hf)
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or []
         if model_type not in _FAMILIES:

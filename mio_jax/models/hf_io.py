@@ -94,6 +94,32 @@ class _SafetensorsSource:
         return self.where[name].get(name)
 
 
+class _PrefixedSource:
+    """The tensors of `source` under `prefix`, named without it (a multimodal checkpoint's
+    language model); the others (a vision tower, a projector) are not seen."""
+
+    def __init__(self, source, prefix: str):
+        self.source, self.prefix = source, prefix
+        self.whole_tensor_reads = source.whole_tensor_reads
+        self.names = {k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)}
+
+    def keys(self):
+        return self.names.keys()
+
+    def describe(self, name: str) -> str:
+        return self.source.describe(self.names[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self.names[name])
+
+    def get(self, name: str) -> np.ndarray:
+        return self.source.get(self.names[name])
+
+
+# The prefix of a multimodal checkpoint's language-model tensors (config.MULTIMODAL).
+LANGUAGE_MODEL_PREFIX = {"gemma3": "language_model."}
+
+
 def _is_gguf(path: str) -> bool:
     """True for a `.gguf` file, False for a folder; pickle files and missing GGUFs raise."""
     if path.endswith(_PICKLE_SUFFIXES):
@@ -127,7 +153,14 @@ def _open(path: str):
 
         tensors = GGUFTensors(path)
         return tensors.config, tensors
-    return _folder_config(path), _SafetensorsSource(path)
+    hf_cfg = _folder_config(path)
+    source = _SafetensorsSource(path)
+    prefix = LANGUAGE_MODEL_PREFIX.get(hf_cfg.get("model_type"), "")
+    if prefix and "text_config" in hf_cfg:
+        logging.info("%s: a multimodal checkpoint; its language model (%s*) is read as a "
+                     "text decoder, the other tensors are not loaded", path, prefix)
+        source = _PrefixedSource(source, prefix)
+    return hf_cfg, source
 
 
 def _folder_config(path: str) -> dict[str, Any]:
@@ -238,7 +271,9 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, rules: Rule
 
     Args:
       path: folder, `.gguf` file, or "smollm2" (the embedded SmolLM2 GGUF). Pickle
-        checkpoints (`.bin`, `.pt`) are refused.
+        checkpoints (`.bin`, `.pt`) are refused. A multimodal Gemma 3 folder
+        (`Gemma3ForConditionalGeneration`) gives its language model (the vision tower is
+        not loaded; `save_pretrained` then writes a text-only `Gemma3ForCausalLM`).
       dtype: compute dtype ("float32" | "bfloat16"); also the parameter dtype unless
         `param_dtype` is given.
       mesh: optional jax.sharding.Mesh; parameters are created sharded on it by `rules`.

@@ -32,6 +32,16 @@ def tensor_value(name, shape, seed=GOLDEN["seed"], norm_center=1.0, embed_std=1.
     return (noise / np.sqrt(shape[-1])).astype(np.float32)
 
 
+def language_model_tensors(case: str) -> dict:
+    """Name -> shape of the text decoder's tensors in golden case `case`: all of them, or
+    a multimodal checkpoint's language model, named as the text model names them."""
+    spec = GOLDEN["cases"][case]
+    if spec["config"].get("model_type") != "gemma3":
+        return spec["tensors"]
+    prefix = "language_model."
+    return {n[len(prefix):]: s for n, s in spec["tensors"].items() if n.startswith(prefix)}
+
+
 def write_case(case: str, folder: str) -> str:
     """Writes golden case `case` as an HF folder (config.json + model.safetensors)."""
     spec = GOLDEN["cases"][case]
