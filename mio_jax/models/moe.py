@@ -90,17 +90,21 @@ def moe_mlp(h_btd, router_de, gate_edf, up_edf, down_efd, *, k: int, norm_topk_p
     w = jax.lax.stop_gradient(w)
     kw = dict(k=k, norm_topk_prob=norm_topk_prob, act=act)
     mesh = jax.sharding.get_abstract_mesh()
-    ep = 0 if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(
-        "expert", 1)
-    if ep <= 1 or E % ep:
+    sizes = {} if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    ep = sizes.get("expert", 1)
+    rows = tuple(a for a in BATCH_AXES if a in sizes)
+    split = 1
+    for a in rows:
+        split *= sizes[a]
+    # The dispatch needs the experts and the rows to split evenly (a decode batch smaller
+    # than the mesh's batch split, say, runs GSPMD's partitioning of the same computation).
+    if ep <= 1 or E % ep or B % split:
         x = h_btd.reshape(B * T, D)
         out, stats = _local_moe(x, w.reshape(-1), router_de, gate_edf, up_edf, down_efd,
                                 first=0, **kw)
         return out.reshape(B, T, D), stats
-    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    tensor = "tensor" if "tensor" in mesh.axis_names else None
-    f = gate_edf.shape[-1]
-    if tensor and f % dict(zip(mesh.axis_names, mesh.axis_sizes))["tensor"]:
+    tensor = "tensor" if "tensor" in sizes else None
+    if tensor and gate_edf.shape[-1] % sizes["tensor"]:
         tensor = None
 
     def body(h, w, router, gate, up, down):
