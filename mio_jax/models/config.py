@@ -38,6 +38,17 @@ GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 # Multimodal checkpoints whose language model is read as a text decoder:
 # model_type -> (the text model's model_type, its architecture).
 MULTIMODAL = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+# The MLP's gate activation: SiLU (SwiGLU, the Llama family) or GELU's tanh form (GeGLU,
+# Gemma; HF's "gelu_pytorch_tanh", which Gemma 1's legacy "gelu" also means).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+# "xla": attention written out in jnp (any backend and dtype; materialises the scores).
+# "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16 compute).
+# "splash": the Pallas splash kernel (TPU; mio_jax.models.splash says which layouts it runs).
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -52,22 +63,11 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
         if key in hf and key not in hf["text_config"]:
             text[key] = hf[key]
     return text
-# The MLP's gate activation: SiLU (SwiGLU, the Llama family) or GELU's tanh form (GeGLU,
-# Gemma; HF's "gelu_pytorch_tanh", which Gemma 1's legacy "gelu" also means).
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-LAYER_TYPES = ("full_attention", "sliding_attention")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "nothing_saveable")
-DTYPES = ("float32", "bfloat16", "float16")
-# "xla": attention written out in jnp (any backend and dtype; materialises the scores).
-# "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bfloat16/float16 compute).
-# "splash": the Pallas splash kernel (TPU; mio_jax.models.splash says which layouts it runs).
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder of the Llama or Gemma families.
+    """Shape and numerics of a decoder of the Llama, Gemma or mixture-of-experts families.
 
     Fields mirror Hugging Face names where one exists. `dtype` is the compute dtype,
     `param_dtype` the storage dtype of the parameters; `scan_layers`, `remat_policy` and
