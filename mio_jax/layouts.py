@@ -300,26 +300,33 @@ def _unshared_hidden(model, batch: PreferenceBatch):
 
 
 def token_logps(model, batch: Batch, *, chunk_size: int = logps_lib.DEFAULT_CHUNK_SIZE,
-                with_entropy: bool = False) -> logps_lib.TokenStats:
+                with_entropy: bool = False, with_router: bool = False):
     """Per-token log-prob of each target token under ``model`` (0 where ``loss_mask`` is 0),
     and with ``with_entropy`` each position's entropy (no gradient): what policy-gradient
     losses read. ``[B, K, L]`` for the unshared layout; a row layout's values are placed
     by ``token_table`` at the same ``[b, k, position]`` as unshared, in a ``[B, K, X]``
     table (X the row length).
+
+    Returns:
+      ``logps.TokenStats``; with ``with_router``, ``(TokenStats, router statistics of a
+      mixture of experts or None)`` (as ``SequenceLogps.router``).
     """
     if isinstance(batch, PreferenceBatch):
-        return logps_lib.token_stats_from_hidden(
-            _unshared_hidden(model, batch)[0], model.output_matrix(), batch.targets,
-            batch.loss_mask, chunk_size=chunk_size, with_entropy=with_entropy, validate=False,
+        hidden, router = _unshared_hidden(model, batch)
+        stats = logps_lib.token_stats_from_hidden(
+            hidden, model.output_matrix(), batch.targets, batch.loss_mask,
+            chunk_size=chunk_size, with_entropy=with_entropy, validate=False,
             softcap=model.cfg.final_logit_softcapping)
-    hidden = model.hidden_states(batch.input_ids, **batch.model_inputs())
-    stats = logps_lib.token_stats_from_hidden(
-        hidden, model.output_matrix(), batch.targets, batch.loss_mask, chunk_size=chunk_size,
-        with_entropy=with_entropy, validate=False,
+    else:
+        hidden, router = _hidden(model, batch.input_ids, **batch.model_inputs())
+        rows = logps_lib.token_stats_from_hidden(
+            hidden, model.output_matrix(), batch.targets, batch.loss_mask,
+            chunk_size=chunk_size, with_entropy=with_entropy, validate=False,
             softcap=model.cfg.final_logit_softcapping)
-    return logps_lib.TokenStats(
-        token_table(stats.logps_bt, batch), None,
-        None if stats.entropy_bt is None else token_table(stats.entropy_bt, batch))
+        stats = logps_lib.TokenStats(
+            token_table(rows.logps_bt, batch), None,
+            None if rows.entropy_bt is None else token_table(rows.entropy_bt, batch))
+    return (stats, router) if with_router else stats
 
 
 def token_table(values, batch: Batch):

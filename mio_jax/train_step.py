@@ -223,7 +223,8 @@ def _policy_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
     model = nnx.merge(graphdef, params, consts.other)
     if hasattr(model, "set_adapters"):
         model.set_adapters(True, dropout_key)
-    stats = layouts.token_logps(model, batch, chunk_size=cfg.chunk_size, with_entropy=True)
+    stats, router = layouts.token_logps(model, batch, chunk_size=cfg.chunk_size,
+                                        with_entropy=True, with_router=True)
     tok = stats.logps_bt
     b, k, l = tok.shape
 
@@ -239,6 +240,9 @@ def _policy_sums(params, graphdef, consts: StepConsts, batch: layouts.Batch,
     micro_weight = jnp.sum(w_b)
     loss_sum = loss * totals["weight"]
     sums = {key: jnp.nan_to_num(v.astype(jnp.float32)) * micro_weight for key, v in metrics.items()}
+    if router is not None:  # (a micro-batch's router terms weigh as its share of the step)
+        loss_sum, router_sums = _router_terms(router, cfg, micro_weight, loss_sum)
+        sums.update(router_sums)
     sums["loss"] = jax.lax.stop_gradient(loss_sum)
     return loss_sum, (sums, _counts(batch, w_b), micro_weight)
 

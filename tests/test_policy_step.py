@@ -30,8 +30,8 @@ def _samples(n, seed=0, g=G):
     return out
 
 
-def _model():
-    model = models.init_model(testing.tiny_model_config(), seed=0)
+def _model(model_cfg=None):
+    model = models.init_model(model_cfg or testing.tiny_model_config(), seed=0)
     graphdef, p, o = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(p), nnx.to_pure_dict(o)
 
@@ -51,8 +51,8 @@ def _cfg(loss_type="grpo", **kw):
 LR = 1e-2
 
 
-def _step(cfg, batch, lr=LR):
-    graphdef, params, other = _model()
+def _step(cfg, batch, lr=LR, model_cfg=None):
+    graphdef, params, other = _model(model_cfg)
     tx, sched = optim.make_optimizer(learning_rate=lr, total_steps=10, warmup_steps=0,
                                      schedule="constant", max_grad_norm=0.0)
     fn = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx,
@@ -69,14 +69,14 @@ def ro():
     return out
 
 
-def _tables(ro, spread=0.3, seed=1):
+def _tables(ro, spread=0.3, seed=1, model_cfg=None):
     """Old-policy and reference tables near the model's own token log-probs (within
     +-`spread`, so some ratios fall outside 1 +- epsilon and are clipped), as in a round: a
     table far from the policy (the random tiny model's log-probs are near -30) makes
     exp(ref - logp) and exp(logp - old) of size e^30 whose products cancel, and leaves a
     gradient at rounding level that no float32 comparison can hold."""
     rng = np.random.default_rng(seed)
-    graphdef, params, other = _model()
+    graphdef, params, other = _model(model_cfg)
     batch = _batch(ro, np.arange(len(ro.groups)))
     logps = np.asarray(layouts.token_logps(nnx.merge(graphdef, params, other), batch,
                                            chunk_size=40).logps_bt)
@@ -126,6 +126,19 @@ def test_step_loss_is_policy_loss_of_the_models_token_logps(ro, loss_type):
 
 
 @pytest.mark.rounding
+def test_a_mixture_of_experts_logs_its_router_and_adds_its_losses_when_asked(ro):
+    """A GRPO step on the tiny Qwen3-MoE: the router metrics ride on the step as on a
+    preference step, and the load-balancing / z losses enter the loss with their weights."""
+    moe = testing.tiny_moe_config()
+    batch = _batch(ro, np.arange(len(ro.groups)), **_tables(ro, model_cfg=moe))
+    _, off = _step(_cfg(), batch, model_cfg=moe)
+    _, on = _step(_cfg(router_aux_loss_coef=0.5, router_z_loss_coef=0.1), batch, model_cfg=moe)
+    assert off["router/assignments_per_token"] == 2.0
+    assert on["router/load_balancing_loss"] == off["router/load_balancing_loss"] > 0
+    np.testing.assert_allclose(on["loss"], off["loss"] + 0.5 * off["router/load_balancing_loss"]
+                               + 0.1 * off["router/z_loss"], rtol=1e-5, atol=1e-7)
+
+
 def test_padding_groups_and_micro_batches_change_nothing(ro):
     tables = _tables(ro)
     cfg = _cfg("grpo")
