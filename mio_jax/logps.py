@@ -225,22 +225,23 @@ _stats_from_logits.defvjp(_stats_from_logits_fwd, _stats_from_logits_bwd)
 # ---- from hidden states ----------------------------------------------------
 
 
-def _cap(z, softcap):
-    """Soft-capped logits `softcap * tanh(z / softcap)` (None: `z`)."""
-    return z if softcap is None else jnp.tanh(z / softcap) * softcap
+def soft_cap(x, cap: float | None):
+    """`cap * tanh(x / cap)` (Gemma's soft-capping of scores and logits), or `x` when
+    `cap` is None."""
+    return x if not cap else jnp.tanh(x / cap) * cap
 
 
 def _project(hidden_nd, w_cd, cd, softcap=None):
     # Inputs stay in their own (common) dtype, accumulation is in float32 or wider.
     common = jnp.result_type(hidden_nd.dtype, w_cd.dtype)
     z = jnp.matmul(hidden_nd.astype(common), w_cd.astype(common).T, preferred_element_type=cd)
-    return _cap(z, softcap)
+    return soft_cap(z, softcap)
 
 
 def _target_logit(hidden_nd, out_vd, targets_n, cd, softcap=None):
     rows_nd = jnp.take(out_vd, targets_n, axis=0)
     common = jnp.result_type(hidden_nd.dtype, out_vd.dtype)
-    return _cap(jnp.einsum(
+    return soft_cap(jnp.einsum(
         "nd,nd->n", hidden_nd.astype(common), rows_nd.astype(common), preferred_element_type=cd
     ), softcap)
 
@@ -280,7 +281,7 @@ def _stats_from_hidden_bwd(chunk, softcap, res, cts):
         # d log p_target / d z_v = 1[v = target] - p_v; the indicator is added below. With
         # a soft-cap, the logit is c tanh(u / c) of the projection u: times 1 - tanh^2.
         u = _project(h, w, cd)
-        d_nc = -g[:, None] * jnp.exp(_cap(u, softcap) - lse[:, None])
+        d_nc = -g[:, None] * jnp.exp(soft_cap(u, softcap) - lse[:, None])
         if softcap is not None:
             d_nc = d_nc * (1.0 - jnp.square(jnp.tanh(u / softcap)))
         d_nc = d_nc.astype(common)

@@ -99,7 +99,7 @@ class _PrefixedSource:
     language model); the others (a vision tower, a projector) are not seen."""
 
     def __init__(self, source, prefix: str):
-        self.source, self.prefix = source, prefix
+        self.source = source
         self.whole_tensor_reads = source.whole_tensor_reads
         self.names = {k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)}
 

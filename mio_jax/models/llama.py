@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mio_jax.logps import soft_cap
 from mio_jax.models import lora as lora_lib
 from mio_jax.models import moe as moe_lib
 from mio_jax.models.splash import splash_attention
@@ -483,11 +484,6 @@ def _real_tokens(pad_bt, full_bts, segment_ids_bt):
     return None
 
 
-def soft_cap(x, cap: float | None):
-    """`cap * tanh(x / cap)` (Gemma's soft-capping), or `x` when `cap` is None."""
-    return x if not cap else jnp.tanh(x / cap) * cap
-
-
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
@@ -646,15 +642,20 @@ class Decoder(nnx.Module):
         has; `mask_kw` and the window arguments as `build_mask`."""
         cfg = self.cfg
 
-        def one(sliding: bool):
-            mask = build_mask(B, T, S, q_slots_bt=q_slots_bt,
+        def mask(sliding: bool):
+            return build_mask(B, T, S, q_slots_bt=q_slots_bt,
                               sliding_window=cfg.sliding_window if sliding else None,
                               window_positions=window_positions, **mask_kw)
-            return (*rope_tables(cfg, positions_bt, local=sliding), mask)
 
-        if cfg.mixed_layers:
-            return LayerInputs(*one(False), local=one(True))
-        return LayerInputs(*one(cfg.sliding_layers()[0]))
+        if not cfg.mixed_layers:
+            sliding = cfg.sliding_layers()[0]
+            return LayerInputs(*rope_tables(cfg, positions_bt, local=sliding), mask(sliding))
+        cos, sin = rope_tables(cfg, positions_bt)
+        if cfg.rope_local_theta is not None:  # Gemma 3: the sliding layers' own base
+            local = (*rope_tables(cfg, positions_bt, local=True), mask(True))
+        else:  # Gemma 2: one table for both kinds
+            local = (cos, sin, mask(True))
+        return LayerInputs(cos, sin, mask(False), local=local)
 
     def _layer_fn(self, inputs: LayerInputs, index=None):
         cfg, rules, on = self.cfg, self.rules, self._lora_on()

@@ -14,10 +14,9 @@ from flax import nnx
 
 from mio_jax import testing, train_step
 from mio_jax.data import batching, shared_prompt
-from mio_jax.data.tokenize import TokenizedGroup
 from mio_jax.models import ModelConfig, init_model, load_pretrained
 from mio_jax.models import moe
-from tiny_checkpoints import GOLDEN, write_case
+from tiny_checkpoints import GOLDEN, policy_logps, random_groups, write_case
 
 
 def test_config_fields_read_from_hf():
@@ -120,19 +119,6 @@ def test_every_token_is_routed_to_k_experts_and_none_is_dropped(moe_models):
     np.testing.assert_allclose(float(stats.expert_probs.sum()), real * layers, rtol=1e-5)
 
 
-def _groups(n, vocab, K, seed):
-    rng = np.random.default_rng(seed)
-    return [TokenizedGroup(row_id=f"g{i}", prompt_ids=rng.integers(5, vocab, int(
-        rng.integers(2, 7))).astype(np.int32), completion_ids=tuple(
-            rng.integers(5, vocab, int(rng.integers(2, 7))).astype(np.int32) for _ in range(K)))
-        for i in range(n)]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _logps(graphdef, params, other, batch, cfg):
-    return train_step.policy_logps(graphdef, params, other, batch, cfg).logps
-
-
 @pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
 def test_every_layout_gives_the_unshared_logps(moe_models, case):
     """Dropless routing is per token: shared-prompt and packed rows give each sequence's
@@ -140,13 +126,13 @@ def test_every_layout_gives_the_unshared_logps(moe_models, case):
     graphdef, params, other = nnx.split(moe_models[case], nnx.Param, ...)
     cfg = train_step.StepConfig(loss_name="mio", beta=0.1, chunk_size=40, reference="frozen",
                                 lengths=True)
-    groups = _groups(4, 96, 2, seed=1)
+    groups = random_groups(4, 2, seed=1)
     unshared = batching.collate(groups, np.arange(4), K=2, L=14)
-    want = np.asarray(_logps(graphdef, params, other, unshared, cfg))
+    want = np.asarray(policy_logps(graphdef, params, other, unshared, cfg))
     assert np.all(want < -1.0)
     for batch in (shared_prompt.to_shared_prompt(unshared, multiple=8),
                   batching.pack(groups, np.arange(4), K=2, R=4, L=32)):
-        np.testing.assert_allclose(np.asarray(_logps(graphdef, params, other, batch, cfg)),
+        np.testing.assert_allclose(np.asarray(policy_logps(graphdef, params, other, batch, cfg)),
                                    want, rtol=2e-6, atol=2e-5)
 
 

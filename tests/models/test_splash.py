@@ -3,7 +3,6 @@ written-out attention: forward and gradients for the causal, padded, packed, sli
 soft-capped cases, alone, inside a model, and under a mesh."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,9 @@ from flax import nnx
 
 from mio_jax import sharding, testing, train_step
 from mio_jax.data import batching
-from mio_jax.data.tokenize import TokenizedGroup
 from mio_jax.models import init_model, llama
 from mio_jax.models.splash import block_size, splash_attention
+from tiny_checkpoints import policy_logps, random_groups
 
 B, T, H, KV, HD = 2, 128, 4, 2, 32
 
@@ -80,26 +79,13 @@ def test_lengths_the_kernel_cannot_tile_are_refused():
         block_size(200)
 
 
-def _groups(n, K, seed):
-    rng = np.random.default_rng(seed)
-    return [TokenizedGroup(row_id=f"g{i}", prompt_ids=rng.integers(5, 96, int(
-        rng.integers(5, 30))).astype(np.int32), completion_ids=tuple(
-            rng.integers(5, 96, int(rng.integers(5, 30))).astype(np.int32) for _ in range(K)))
-        for i in range(n)]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _logps(graphdef, params, other, batch, cfg):
-    return train_step.policy_logps(graphdef, params, other, batch, cfg).logps
-
-
 def test_a_gemma_model_gives_the_same_logps_and_step_with_splash():
     """The tiny Gemma 3 (a sliding layer of window 4, a global one, soft-caps): the
     unshared and packed layouts give the written-out attention's log-probs with splash
     (and their gradients, packed), on one device and under a (data, fsdp, tensor) mesh
     (the kernel inside shard_map)."""
     xla = testing.tiny_gemma_config()
-    groups = _groups(4, 2, seed=3)
+    groups = random_groups(4, 2, seed=3, lengths=(5, 30))
     unshared = batching.collate(groups, np.arange(4), K=2, L=128)
     packed = batching.pack(groups, np.arange(4), K=2, R=4, L=128)
     cfg = train_step.StepConfig(loss_name="mio", beta=0.1, chunk_size=48, reference="frozen")
@@ -108,8 +94,8 @@ def test_a_gemma_model_gives_the_same_logps_and_step_with_splash():
     splash_model = init_model(dataclasses.replace(xla, attention="splash"), seed=0)
     graphdef_s = nnx.graphdef(splash_model)
     for batch in (unshared, packed):
-        want = np.asarray(_logps(graphdef, params, other, batch, cfg))
-        got = np.asarray(_logps(graphdef_s, params, other, batch, cfg))
+        want = np.asarray(policy_logps(graphdef, params, other, batch, cfg))
+        got = np.asarray(policy_logps(graphdef_s, params, other, batch, cfg))
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-5)
     grad = jax.jit(jax.grad(lambda p, g: jnp.sum(train_step.policy_logps(
         g, p, other, packed, cfg).logps)), static_argnums=1)
@@ -118,6 +104,6 @@ def test_a_gemma_model_gives_the_same_logps_and_step_with_splash():
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
     mesh = sharding.make_mesh((2, 2, 2))
     with jax.set_mesh(mesh):
-        got = np.asarray(_logps(graphdef_s, params, other, unshared, cfg))
-    np.testing.assert_allclose(got, np.asarray(_logps(graphdef, params, other, unshared, cfg)),
+        got = np.asarray(policy_logps(graphdef_s, params, other, unshared, cfg))
+    np.testing.assert_allclose(got, np.asarray(policy_logps(graphdef, params, other, unshared, cfg)),
                                rtol=2e-6, atol=2e-5)

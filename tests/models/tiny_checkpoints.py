@@ -1,16 +1,22 @@
-"""Tiny checkpoints and a tiny tokenizer for the model tests (no torch, no network).
+"""Tiny checkpoints and a tiny tokenizer for the model tests (no torch, no network), and
+the random groups and jitted log-probs the layout tests of several families share.
 
 The weights are those of scripts/golden_model_logits.py: drawn per tensor name from numpy,
 written with the reference `safetensors.numpy` writer under the names and shapes that
 transformers saved (stored in golden_logits.json).
 """
 
+import functools
 import json
 import os
 import zlib
 
+import jax
 import numpy as np
 import safetensors.numpy
+from mio_jax import train_step
+from mio_jax.data.tokenize import TokenizedGroup
+from mio_jax.testing import VOCAB
 from mio_jax.testing import tiny_tokenizer  # noqa: F401  (re-exported for the model tests)
 
 GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden_logits.json")
@@ -53,3 +59,20 @@ def write_case(case: str, folder: str) -> str:
     safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"),
                                 metadata={"format": "pt"})
     return folder
+
+
+def random_groups(n: int, K: int, seed: int, *, lengths=(2, 7)) -> list[TokenizedGroup]:
+    """`n` groups of a prompt and `K` completions, token ids in [5, VOCAB), each length
+    drawn from `lengths` (numpy's half-open range)."""
+    rng = np.random.default_rng(seed)
+    return [TokenizedGroup(row_id=f"g{i}", prompt_ids=rng.integers(5, VOCAB, int(
+        rng.integers(*lengths))).astype(np.int32), completion_ids=tuple(
+            rng.integers(5, VOCAB, int(rng.integers(*lengths))).astype(np.int32)
+            for _ in range(K)))
+        for i in range(n)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def policy_logps(graphdef, params, other, batch, cfg):
+    """The train step's per-sequence log-probs `[B, K]` of a batch in any layout."""
+    return train_step.policy_logps(graphdef, params, other, batch, cfg).logps
